@@ -1,0 +1,319 @@
+"""A frozen causal LM with the operations every method needs: generate, score labels, read hidden states, train.
+
+All batches are left-padded and sorted by length, positions are computed from the attention mask, and every
+forward goes through `_forward`, which tells the installed edits which user row and which positions they are
+looking at. So an edit written once works the same in generation, label scoring, hidden-state capture and
+training.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tailor.backbone.edits import Edit, ForwardContext, HookSet, hooked, last_token, mean_over_tokens
+from tailor.backbone.layers import Site, num_layers
+from tailor.backbone.loading import DEFAULT_MODEL, resolve_model
+
+DType = Literal["float32", "bfloat16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once the deepest wanted layer has run: the rest of the network is not needed."""
+
+
+@dataclass
+class Batch:
+    """A left-padded batch: token ids, mask, positions and where each row's prompt ends."""
+
+    ids: Tensor
+    mask: Tensor
+    positions: Tensor
+    prompt_lengths: Tensor
+    labels: Tensor | None = None
+
+
+class Backbone:
+    """A frozen decoder-only model plus its tokenizer.
+
+    `chat=True` wraps every prompt in the model's chat template as one user turn, which is how instruction-tuned
+    models expect to be asked; a base model (no template) gets the raw prompt.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, chat: bool | None = None, max_length: int = 2048):
+        self.model = model.eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.tokenizer = tokenizer
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.name = name
+        self.chat = bool(tokenizer.chat_template) if chat is None else chat
+        self.max_length = max_length
+        self.n_layers = num_layers(model)
+        config = getattr(model.config, "text_config", None) or model.config
+        self.hidden_size = int(config.hidden_size)
+        self.eos_ids = self._eos_ids()
+        self._render = lru_cache(maxsize=65536)(self._render_uncached)
+
+    @classmethod
+    def load(cls, name_or_path: str = DEFAULT_MODEL, dtype: DType = "float32", chat: bool | None = None,
+             max_length: int = 2048) -> "Backbone":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        name, folder = resolve_model(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype])
+        return cls(model, tokenizer, name, chat=chat, max_length=max_length)
+
+    # --- identity ------------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def model_id(self) -> str:
+        """What a saved user state records as its backbone: name, depth and width (a state is useless elsewhere)."""
+        return f"{self.name}/{self.n_layers}x{self.hidden_size}"
+
+    def _eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        return sorted(i for i in ids if i is not None)
+
+    # --- text -> tokens ------------------------------------------------------------------------------------------
+    def _render_uncached(self, prompt: str) -> str:
+        if not self.chat:
+            return prompt
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+
+    def render(self, prompt: str) -> str:
+        """The exact text the model reads for a prompt (chat template applied when the model has one)."""
+        return self._render(prompt)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=not self.chat)["input_ids"]
+
+    def prompt_ids(self, prompts: Sequence[str], room: int = 0) -> list[list[int]]:
+        """Token ids of rendered prompts, cut from the left when longer than max_length minus `room`."""
+        limit = self.max_length - room
+        out = []
+        for prompt in prompts:
+            ids = self.encode(self.render(prompt))
+            out.append(ids[-limit:] if len(ids) > limit else ids)
+        return out
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def truncate_tokens(self, text: str, max_tokens: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens:
+            return text
+        return self.tokenizer.decode(ids[:max(max_tokens, 0)], skip_special_tokens=True)
+
+    def batch(self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int] | None = None,
+              labels: Sequence[Sequence[int]] | None = None) -> Batch:
+        """Left-pad token sequences into one batch; `labels` (same lengths, -100 = ignore) are padded alike."""
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        label_tensor = torch.full((len(sequences), width), -100, dtype=torch.long) if labels is not None else None
+        for row, seq in enumerate(sequences):
+            if seq:
+                ids[row, width - len(seq):] = torch.tensor(seq)
+                mask[row, width - len(seq):] = 1
+            if label_tensor is not None and labels is not None and labels[row]:
+                label_tensor[row, width - len(labels[row]):] = torch.tensor(labels[row])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        lengths = torch.tensor(prompt_lengths if prompt_lengths is not None else [len(s) for s in sequences])
+        return Batch(ids, mask, positions, lengths, label_tensor)
+
+    # --- forward -------------------------------------------------------------------------------------------------
+    def _forward(self, hooks: HookSet | None, ids: Tensor, mask: Tensor, positions: Tensor, rows: Tensor | None,
+                 prompt_lengths: Tensor, cache=None, step_mask: Tensor | None = None, logits_to_keep: int = 0,
+                 use_cache: bool = False):
+        if hooks is not None:
+            hooks.ctx.rows = rows
+            hooks.ctx.positions = positions
+            hooks.ctx.prompt_lengths = prompt_lengths
+            hooks.ctx.mask = (step_mask if step_mask is not None else mask).bool()
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                          use_cache=use_cache or cache is not None, logits_to_keep=logits_to_keep)
+
+    def _hooks(self, edits: Mapping[Site, Edit] | None):
+        return hooked(self.model, edits) if edits else nullcontext(None)
+
+    @staticmethod
+    def _order(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+        """Indices in batches of similar length (longest first, so memory peaks show up at once)."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        for start in range(0, len(order), batch_size):
+            yield order[start:start + batch_size]
+
+    @staticmethod
+    def _rows(rows: Sequence[int] | Tensor | None, index: list[int]) -> Tensor | None:
+        if rows is None:
+            return None
+        return torch.as_tensor(rows, dtype=torch.long)[index]
+
+    # --- generation ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8,
+                 edits: Mapping[Site, Edit] | None = None, rows: Sequence[int] | Tensor | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> list[str]:
+        """Greedy decoding, batched with left padding; each row may carry its own edit through `rows`."""
+        encoded = self.prompt_ids(prompts, room=max_new_tokens)
+        outputs: list[str] = [""] * len(prompts)
+        eos = torch.tensor(self.eos_ids)
+        with self._hooks(edits) as hooks:
+            for index in self._order([len(e) for e in encoded], batch_size):
+                batch = self.batch([encoded[i] for i in index])
+                row_ids = self._rows(rows, index)
+                out = self._forward(hooks, batch.ids, batch.mask, batch.positions, row_ids, batch.prompt_lengths,
+                                    logits_to_keep=1, use_cache=True)
+                cache, mask = out.cache, batch.mask
+                next_pos = batch.prompt_lengths.clone()
+                finished = torch.zeros(len(index), dtype=torch.bool)
+                tokens: list[Tensor] = []
+                for _ in range(max_new_tokens):
+                    nxt = out.logits[:, -1].argmax(-1)
+                    nxt = torch.where(finished, torch.tensor(self.tokenizer.pad_token_id), nxt)
+                    tokens.append(nxt)
+                    finished |= torch.isin(nxt, eos)
+                    if bool(finished.all()) or len(tokens) == max_new_tokens:
+                        break
+                    mask = torch.cat([mask, torch.ones(len(index), 1, dtype=mask.dtype)], dim=1)
+                    out = self._forward(hooks, nxt[:, None], mask, next_pos[:, None], row_ids,
+                                        batch.prompt_lengths, cache=cache, step_mask=torch.ones(len(index), 1))
+                    next_pos += 1
+                generated = torch.stack(tokens, dim=1)
+                for row, i in enumerate(index):
+                    seq = generated[row].tolist()
+                    cut = next((k for k, t in enumerate(seq) if t in self.eos_ids), len(seq))
+                    outputs[i] = self.tokenizer.decode(seq[:cut], skip_special_tokens=True).strip()
+                if on_batch:
+                    on_batch(len(index))
+        return outputs
+
+    # --- label scoring -------------------------------------------------------------------------------------------
+    def label_ids(self, labels: Sequence[str]) -> list[list[int]]:
+        ids = [self.tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+        if any(not i for i in ids):
+            raise ValueError(f"a label tokenizes to nothing: {labels}")
+        return ids
+
+    @torch.inference_mode()
+    def score_labels(self, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 8,
+                     edits: Mapping[Site, Edit] | None = None, rows: Sequence[int] | Tensor | None = None,
+                     on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """Log-likelihood of each label as the answer to each prompt, shape (len(prompts), len(labels)).
+
+        The prompt runs once; its KV cache is then extended by each label's tokens and cropped back, so a
+        15-label task costs one prompt forward plus 15 tiny ones instead of 15 full forwards.
+        """
+        label_ids = self.label_ids(labels)
+        encoded = self.prompt_ids(prompts, room=max(len(i) for i in label_ids))
+        scores = np.zeros((len(prompts), len(labels)), dtype=np.float64)
+        with self._hooks(edits) as hooks:
+            for index in self._order([len(e) for e in encoded], batch_size):
+                batch = self.batch([encoded[i] for i in index])
+                row_ids = self._rows(rows, index)
+                out = self._forward(hooks, batch.ids, batch.mask, batch.positions, row_ids, batch.prompt_lengths,
+                                    logits_to_keep=1, use_cache=True)
+                first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+                cache, n = out.cache, len(index)
+                for j, lab in enumerate(label_ids):
+                    total = first[:, lab[0]].clone()
+                    if len(lab) > 1:
+                        rest = torch.tensor(lab[:-1]).expand(n, -1)
+                        mask = torch.cat([batch.mask, torch.ones(n, len(lab) - 1, dtype=batch.mask.dtype)], dim=1)
+                        pos = batch.prompt_lengths[:, None] + torch.arange(len(lab) - 1)
+                        step = self._forward(hooks, rest, mask, pos, row_ids, batch.prompt_lengths, cache=cache,
+                                             step_mask=torch.ones(n, len(lab) - 1))
+                        logp = F.log_softmax(step.logits.float(), dim=-1)
+                        total += logp.gather(-1, torch.tensor(lab[1:]).expand(n, -1)[..., None]).squeeze(-1).sum(-1)
+                        cache.crop(-(len(lab) - 1))
+                    scores[index, j] = total.numpy()
+                if on_batch:
+                    on_batch(len(index))
+        return scores
+
+    # --- hidden states -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(self, texts: Sequence[str], sites: Sequence[Site], reduce: Literal["last", "mean"] = "last",
+                batch_size: int = 8, render: bool = True, edits: Mapping[Site, Edit] | None = None,
+                rows: Sequence[int] | Tensor | None = None) -> dict[Site, Tensor]:
+        """Each site's output for each text, reduced to one vector per text: (len(texts), hidden) per site.
+
+        The forward stops after the deepest site needed, so reading early layers costs only those layers.
+        `render=False` reads the texts as they are (no chat template), e.g. prompt + answer pairs.
+        """
+        encoded = self.prompt_ids(texts) if render else [self.encode(t)[-self.max_length:] for t in texts]
+        fn = last_token if reduce == "last" else mean_over_tokens
+        deepest = max(s.layer for s in sites)
+        result = {s: torch.zeros(len(texts), self.hidden_size) for s in sites}
+        with hooked(self.model, edits, capture=list(sites), capture_fn=fn) as hooks:
+            stop = self._stop_after(deepest)
+            try:
+                for index in self._order([len(e) for e in encoded], batch_size):
+                    batch = self.batch([encoded[i] for i in index])
+                    for captured in hooks.captured.values():
+                        captured.clear()
+                    try:
+                        self._forward(hooks, batch.ids, batch.mask, batch.positions, self._rows(rows, index),
+                                      batch.prompt_lengths, logits_to_keep=1)
+                    except _StopForward:
+                        pass
+                    for site in sites:
+                        result[site][index] = hooks.captured[site][0]
+            finally:
+                stop.remove()
+        return result
+
+    def _stop_after(self, layer: int):
+        def raise_stop(*_args: object) -> None:
+            raise _StopForward
+        from tailor.backbone.layers import decoder_layers
+
+        # Registered last, so every capture hook on this layer has already run.
+        return decoder_layers(self.model)[layer].register_forward_hook(raise_stop)
+
+    # --- training ------------------------------------------------------------------------------------------------
+    def sft_batch(self, prompts: Sequence[str], targets: Sequence[str], max_target_tokens: int = 64) -> Batch:
+        """Prompt + target sequences whose labels cover the target tokens (and the end-of-turn token) only."""
+        prompt_ids = self.prompt_ids(prompts, room=max_target_tokens + 1)
+        sequences, labels, lengths = [], [], []
+        end = self.eos_ids[:1]
+        for p, target in zip(prompt_ids, targets):
+            t = self.tokenizer(target, add_special_tokens=False)["input_ids"][:max_target_tokens] + end
+            sequences.append(p + t)
+            labels.append([-100] * len(p) + t)
+            lengths.append(len(p))
+        return self.batch(sequences, prompt_lengths=lengths, labels=labels)
+
+    def sft_loss(self, batch: Batch, hooks: HookSet | None = None, rows: Tensor | None = None,
+                 reduction: Literal["mean", "per_row"] = "mean") -> Tensor:
+        """Next-token cross-entropy on the labelled (target) tokens; gradients flow into whatever the edits hold."""
+        out = self._forward(hooks, batch.ids, batch.mask, batch.positions, rows, batch.prompt_lengths)
+        assert batch.labels is not None
+        logits = out.logits[:, :-1].float()
+        target = batch.labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                               reduction="none").view(target.shape)
+        counts = (target != -100).sum(-1).clamp(min=1)
+        per_row = loss.sum(-1) / counts
+        return per_row if reduction == "per_row" else loss.sum() / counts.sum()

@@ -1,0 +1,246 @@
+"""The `tailor` command line: data, eval, report, demo."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Callable, Iterator, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(help="Personalize a language model for each of its users.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+data_app = typer.Typer(help="LaMP data: inspect it, download the official files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="LaMP data folder (default: $TAILOR_DATA, "
+                                                 "then ../shared/lamp)")]
+Model = Annotated[str, typer.Option(help="packaged model (smollm2-135m, qwen2.5-coder-0.5b) or a local HF folder")]
+
+
+def _threads() -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("TAILOR_THREADS", os.cpu_count() or 1)))
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[str, int, int], Callable[[int], None]]]:
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as bar:
+        def start(description: str, done: int, total: int) -> Callable[[int], None]:
+            task_id = bar.add_task(description, total=total, completed=done)
+            return lambda n: bar.advance(task_id, n)
+        yield start
+
+
+def _parse_options(pairs: list[str]) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set takes KEY=VALUE, got {pair!r}")
+        value: object = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        options[key.strip().replace("-", "_")] = value
+    return options
+
+
+def _check_options(method: str, options: dict[str, object]) -> None:
+    from tailor.methods import METHODS
+
+    cls = METHODS.get(method)
+    if cls is None:
+        raise typer.BadParameter(f"unknown method {method!r}; known: {', '.join(METHODS)}", param_hint="--method")
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise typer.BadParameter(f"{method} has no option {', '.join(unknown)}; it has {', '.join(sorted(fields))}")
+
+
+def _load_backbone(model: str, dtype: str):
+    from tailor.backbone.model import Backbone
+
+    with console.status(f"loading {model} ({dtype})"):
+        return Backbone.load(model, dtype=dtype)  # type: ignore[arg-type]
+
+
+@app.command("eval")
+def eval_command(
+    task: Annotated[str, typer.Option(help="lamp1, lamp2n, lamp2m, lamp3, lamp4, lamp5, lamp7")],
+    method: Annotated[str, typer.Option(help="global-prior, user-prior, none, rag, pag, full")],
+    out: Annotated[Path, typer.Option(help="run folder; rerunning the same command there resumes")],
+    users: Annotated[Optional[int], typer.Option(help="a seeded sample of this many users (default: all)")] = None,
+    seed: int = 0,
+    split: str = "dev",
+    variant: Annotated[str, typer.Option(help="user (LaMP's user-based split) or time")] = "user",
+    k: Annotated[Optional[int], typer.Option(help="retrieved history items (rag, pag)")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="scoring or generation (classification tasks)")] = None,
+    calibrate: Annotated[bool, typer.Option(help="contextual calibration of label scores")] = False,
+    batch_size: int = 8,
+    set_: Annotated[list[str], typer.Option("--set", help="method option KEY=VALUE (repeatable)")] = [],
+    model: Model = "smollm2-135m",
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
+    label: Annotated[Optional[str], typer.Option(help="name shown in reports")] = None,
+    chunk_users: Annotated[int, typer.Option(help="users per checkpointed chunk")] = 16,
+    data_dir: DataDir = None,
+) -> None:
+    """Evaluate one method on one task and write config, predictions, metrics and a report to OUT."""
+    from tailor.eval.runner import EvalSpec, run_eval
+    from tailor.methods import METHODS
+
+    options = _parse_options(set_)
+    for name, value in (("k", k), ("mode", mode), ("calibrate", calibrate or None), ("batch_size", batch_size)):
+        if value is not None:
+            options[name] = value
+    if method in METHODS and not METHODS[method].needs_backbone:
+        options = {key: v for key, v in options.items() if key == "batch_size"}
+    _check_options(method, options)
+    needs_model = METHODS[method].needs_backbone
+    spec = EvalSpec(task=task, method=method, options=options, model=model if needs_model else None, dtype=dtype,
+                    split=split, variant=variant, users=users, seed=seed, label=label,
+                    data_dir=str(data_dir) if data_dir else None)
+    _threads()
+    backbone = _load_backbone(model, dtype) if needs_model else None
+    with _progress() as progress:
+        metrics = run_eval(spec, out, backbone=backbone, chunk_users=chunk_users, progress=progress)
+    console.print(_metrics_table([metrics]))
+    console.print(f"run folder: {out}")
+
+
+def _metrics_table(runs: list[dict]) -> Table:
+    table = Table(title=f"{runs[0]['task']} ({runs[0]['n_users']} users)")
+    table.add_column("method")
+    table.add_column("mode")
+    names = list(runs[0]["metrics"])
+    for name in names:
+        table.add_column(name)
+    table.add_column("wall s", justify="right")
+    for run in runs:
+        cells = [f"{run['metrics'][n]['value']:.3f} [{run['metrics'][n]['ci'][0]:.3f}, {run['metrics'][n]['ci'][1]:.3f}]"
+                 for n in names]
+        table.add_row(run["label"], run["mode"] or "", *cells, f"{run['wall_time_s']:.1f}")
+    return table
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="run folders to compare")],
+    baseline: Annotated[Optional[str], typer.Option(help="label or method of the baseline (default: first)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="write comparison.md and comparison.png here")] = None,
+) -> None:
+    """Compare runs in one table with paired-bootstrap significance against a baseline."""
+    from tailor.eval.report import compare_runs
+
+    print(compare_runs(runs, baseline=baseline, out_dir=out))
+
+
+@app.command()
+def demo(
+    task: str = "lamp2n",
+    users: int = 8,
+    seed: int = 0,
+    out: Path = Path("runs/demo"),
+    model: Model = "smollm2-135m",
+    data_dir: DataDir = None,
+) -> None:
+    """The main job on the embedded default: priors, non-personalized and RAG on a few dev users, one table."""
+    from tailor.eval.report import compare_runs
+    from tailor.eval.runner import EvalSpec, run_eval
+
+    _threads()
+    backbone = _load_backbone(model, "float32")
+    plan = [("user-prior", {}), ("global-prior", {}), ("none", {}), ("rag", {"k": 4})]
+    folders = []
+    with _progress() as progress:
+        for method, options in plan:
+            spec = EvalSpec(task=task, method=method, options=options,
+                            model=model if method not in ("user-prior", "global-prior") else None,
+                            users=users, seed=seed, data_dir=str(data_dir) if data_dir else None)
+            folder = out / method
+            run_eval(spec, folder, backbone=backbone, progress=progress)
+            folders.append(folder)
+    print(compare_runs(folders, baseline="none", out_dir=out))
+    console.print(f"runs and comparison.png in {out}")
+
+
+@data_app.command("info")
+def data_info(data_dir: DataDir = None, variant: str = "user") -> None:
+    """List the LaMP tasks found in the data folder with their user counts."""
+    from tailor.data.lamp import available_tasks, load_users, resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    table = Table(title=f"LaMP data in {root}")
+    for column in ("task", "train users", "dev users", "mean profile (dev)"):
+        table.add_column(column)
+    for name in available_tasks(data_dir, variant):
+        counts = []
+        for split in ("train", "dev"):
+            try:
+                counts.append(load_users(name, split, data_dir, variant))
+            except Exception as error:  # a missing split is shown, not fatal
+                counts.append(error)
+        dev = counts[1]
+        mean = f"{sum(len(u) for u in dev) / len(dev):.1f}" if isinstance(dev, list) and dev else "-"
+        table.add_row(name, *[str(len(c)) if isinstance(c, list) else "missing" for c in counts], mean)
+    Console().print(table)
+
+
+@data_app.command("download")
+def data_download(
+    task: Annotated[list[str], typer.Option(help="task(s) to fetch, e.g. --task lamp2m --task lamp3")],
+    split: Annotated[list[str], typer.Option(help="splits to fetch")] = ["train", "dev"],
+    variant: str = "user",
+    cache_dir: Annotated[Optional[Path], typer.Option(help="default: $TAILOR_CACHE or ~/.cache/tailor")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="mirror of the official LaMP download folder")] = None,
+) -> None:
+    """Fetch the official LaMP files into the cache (resumable, checksums recorded)."""
+    from tailor.data.download import OFFICIAL_BASE, download_task
+
+    for name in task:
+        folder = download_task(name, splits=tuple(split), variant=variant, cache_dir=cache_dir,
+                               base_url=base_url or OFFICIAL_BASE)
+        console.print(f"{name}: files in {folder} (use --data-dir {folder})")
+
+
+def main() -> None:
+    """Entry point: user errors (bad data, a conflicting run folder, an unknown model) print one line, exit 2."""
+    from tailor.backbone.loading import ModelNotFound
+    from tailor.data.download import DownloadError
+    from tailor.data.lamp import DataError
+    from tailor.eval.report import RunDirError
+    from tailor.eval.runner import RunConflict
+    from tailor.store.state import StateError
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        app(standalone_mode=False)
+    except (DataError, DownloadError, RunConflict, RunDirError, StateError, ModelNotFound, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except click.exceptions.Abort:
+        raise SystemExit(130) from None
+    except click.ClickException as error:
+        error.show()
+        raise SystemExit(error.exit_code) from None
+
+
+if __name__ == "__main__":
+    main()

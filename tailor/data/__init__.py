@@ -1,0 +1,46 @@
+"""LaMP data: the records (User, HistoryItem, Query), the file reader, the downloader and the user splits.
+
+Only the records are imported eagerly. The rest loads on first use: `tailor.tasks` imports `tailor.data.schema`
+while `tailor.data.lamp` imports `tailor.tasks`, so eager imports here would make a cycle, and `import tailor.data`
+should not pull in scikit-learn or urllib just to get `User`.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from tailor.data.schema import HistoryItem, Query, User
+
+if TYPE_CHECKING:
+    from tailor.data.download import OFFICIAL_BASE, DownloadError, default_cache_dir, download_task, lamp_cache_dir
+    from tailor.data.lamp import DataError, available_tasks, load_users, resolve_data_dir
+    from tailor.data.splits import ood_split, random_split, subset
+
+_LAZY = {
+    "DataError": "tailor.data.lamp",
+    "available_tasks": "tailor.data.lamp",
+    "load_users": "tailor.data.lamp",
+    "resolve_data_dir": "tailor.data.lamp",
+    "OFFICIAL_BASE": "tailor.data.download",
+    "DownloadError": "tailor.data.download",
+    "default_cache_dir": "tailor.data.download",
+    "download_task": "tailor.data.download",
+    "lamp_cache_dir": "tailor.data.download",
+    "ood_split": "tailor.data.splits",
+    "random_split": "tailor.data.splits",
+    "subset": "tailor.data.splits",
+}
+
+__all__ = ["HistoryItem", "Query", "User", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,308 @@
+"""Markdown reports for evaluation run dirs: one run on its own, or several runs against a baseline.
+
+A run dir, as the eval runner writes it, holds config.json (task, method, optional display label, model, mode, ...),
+predictions.jsonl (one {"user_id", "query_id", "prediction", "gold"} object per query) and metrics.json ({"metrics":
+{name: {"value", "ci"}}, "wall_time_s", ...}).
+
+Each run's own numbers come from its metrics.json, as the runner measured them. Deltas against the baseline are
+recomputed from the predictions with a paired bootstrap over users, on the queries both runs answered only: runs may
+cover different users, and a difference between unpaired sets would mix the methods with the sample.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from tailor.eval.metrics import higher_is_better, metric_names, resolve_task
+from tailor.eval.stats import PairedResult, paired_bootstrap
+from tailor.tasks.lamp import Task
+
+_PREDICTION_KEYS = ("user_id", "query_id", "prediction", "gold")
+
+
+class RunDirError(ValueError):
+    """A run dir is missing a file, or one of its files is not what the eval runner writes."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluation run dir, loaded."""
+
+    path: Path
+    config: dict[str, Any]
+    predictions: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+    @property
+    def task(self) -> Task:
+        return resolve_task(self.config["task"])
+
+    @property
+    def label(self) -> str:
+        """The name to show for the run: its configured display label, else its method."""
+        return str(self.config.get("label") or self.config["method"])
+
+    @property
+    def mode(self) -> str:
+        return str(self.config.get("mode") or self.metrics.get("mode") or "?")
+
+    def metric(self, name: str) -> tuple[float | None, tuple[float, float] | None]:
+        """A metric's recorded value and CI; None for whatever metrics.json does not hold."""
+        entry = self.metrics["metrics"].get(name) or {}
+        ci = entry.get("ci")
+        return entry.get("value"), (float(ci[0]), float(ci[1])) if ci else None
+
+
+# --- loading ----------------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RunDirError(f"{path}: file is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RunDirError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_predictions(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise RunDirError(f"{path}: file is missing")
+    records = []
+    seen: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RunDirError(f"{path}, line {number}: not valid JSON ({err})") from None
+        missing = [k for k in _PREDICTION_KEYS if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise RunDirError(f"{path}, line {number}: missing {', '.join(missing)}")
+        query_id = str(record["query_id"])
+        if query_id in seen:
+            raise RunDirError(f"{path}, line {number}: query_id {query_id!r} appears twice")
+        seen.add(query_id)
+        records.append(record)
+    if not records:
+        raise RunDirError(f"{path}: holds no predictions")
+    return records
+
+
+def _require(data: dict[str, Any], keys: Sequence[str], path: Path) -> None:
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise RunDirError(f"{path}: missing {', '.join(missing)}")
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run dir, naming the offending file when it is missing or malformed."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RunDirError(f"{path}: run dir does not exist")
+    config = _read_json(path / "config.json")
+    _require(config, ("task", "method"), path / "config.json")
+    try:
+        resolve_task(config["task"])
+    except KeyError as err:
+        raise RunDirError(f"{path / 'config.json'}: {err.args[0]}") from None
+    metrics = _read_json(path / "metrics.json")
+    _require(metrics, ("metrics",), path / "metrics.json")
+    if not isinstance(metrics["metrics"], dict):
+        raise RunDirError(f"{path / 'metrics.json'}: \"metrics\" must map metric names to {{value, ci}}")
+    return Run(path=path, config=config, predictions=_read_predictions(path / "predictions.jsonl"), metrics=metrics)
+
+
+# --- formatting -------------------------------------------------------------------------------------------------------
+def _cell(text: object) -> str:
+    """Text safe inside a markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _metric_header(metric: str) -> str:
+    return f"{metric} {'↑' if higher_is_better(metric) else '↓'}"
+
+
+def _value_with_ci(run: Run, metric: str) -> str:
+    value, ci = run.metric(metric)
+    if value is None:
+        return "n/a"
+    return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else f"{value:.4f}"
+
+
+def _wall_time(run: Run) -> str:
+    seconds = run.metrics.get("wall_time_s")
+    return "n/a" if seconds is None else f"{float(seconds):.1f} s"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- one run ----------------------------------------------------------------------------------------------------------
+def write_run_report(run_dir: str | Path) -> Path:
+    """Write run_dir/report.md (configuration, metrics with CIs, size and wall time) and return its path."""
+    run = load_run(run_dir)
+    settings = [(key, json.dumps(value) if isinstance(value, (dict, list)) else value)
+                for key, value in run.config.items()]
+    sizes = [("users", run.metrics.get("n_users", "n/a")), ("queries", run.metrics.get("n_queries", "n/a")),
+             ("wall time", _wall_time(run))]
+    metric_rows = [(_metric_header(m), _value_with_ci(run, m)) for m in metric_names(run.task)]
+    text = "\n\n".join([
+        f"# {run.task.name}: {run.label}",
+        "## Configuration", _table(["setting", "value"], settings),
+        "## Metrics", _table(["metric", "value [CI]"], metric_rows),
+        "## Run", _table(["measure", "value"], sizes),
+    ]) + "\n"
+    out = run.path / "report.md"
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+# --- several runs -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pairing:
+    """A run against the baseline on the queries both answered."""
+
+    n_queries: int
+    results: dict[str, PairedResult]
+
+
+def _common_task(runs: Sequence[Run]) -> Task:
+    tasks = {run.task.name for run in runs}
+    if len(tasks) > 1:
+        listing = ", ".join(f"{run.path} ({run.task.name})" for run in runs)
+        raise ValueError(f"cannot compare runs of different tasks: {listing}")
+    return runs[0].task
+
+
+def _pick_baseline(runs: Sequence[Run], baseline: str | None) -> Run:
+    """The run named by `baseline`: by display label first, then method, then run dir name; the first run if None."""
+    if baseline is None:
+        return runs[0]
+    for key in (lambda r: r.label, lambda r: r.config["method"], lambda r: r.path.name):
+        matches = [run for run in runs if key(run) == baseline]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            dirs = ", ".join(str(run.path) for run in matches)
+            raise ValueError(f"baseline {baseline!r} is ambiguous: it names {dirs}; pass a label or run dir name")
+    known = ", ".join(sorted({run.label for run in runs}))
+    raise ValueError(f"no run matches baseline {baseline!r}; runs are: {known}")
+
+
+def _pair(task: Task, run: Run, base: Run, n_resamples: int, seed: int) -> Pairing:
+    """Paired bootstrap of run against base over their shared query_ids (in the baseline's order)."""
+    theirs = {str(r["query_id"]): r for r in run.predictions}
+    shared = [(b, theirs[str(b["query_id"])]) for b in base.predictions if str(b["query_id"]) in theirs]
+    if not shared:
+        raise ValueError(f"runs {run.path} and {base.path} share no query_id, so they cannot be paired")
+    for b, r in shared:
+        if (str(b["user_id"]), b["gold"]) != (str(r["user_id"]), r["gold"]):
+            raise ValueError(f"query {b['query_id']!r} has a different user or gold in {run.path} than in {base.path}")
+    results = paired_bootstrap(
+        task,
+        preds_a=[r["prediction"] for _, r in shared],
+        preds_b=[b["prediction"] for b, _ in shared],
+        golds=[b["gold"] for b, _ in shared],
+        user_ids=[str(b["user_id"]) for b, _ in shared],
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    return Pairing(n_queries=len(shared), results=results)
+
+
+def _display_labels(runs: Sequence[Run]) -> list[str]:
+    """Run labels, with the run dir name added where two runs would otherwise show the same label."""
+    labels = [run.label for run in runs]
+    return [f"{label} ({run.path.name})" if labels.count(label) > 1 else label for label, run in zip(labels, runs)]
+
+
+def _delta_cell(result: PairedResult) -> str:
+    return f"{result.delta:+.4f} (p={result.p_value:.3f})"
+
+
+def _comparison_table(runs: Sequence[Run], metrics: Sequence[str], pairings: Sequence[Pairing | None]) -> str:
+    """One row per run; `pairings` holds each run's comparison with the baseline, None for the baseline itself."""
+    header = ["run", "mode", "queries", *(_metric_header(m) for m in metrics),
+              *(f"Δ {m} vs baseline (p)" for m in metrics), "paired queries", "wall time"]
+    rows = []
+    for run, label, pairing in zip(runs, _display_labels(runs), pairings):
+        values = [_value_with_ci(run, m) for m in metrics]
+        if pairing is None:
+            name, deltas, paired = f"{label} (baseline)", ["—"] * len(metrics), "—"
+        else:
+            name, paired = label, pairing.n_queries
+            deltas = [_delta_cell(pairing.results[m]) for m in metrics]
+        rows.append([name, run.mode, len(run.predictions), *values, *deltas, paired, _wall_time(run)])
+    return _table(header, rows)
+
+
+def _write_chart(runs: Sequence[Run], base: Run, metrics: Sequence[str], path: Path) -> None:
+    """One bar subplot per metric, CI error bars, the baseline in its own colour.
+
+    matplotlib is imported here, and drawn through the Agg canvas directly, so importing tailor.eval stays light and
+    never changes the process's global matplotlib backend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = _display_labels(runs)
+    figure = Figure(figsize=(1.5 + 0.9 * len(runs) * len(metrics), 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    for axes, metric in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics):
+        heights, below, above = [], [], []
+        for run in runs:
+            value, ci = run.metric(metric)
+            heights.append(float("nan") if value is None else value)
+            below.append(max(0.0, value - ci[0]) if value is not None and ci else 0.0)
+            above.append(max(0.0, ci[1] - value) if value is not None and ci else 0.0)
+        colours = ["tab:orange" if run is base else "tab:blue" for run in runs]
+        axes.bar(range(len(runs)), heights, yerr=[below, above], color=colours, capsize=4)
+        axes.set_xticks(range(len(runs)), labels, rotation=30, ha="right")
+        axes.set_title(f"{metric} ({'higher' if higher_is_better(metric) else 'lower'} is better)")
+    figure.suptitle(f"{runs[0].task.name}: baseline {base.label} in orange")
+    figure.savefig(path, format="png", dpi=120)
+
+
+def compare_runs(
+    run_dirs: Sequence[str | Path],
+    baseline: str | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> str:
+    """A markdown comparison of runs of one task against a baseline run (by label, method or dir name; default first).
+
+    Each run shows its recorded metrics with CIs, mode and wall time; each other run also shows the paired-bootstrap
+    delta (run − baseline) and p-value on the queries it shares with the baseline, and how many those are. With
+    `out_dir`, also writes comparison.md and a bar chart, comparison.png, there.
+    """
+    if not run_dirs:
+        raise ValueError("no run dirs to compare")
+    runs = [load_run(d) for d in run_dirs]
+    task = _common_task(runs)
+    base = _pick_baseline(runs, baseline)
+    metrics = metric_names(task)
+    pairings = [None if run is base else _pair(task, run, base, n_resamples, seed) for run in runs]
+    text = (
+        f"# {task.name}: comparison against {base.label}\n\n"
+        + _comparison_table(runs, metrics, pairings)
+        + f"\n\nMetric values are each run's own, with its recorded CI. Δ is run − baseline on the queries both "
+        f"runs answered (\"paired queries\"), with a two-sided paired bootstrap p-value over users ({n_resamples} "
+        f"resamples, seed {seed}).\n"
+    )
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.md").write_text(text, encoding="utf-8")
+        _write_chart(runs, base, metrics, out / "comparison.png")
+    return text

@@ -1,0 +1,186 @@
+"""Evaluate a method on LaMP users: fit, personalize, predict in batches across users, score, report.
+
+A run lives in one folder: config.json (what was asked), predictions.jsonl (one line per answered query, appended
+and fsynced chunk by chunk), metrics.json and report.md. Running the same command again on the same folder resumes:
+answered queries are skipped, a line torn by a kill is cut off, and the final predictions equal an uninterrupted
+run's. Wall time is recorded per prediction line, so it survives resumes too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tailor.backbone.model import Backbone
+from tailor.data.lamp import load_users
+from tailor.data.schema import User
+from tailor.data.splits import subset
+from tailor.eval.metrics import compute_metrics
+from tailor.eval.report import write_run_report
+from tailor.eval.stats import bootstrap_ci
+from tailor.methods import build_method
+from tailor.methods.base import Personalizer
+from tailor.tasks.lamp import get_task
+
+
+class RunConflict(ValueError):
+    """The output folder holds a run with a different configuration."""
+
+
+@dataclass
+class EvalSpec:
+    """Everything that determines a run's predictions. Two runs with equal specs give equal predictions."""
+
+    task: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    model: str | None = "smollm2-135m"
+    dtype: str = "float32"
+    split: str = "dev"
+    variant: str = "user"
+    users: int | None = None
+    seed: int = 0
+    label: str | None = None
+    data_dir: str | None = None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_config(path: Path, config: dict) -> None:
+    old = json.loads(path.read_text())
+    volatile = {"data_dir", "label"}
+    diffs = [k for k in sorted(set(old) | set(config)) if k not in volatile and old.get(k) != config.get(k)]
+    if diffs:
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diffs)
+        raise RunConflict(f"{path.parent} holds a run with another configuration ({detail}); use a new --out")
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """The complete lines of a predictions file; a torn last line (from a kill) is cut off the file."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    good = raw.rfind(b"\n") + 1
+    if good < len(raw):
+        with path.open("r+b") as handle:
+            handle.truncate(good)
+    return [json.loads(line) for line in raw[:good].splitlines() if line.strip()]
+
+
+class _Appender:
+    def __init__(self, path: Path):
+        self.handle = path.open("a", encoding="utf-8")
+
+    def write(self, rows: Sequence[dict]) -> None:
+        self.handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _eval_users(spec: EvalSpec) -> list[User]:
+    return subset(load_users(spec.task, spec.split, spec.data_dir, spec.variant), spec.users, spec.seed)
+
+
+def run_eval(spec: EvalSpec, out_dir: str | Path, backbone: Backbone | None = None,
+             method: Personalizer | None = None, chunk_users: int = 16,
+             progress: Callable[[str, int, int], Callable[[int], None]] | None = None) -> dict:
+    """Run (or resume) one evaluation and return its metrics.json content.
+
+    `progress(description, done, total)` may return a callback that is told how many queries finished.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = get_task(spec.task)
+    users = _eval_users(spec)
+    config = {**asdict(spec), "task": task.name}
+    if method is None:
+        method = build_method(spec.method, task, backbone, **spec.options)
+    config.update(method=method.name, method_config=method.describe(), mode=getattr(method, "mode", "prior"),
+                  model=method.model_id, users=len(users))
+    config_path = out / "config.json"
+    if config_path.exists():
+        _check_config(config_path, config)
+    else:
+        _write_json(config_path, config)
+
+    predictions_path = out / "predictions.jsonl"
+    done = {row["query_id"] for row in read_predictions(predictions_path)}
+    todo = [u for u in users if any(q.id not in done for q in u.queries)]
+    total = sum(len(u.queries) for u in users)
+    fit_s = 0.0
+    if todo:
+        started = time.perf_counter()
+        method.fit(load_users(task, "train", spec.data_dir, spec.variant))
+        fit_s = time.perf_counter() - started
+        tick = progress(f"{task.name} {method.name}", total - sum(len(u.queries) for u in todo), total) \
+            if progress else None
+        appender = _Appender(predictions_path)
+        try:
+            for start in range(0, len(todo), chunk_users):
+                _run_chunk(method, todo[start:start + chunk_users], done, appender, tick)
+        finally:
+            appender.close()
+    return finalize(out, spec, fit_s)
+
+
+def _run_chunk(method: Personalizer, users: Sequence[User], done: set[str], appender: _Appender,
+               tick: Callable[[int], None] | None) -> None:
+    started = time.perf_counter()
+    states = method.personalize_many(users)
+    personalized = time.perf_counter()
+    requests = [(state, q) for state, u in zip(states, users) for q in u.queries if q.id not in done]
+    predictions = method.predict(requests, progress=None)
+    predicted = time.perf_counter()
+    per_user = (personalized - started) / max(len(users), 1)
+    per_query = (predicted - personalized) / max(len(requests), 1)
+    rows = []
+    for (state, query), prediction in zip(requests, predictions):
+        rows.append({"user_id": state.user_id, "query_id": query.id, "prediction": prediction.text,
+                     "gold": query.gold, "mode": prediction.mode, "predict_s": round(per_query, 5),
+                     "personalize_s": round(per_user / len([q for s, q in requests if s is state]), 5),
+                     "state_bytes": state.nbytes})
+    appender.write(rows)
+    if tick:
+        tick(len(rows))
+
+
+def finalize(out: Path, spec: EvalSpec, fit_s: float = 0.0) -> dict:
+    """Score the predictions of a finished run, write metrics.json and report.md."""
+    task = get_task(spec.task)
+    rows = read_predictions(out / "predictions.jsonl")
+    expected = {q.id for u in _eval_users(spec) for q in u.queries}
+    seen = [r["query_id"] for r in rows]
+    if len(seen) != len(set(seen)):
+        raise RuntimeError(f"{out}/predictions.jsonl has duplicate query ids")
+    missing = expected - set(seen)
+    if missing:
+        raise RuntimeError(f"{out}: {len(missing)} queries have no prediction yet; run the same command again")
+    rows = [r for r in rows if r["query_id"] in expected]
+    preds, golds, user_ids = [r["prediction"] for r in rows], [r["gold"] for r in rows], [r["user_id"] for r in rows]
+    values = compute_metrics(task, preds, golds)
+    cis = bootstrap_ci(task, preds, golds, user_ids, seed=spec.seed)
+    n_users = len(set(user_ids))
+    metrics = {
+        "task": task.name, "method": spec.method, "label": spec.label or spec.method,
+        "mode": rows[0]["mode"] if rows else None, "n_users": n_users, "n_queries": len(rows),
+        "metrics": {k: {"value": v, "ci": list(cis[k])} for k, v in values.items()},
+        "wall_time_s": round(sum(r["predict_s"] + r["personalize_s"] for r in rows) + fit_s, 3),
+        "predict_s_per_query": round(sum(r["predict_s"] for r in rows) / max(len(rows), 1), 5),
+        "personalize_s_per_user": round(sum(r["personalize_s"] for r in rows) / max(n_users, 1), 5),
+        "state_bytes_per_user": round(sum(r["state_bytes"] for r in rows) / max(len(rows), 1)),
+        "fit_s": round(fit_s, 3),
+    }
+    _write_json(out / "metrics.json", metrics)
+    write_run_report(out)
+    return metrics

@@ -1,0 +1,102 @@
+"""A user's personalized state: tensors plus a small JSON header, saved as one safetensors file.
+
+Every method's `personalize` returns a `UserState`; what it holds differs (a BM25-ready history, a profile summary,
+steering directions, a low-rank intervention, LoRA weights), the container does not. The header records the method,
+its version and the backbone, so a state is never silently used with a method or model it was not made for, and a
+checksum over header and tensors, so a corrupt file is an error instead of a wrong answer. Files are written to a
+temporary name and renamed, so a killed process never leaves half a state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+FORMAT_VERSION = 1
+
+
+class StateError(ValueError):
+    """A saved state is corrupt, truncated, or made for another method version or backbone."""
+
+
+@dataclass
+class UserState:
+    method: str
+    version: int
+    user_id: str
+    model_id: str | None
+    header: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Objects derived from the state (a BM25 index, stacked tensors) kept for reuse; never saved."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data (the part that scales with users; the header is a few hundred bytes)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def _meta(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, "method": self.method, "version": self.version, "user_id": self.user_id,
+                "model_id": self.model_id, "header": self.header}
+
+    def checksum(self) -> str:
+        digest = hashlib.sha256(json.dumps(self._meta(), sort_keys=True).encode())
+        for name in sorted(self.tensors):
+            tensor = self.tensors[name].detach().contiguous().cpu()
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return digest.hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"tailor": json.dumps(self._meta(), sort_keys=True), "sha256": self.checksum()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, method: str | None = None, version: int | None = None,
+             model_id: str | None = None) -> "UserState":
+        """Read a state, refusing it (with the reason) if it is corrupt or made for another method or backbone."""
+        path = Path(path)
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise StateError(f"{path}: cannot read the state file ({error}); it is corrupt or truncated") from error
+        if "tailor" not in metadata:
+            raise StateError(f"{path}: not a tailor state (no tailor header)")
+        meta = json.loads(metadata["tailor"])
+        state = cls(meta["method"], meta["version"], meta["user_id"], meta["model_id"], meta["header"], tensors)
+        if state.checksum() != metadata.get("sha256"):
+            raise StateError(f"{path}: checksum mismatch for user {state.user_id!r}; the file is corrupt")
+        if method is not None and state.method != method:
+            raise StateError(f"{path}: state of method {state.method!r}, expected {method!r}")
+        if version is not None and state.version != version:
+            raise StateError(f"{path}: state made by {state.method} version {state.version}, this tailor needs "
+                             f"version {version}; personalize the user again")
+        if model_id is not None and state.model_id not in (None, model_id):
+            raise StateError(f"{path}: state made for backbone {state.model_id!r}, not {model_id!r}")
+        return state

@@ -1,0 +1,139 @@
+"""The backbone on tiny random models: padding-invariant batching, cached label scoring, per-row edits, hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tailor.backbone.edits import AddVector, ForwardContext
+from tailor.backbone.layers import Site, decoder_layers, site_module
+from tailor.backbone.model import Backbone
+from tests.conftest import tiny_backbone
+
+PROMPTS = [
+    "which tag does this movie relate to",
+    "the review is great and the product is good, what is the score of the following review",
+    "paraphrase this tweet",
+]
+LABELS = ["comedy", "action", "dark comedy", "1", "politics"]
+
+
+def full_forward_logprob(bb: Backbone, prompt: str, label: str) -> float:
+    ids = bb.encode(bb.render(prompt))
+    label_ids = bb.tokenizer(label, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = bb.model(torch.tensor([ids + label_ids])).logits[0].float()
+    logp = F.log_softmax(logits, dim=-1)
+    return sum(logp[len(ids) - 1 + k, t].item() for k, t in enumerate(label_ids))
+
+
+def test_batched_generation_equals_one_by_one(backbone: Backbone) -> None:
+    together = backbone.generate(PROMPTS, max_new_tokens=6, batch_size=3)
+    alone = [backbone.generate([p], max_new_tokens=6)[0] for p in PROMPTS]
+    assert together == alone
+    assert any(together)
+
+
+def test_label_scores_equal_full_forward(backbone: Backbone) -> None:
+    scores = backbone.score_labels(PROMPTS, LABELS, batch_size=2)
+    assert scores.shape == (len(PROMPTS), len(LABELS))
+    assert any(len(i) > 1 for i in backbone.label_ids(LABELS))  # the cached multi-token path is exercised
+    for i, prompt in enumerate(PROMPTS):
+        for j, label in enumerate(LABELS):
+            assert scores[i, j] == pytest.approx(full_forward_logprob(backbone, prompt, label), abs=1e-4)
+
+
+def test_mixed_user_edits_equal_each_user_alone(backbone: Backbone) -> None:
+    torch.manual_seed(1)
+    vectors = torch.randn(3, backbone.hidden_size) * 3
+    edits = {Site("mlp", 0): AddVector(vectors)}
+    rows = [2, 0, 1]
+    mixed_gen = backbone.generate(PROMPTS, 6, batch_size=3, edits=edits, rows=rows)
+    mixed_scores = backbone.score_labels(PROMPTS, LABELS, batch_size=3, edits=edits, rows=rows)
+    for i, prompt in enumerate(PROMPTS):
+        alone = {Site("mlp", 0): AddVector(vectors[rows[i]])}
+        assert backbone.generate([prompt], 6, edits=alone)[0] == mixed_gen[i]
+        assert mixed_scores[i] == pytest.approx(backbone.score_labels([prompt], LABELS, edits=alone)[0], abs=1e-4)
+    plain = backbone.score_labels(PROMPTS, LABELS)
+    assert abs(plain - mixed_scores).max() > 1e-3  # the edit really changes the answer distribution
+
+
+def test_capture_reads_last_prompt_token_and_stops_early(backbone: Backbone) -> None:
+    sites = [Site("mlp", 0), Site("layer", 0)]
+    captured = backbone.capture(PROMPTS, sites, batch_size=2)
+    ids = backbone.encode(backbone.render(PROMPTS[1]))
+    with torch.no_grad():
+        out = backbone.model(torch.tensor([ids]), output_hidden_states=True)
+    # hidden_states[1] is the output of decoder layer 0
+    assert torch.allclose(captured[Site("layer", 0)][1], out.hidden_states[1][0, -1].float(), atol=1e-5)
+    assert captured[Site("mlp", 0)].shape == (len(PROMPTS), backbone.hidden_size)
+    mean = backbone.capture(PROMPTS[1:2], [Site("layer", 0)], reduce="mean")[Site("layer", 0)][0]
+    assert torch.allclose(mean, out.hidden_states[1][0].float().mean(0), atol=1e-5)
+
+
+def test_training_through_an_edit_lowers_the_loss(backbone: Backbone) -> None:
+    from tailor.backbone.edits import hooked
+
+    vector = torch.zeros(1, backbone.hidden_size, requires_grad=True)
+    edit = AddVector(vector)
+    batch = backbone.sft_batch(["say the word"] * 2, ["comedy", "comedy"])
+    optimizer = torch.optim.Adam([vector], lr=0.5)
+    losses = []
+    with hooked(backbone.model, {Site("layer", 1): edit}) as hooks:
+        for _ in range(30):
+            loss = backbone.sft_loss(batch, hooks, rows=torch.zeros(2, dtype=torch.long))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3  # one shift vector cannot fit every target token; it must still help
+    assert all(not p.requires_grad for p in backbone.model.parameters())  # the backbone stays frozen
+
+
+def test_sft_batch_labels_cover_only_the_target(backbone: Backbone) -> None:
+    batch = backbone.sft_batch(["a prompt", "a much longer prompt with more words"], ["comedy", "5"])
+    assert batch.labels is not None
+    for row in range(2):
+        labelled = batch.labels[row][batch.labels[row] != -100].tolist()
+        target = backbone.tokenizer(["comedy", "5"][row], add_special_tokens=False)["input_ids"]
+        assert labelled == target + backbone.eos_ids[:1]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3"])
+def test_layer_resolver_and_edits_on_every_family(family: str) -> None:
+    bb = tiny_backbone(family)
+    assert len(decoder_layers(bb.model)) == bb.n_layers == 2
+    for kind in ("layer", "mlp", "attn"):
+        assert site_module(bb.model, Site(kind, 1)) is not None  # type: ignore[arg-type]
+    vectors = torch.randn(2, bb.hidden_size)
+    edits = {Site("mlp", 1): AddVector(vectors), Site("attn", 0): AddVector(vectors, scale=0.5)}
+    mixed = bb.score_labels(PROMPTS[:2], LABELS[:2], edits=edits, rows=[1, 0])
+    alone = bb.score_labels(PROMPTS[:1], LABELS[:2], edits={Site("mlp", 1): AddVector(vectors[1]),
+                                                           Site("attn", 0): AddVector(vectors[1], scale=0.5)})
+    assert mixed[0] == pytest.approx(alone[0], abs=1e-4)
+    captured = bb.capture(PROMPTS, [Site("mlp", 1)])
+    assert captured[Site("mlp", 1)].shape == (3, bb.hidden_size)
+
+
+def test_site_errors_are_clear(backbone: Backbone) -> None:
+    with pytest.raises(ValueError, match="layers 0..1"):
+        site_module(backbone.model, Site("mlp", 5))
+    with pytest.raises(ValueError, match="bad site"):
+        Site.parse("mlp")
+    assert Site.parse("mlp.3") == Site("mlp", 3)
+
+
+def test_forward_context_carries_rows_and_positions(backbone: Backbone) -> None:
+    seen: list[ForwardContext] = []
+
+    def spy(hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        seen.append(ForwardContext(ctx.rows.clone(), ctx.positions.clone(), ctx.prompt_lengths.clone()))
+        return hidden
+
+    backbone.generate(PROMPTS[:2], 3, batch_size=2, edits={Site("layer", 0): spy}, rows=[4, 7])
+    prefill, step = seen[0], seen[1]
+    assert sorted(prefill.rows.tolist()) == [4, 7]
+    lengths = prefill.prompt_lengths
+    assert prefill.positions.max(dim=1).values.tolist() == (lengths - 1).tolist()
+    assert step.positions[:, 0].tolist() == lengths.tolist()  # the first generated token follows the prompt

@@ -1,0 +1,220 @@
+"""Run reports and comparisons, on fake run dirs written the way the eval runner writes them."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tailor.eval.metrics import compute_metrics
+from tailor.eval.report import RunDirError, compare_runs, load_run, write_run_report
+from tailor.eval.stats import bootstrap_ci
+from tailor.tasks.lamp import NEWS_CATEGORIES
+
+N_QUERIES = 120
+_RNG = np.random.default_rng(0)
+GOLDS = [NEWS_CATEGORIES[i] for i in _RNG.integers(0, 6, N_QUERIES)]
+USERS = [f"u{i // 2}" for i in range(N_QUERIES)]  # 60 users with 2 queries each
+
+
+def _predictions(accuracy: float, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [g if rng.random() < accuracy else "politics" if g != "politics" else "sports" for g in GOLDS]
+
+
+def make_run(
+    root: Path,
+    name: str,
+    predictions: list[str],
+    *,
+    task: str = "LaMP-2N",
+    method: str | None = None,
+    label: str | None = None,
+    mode: str = "scoring",
+    queries: range = range(N_QUERIES),
+    golds: list[str] = GOLDS,
+) -> Path:
+    """A run dir with config.json, predictions.jsonl and metrics.json consistent with the predictions."""
+    run = root / name
+    run.mkdir()
+    config = {"task": task, "method": method or name, "method_config": {"k": 4}, "model": "SmolLM2-135M-Instruct",
+              "split": "dev", "users": len({USERS[q] for q in queries}), "seed": 0, "mode": mode}
+    if label:
+        config["label"] = label
+    (run / "config.json").write_text(json.dumps(config))
+    records = [{"user_id": USERS[q], "query_id": f"q{q}", "prediction": predictions[q], "gold": golds[q],
+                "mode": mode, "extra": "ignored"} for q in queries]
+    (run / "predictions.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    preds, gold, users = [predictions[q] for q in queries], [golds[q] for q in queries], [USERS[q] for q in queries]
+    values = compute_metrics(task, preds, gold)
+    cis = bootstrap_ci(task, preds, gold, users, n_resamples=200)
+    metrics = {"task": task, "method": config["method"], "mode": mode, "n_users": config["users"],
+               "n_queries": len(records), "wall_time_s": 12.345,
+               "metrics": {m: {"value": values[m], "ci": list(cis[m])} for m in values}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def parse_table(text: str) -> list[dict[str, str]]:
+    """The rows of the first markdown table in `text`, keyed by header."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    split = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
+    return [dict(zip(split[0], row)) for row in split[2:]]
+
+
+def _p(cell: str) -> float:
+    return float(re.search(r"p=([0-9.]+)", cell).group(1))
+
+
+@pytest.fixture
+def three_runs(tmp_path: Path) -> list[Path]:
+    base = _predictions(0.4, seed=1)
+    return [
+        make_run(tmp_path, "base", base, method="zero_shot"),
+        make_run(tmp_path, "good", _predictions(0.95, seed=2), method="rag", label="RAG k=4", mode="generation"),
+        make_run(tmp_path, "same", base, method="copy", queries=range(0, N_QUERIES, 2)),
+    ]
+
+
+def test_compare_runs_table(three_runs: list[Path]) -> None:
+    text = compare_runs(three_runs, n_resamples=1000)
+    rows = {row["run"]: row for row in parse_table(text)}
+    assert set(rows) == {"zero_shot (baseline)", "RAG k=4", "copy"}
+    base, good, same = rows["zero_shot (baseline)"], rows["RAG k=4"], rows["copy"]
+
+    assert base["mode"] == "scoring" and good["mode"] == "generation"
+    assert base["wall time"] == "12.3 s"
+    assert base["Δ accuracy vs baseline (p)"] == "—" and base["paired queries"] == "—"
+    assert good["paired queries"] == str(N_QUERIES)
+    assert same["paired queries"] == str(N_QUERIES // 2) and same["queries"] == str(N_QUERIES // 2)
+
+    accuracy = json.loads((three_runs[1] / "metrics.json").read_text())["metrics"]["accuracy"]
+    assert good["accuracy ↑"] == f"{accuracy['value']:.4f} [{accuracy['ci'][0]:.4f}, {accuracy['ci'][1]:.4f}]"
+
+    # RAG is far better than the baseline; the copy has the baseline's own predictions on the shared queries.
+    assert good["Δ accuracy vs baseline (p)"].startswith("+")
+    assert _p(good["Δ accuracy vs baseline (p)"]) < 0.01
+    assert _p(good["Δ f1 vs baseline (p)"]) < 0.01
+    assert same["Δ accuracy vs baseline (p)"] == "+0.0000 (p=1.000)"
+    assert "1000 resamples" in text
+
+
+def test_delta_is_measured_on_shared_queries_only(tmp_path: Path) -> None:
+    base = _predictions(0.4, seed=1)
+    better_on_odd = [GOLDS[q] if q % 2 else base[q] for q in range(N_QUERIES)]
+    runs = [make_run(tmp_path, "base", base), make_run(tmp_path, "even", better_on_odd, queries=range(0, N_QUERIES, 2))]
+    # On the even queries the second run equals the baseline, whatever it does on the odd ones.
+    row = parse_table(compare_runs(runs, n_resamples=100))[1]
+    assert row["Δ accuracy vs baseline (p)"] == "+0.0000 (p=1.000)"
+
+
+def test_baseline_choice(three_runs: list[Path]) -> None:
+    by_label = parse_table(compare_runs(three_runs, baseline="RAG k=4", n_resamples=50))
+    assert [row["run"] for row in by_label] == ["zero_shot", "RAG k=4 (baseline)", "copy"]
+    assert by_label[0]["Δ accuracy vs baseline (p)"].startswith("-")
+    by_method = parse_table(compare_runs(three_runs, baseline="rag", n_resamples=50))
+    assert by_method[1]["run"] == "RAG k=4 (baseline)"
+    with pytest.raises(ValueError, match="no run matches baseline 'bm25'"):
+        compare_runs(three_runs, baseline="bm25")
+
+
+def test_ambiguous_baseline_and_duplicate_labels(tmp_path: Path) -> None:
+    runs = [make_run(tmp_path, name, _predictions(0.5, seed=i), method="rag") for i, name in enumerate(["r1", "r2"])]
+    with pytest.raises(ValueError, match="ambiguous"):
+        compare_runs(runs, baseline="rag")
+    rows = parse_table(compare_runs(runs, baseline="r2", n_resamples=50))
+    assert [row["run"] for row in rows] == ["rag (r1)", "rag (r2) (baseline)"]
+
+
+def test_out_dir_gets_markdown_and_png(three_runs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "comparison"
+    text = compare_runs(three_runs, out_dir=out, n_resamples=50)
+    assert (out / "comparison.md").read_text() == text
+    png = (out / "comparison.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    from matplotlib.image import imread
+
+    image = imread(out / "comparison.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_generation_runs_compare(tmp_path: Path) -> None:
+    golds = [f"headline number {i} about topic {i % 7}" for i in range(N_QUERIES)]
+    runs = [
+        make_run(tmp_path, "echo", golds, task="LaMP-4", golds=golds),
+        make_run(tmp_path, "noise", ["completely unrelated words"] * N_QUERIES, task="LaMP-4", golds=golds),
+    ]
+    rows = parse_table(compare_runs(runs, n_resamples=200))
+    assert rows[0]["rouge1 ↑"].startswith("1.0000")
+    assert rows[1]["Δ rougeL vs baseline (p)"].startswith("-1.0000")
+
+
+def test_runs_of_different_tasks_are_refused(tmp_path: Path) -> None:
+    scores = [str(1 + i % 5) for i in range(N_QUERIES)]
+    runs = [make_run(tmp_path, "news", _predictions(0.5, seed=1)),
+            make_run(tmp_path, "reviews", scores, task="LaMP-3", golds=scores)]
+    with pytest.raises(ValueError, match="different tasks"):
+        compare_runs(runs)
+
+
+def test_runs_without_shared_queries_are_refused(tmp_path: Path) -> None:
+    predictions = _predictions(0.5, seed=1)
+    runs = [make_run(tmp_path, "even", predictions, queries=range(0, N_QUERIES, 2)),
+            make_run(tmp_path, "odd", predictions, queries=range(1, N_QUERIES, 2))]
+    with pytest.raises(ValueError, match="share no query_id"):
+        compare_runs(runs)
+
+
+def test_disagreeing_golds_are_refused(tmp_path: Path) -> None:
+    predictions = _predictions(0.5, seed=1)
+    other_golds = ["crime"] + GOLDS[1:]
+    runs = [make_run(tmp_path, "a", predictions), make_run(tmp_path, "b", predictions, golds=other_golds)]
+    with pytest.raises(ValueError, match="different user or gold"):
+        compare_runs(runs)
+
+
+@pytest.mark.parametrize("missing", ["config.json", "predictions.jsonl", "metrics.json"])
+def test_missing_file_is_named(tmp_path: Path, missing: str) -> None:
+    run = make_run(tmp_path, "run", _predictions(0.5, seed=1))
+    (run / missing).unlink()
+    with pytest.raises(RunDirError, match=re.escape(f"{missing}: file is missing")):
+        load_run(run)
+
+
+def test_corrupt_files_are_named(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "run", _predictions(0.5, seed=1))
+    (run / "metrics.json").write_text("{not json")
+    with pytest.raises(RunDirError, match="metrics.json: not valid JSON"):
+        load_run(run)
+
+    run = make_run(tmp_path, "run2", _predictions(0.5, seed=1))
+    lines = (run / "predictions.jsonl").read_text().splitlines()
+    lines[2] = '{"user_id": "u1", "prediction": "x", "gold": "politics"}'
+    (run / "predictions.jsonl").write_text("\n".join(lines))
+    with pytest.raises(RunDirError, match="predictions.jsonl, line 3: missing query_id"):
+        load_run(run)
+
+    run = make_run(tmp_path, "run3", _predictions(0.5, seed=1))
+    (run / "config.json").write_text(json.dumps({"task": "LaMP-9", "method": "rag"}))
+    with pytest.raises(RunDirError, match="config.json: unknown task"):
+        load_run(run)
+
+    with pytest.raises(RunDirError, match="run dir does not exist"):
+        compare_runs([tmp_path / "nowhere"])
+
+
+def test_write_run_report(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "rag", _predictions(0.7, seed=3), label="RAG k=4")
+    path = write_run_report(run)
+    assert path == run / "report.md"
+    text = path.read_text()
+    assert text.startswith("# LaMP-2N: RAG k=4")
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    f1 = metrics["f1"]
+    assert f"| f1 ↑ | {f1['value']:.4f} [{f1['ci'][0]:.4f}, {f1['ci'][1]:.4f}] |" in text
+    assert '| method_config | {"k": 4} |' in text
+    assert "| wall time | 12.3 s |" in text
+    assert f"| queries | {N_QUERIES} |" in text

@@ -1,0 +1,103 @@
+"""The evaluation runner: run folders, resume after a torn write or a SIGKILL, conflicts, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tailor.backbone.model import Backbone
+from tailor.eval.runner import EvalSpec, RunConflict, read_predictions, run_eval
+from tests.conftest import write_lamp_dir
+
+
+def predictions_by_query(folder: Path) -> dict[str, str]:
+    rows = read_predictions(folder / "predictions.jsonl")
+    assert len(rows) == len({r["query_id"] for r in rows}), "duplicate predictions"
+    return {r["query_id"]: r["prediction"] for r in rows}
+
+
+def test_run_folder_holds_config_predictions_metrics_report(backbone: Backbone, lamp_dir: Path,
+                                                             tmp_path: Path) -> None:
+    spec = EvalSpec(task="lamp2n", method="rag", options={"k": 2}, data_dir=str(lamp_dir), users=5, seed=1)
+    metrics = run_eval(spec, tmp_path / "run", backbone=backbone, chunk_users=2)
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"config.json", "predictions.jsonl", "metrics.json",
+                                                              "report.md"}
+    assert metrics["n_users"] == 5 and set(metrics["metrics"]) == {"accuracy", "f1"}
+    lo, hi = metrics["metrics"]["accuracy"]["ci"]
+    assert lo <= metrics["metrics"]["accuracy"]["value"] <= hi
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["method_config"]["k"] == 2 and config["mode"] == "scoring" and config["model"] == backbone.model_id
+
+
+def test_resume_after_a_torn_line_equals_an_uninterrupted_run(backbone: Backbone, lamp_dir: Path,
+                                                                tmp_path: Path) -> None:
+    spec = EvalSpec(task="lamp3", method="none", data_dir=str(lamp_dir), seed=0)
+    run_eval(spec, tmp_path / "full", backbone=backbone, chunk_users=2)
+    expected = predictions_by_query(tmp_path / "full")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    lines = (tmp_path / "full" / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (partial / "config.json").write_text((tmp_path / "full" / "config.json").read_text())
+    (partial / "predictions.jsonl").write_text("".join(lines[:2]) + lines[2][:15])  # killed mid-write
+    run_eval(spec, partial, backbone=backbone, chunk_users=2)
+    assert predictions_by_query(partial) == expected
+
+
+def test_a_different_config_in_the_same_folder_is_refused(backbone: Backbone, lamp_dir: Path,
+                                                          tmp_path: Path) -> None:
+    run_eval(EvalSpec(task="lamp3", method="none", data_dir=str(lamp_dir), users=2), tmp_path, backbone=backbone)
+    with pytest.raises(RunConflict, match="users: 2 -> 3"):
+        run_eval(EvalSpec(task="lamp3", method="none", data_dir=str(lamp_dir), users=3), tmp_path,
+                 backbone=backbone)
+
+
+def _eval_command(model: Path, data: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "tailor.cli", "eval", "--task", "lamp7", "--method", "rag", "--k", "2",
+            "--model", str(model), "--data-dir", str(data), "--out", str(out), "--chunk-users", "3",
+            "--set", "max_new_tokens=24", "--batch-size", "3"]
+
+
+def test_sigkill_during_eval_then_resume_gives_the_uninterrupted_result(tiny_model_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    data = write_lamp_dir(tmp_path / "data", users={"train": 3, "dev": 45}, seed=3)
+    env = {**os.environ, "TAILOR_THREADS": "1"}
+    subprocess.run(_eval_command(tiny_model_dir, data, tmp_path / "full"), check=True, env=env,
+                   capture_output=True)
+    expected = predictions_by_query(tmp_path / "full")
+    assert len(expected) == 45
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_eval_command(tiny_model_dir, data, killed), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    predictions = killed / "predictions.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (predictions.exists() and predictions.read_bytes().count(b"\n") >= 3):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    answered = predictions.read_bytes().count(b"\n")
+    assert 3 <= answered < 45, f"the kill should land mid-run, {answered} of 45 were answered"
+    assert not (killed / "metrics.json").exists()
+
+    subprocess.run(_eval_command(tiny_model_dir, data, killed), check=True, env=env, capture_output=True)
+    assert predictions_by_query(killed) == expected
+    assert json.loads((killed / "metrics.json").read_text())["n_queries"] == 45
+
+
+def test_cli_reports_bad_data_in_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "LaMP_3"
+    folder.mkdir()
+    (folder / "dev_questions.json").write_text('[{"id": "31", "input": "x", "profile": [')
+    (folder / "dev_outputs.json").write_text('{"task": "LaMP_3", "golds": []}')
+    result = subprocess.run([sys.executable, "-m", "tailor.cli", "eval", "--task", "lamp3", "--method",
+                             "user-prior", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "dev_questions.json" in result.stderr and "Traceback" not in result.stderr

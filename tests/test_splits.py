@@ -1,0 +1,140 @@
+"""User splits on synthetic embeddings: exact sizes, disjointness, determinism, and what makes OOD different."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tailor.data import DataError, HistoryItem, User
+from tailor.data.splits import ood_split, random_split, subset
+
+
+def _users(n: int) -> list[User]:
+    item = HistoryItem("0", {"text": "t", "score": "5"})
+    return [User(id=str(i), task="LaMP-3", profile=(item,)) for i in range(n)]
+
+
+def _blobs(sizes: list[int], dim: int = 12, spread: float = 0.08, seed: int = 0) -> np.ndarray:
+    """One tight blob per size, each around its own orthogonal direction (so they stay apart after L2-norm)."""
+    rng = np.random.default_rng(seed)
+    rows = [np.eye(dim)[b] + spread * rng.standard_normal((size, dim)) for b, size in enumerate(sizes)]
+    return np.vstack(rows)
+
+
+def _population(seed: int = 0) -> tuple[list[User], np.ndarray, set[str]]:
+    """Four nearby big groups and one small group far from all of them; returns its user ids too."""
+    rng = np.random.default_rng(seed)
+    dim = 12
+    base = np.ones(dim) / np.sqrt(dim)
+    near = [base + 0.35 * np.eye(dim)[b] for b in range(4)]
+    far = -base + 0.5 * np.eye(dim)[11]
+    centres = [*near, far]
+    sizes = [70, 70, 70, 70, 15]
+    points = np.vstack([c + 0.05 * rng.standard_normal((s, dim)) for c, s in zip(centres, sizes)])
+    users = _users(len(points))
+    return users, points, {u.id for u in users[-15:]}
+
+
+def _mean_distance_to_train(users: list[User], points: np.ndarray, train: list[User], test: list[User]) -> float:
+    unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+    index = {u.id: i for i, u in enumerate(users)}
+    centroid = unit[[index[u.id] for u in train]].mean(axis=0)
+    return float(np.linalg.norm(unit[[index[u.id] for u in test]] - centroid, axis=1).mean())
+
+
+# --- subset ------------------------------------------------------------------------------------------------------
+
+def test_subset_is_seeded_and_keeps_order() -> None:
+    users = _users(50)
+    picked = subset(users, 10, seed=3)
+    assert len(picked) == 10 and picked == subset(users, 10, seed=3)
+    assert [int(u.id) for u in picked] == sorted(int(u.id) for u in picked)
+    assert picked != subset(users, 10, seed=4)
+    assert subset(users, None, 0) == users and subset(users, 80, 0) == users
+    with pytest.raises(ValueError):
+        subset(users, -1, 0)
+
+
+# --- random split -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("n", "test_size", "expected"), [(300, None, 60), (1200, None, 200), (300, 37, 37)])
+def test_random_split_sizes_exact_and_disjoint(n: int, test_size: int | None, expected: int) -> None:
+    users = _users(n)
+    points = _blobs([n // 3, n // 3, n - 2 * (n // 3)])
+    train, test = random_split(users, points, test_size=test_size, seed=1)
+    assert len(test) == expected and len(train) == n - expected
+    assert {u.id for u in train}.isdisjoint(u.id for u in test)
+    assert sorted(train + test, key=lambda u: int(u.id)) == users
+    assert [int(u.id) for u in test] == sorted(int(u.id) for u in test)
+
+
+def test_random_split_is_deterministic_and_seeded() -> None:
+    users, points, _ = _population()
+    first = random_split(users, points, seed=5)
+    assert first == random_split(users, points, seed=5)
+    assert first[1] != random_split(users, points, seed=6)[1]
+
+
+def test_random_split_samples_clusters_in_proportion() -> None:
+    sizes = [200, 100, 50, 50]
+    users = _users(sum(sizes))
+    _, test = random_split(users, _blobs(sizes), test_size=80, seed=0)
+    blob = np.repeat(np.arange(len(sizes)), sizes)
+    counts = np.bincount([blob[int(u.id)] for u in test], minlength=len(sizes))
+    assert counts.tolist() == [40, 20, 10, 10]
+
+
+def test_random_split_handles_duplicate_embeddings() -> None:
+    users = _users(20)
+    points = np.tile([[1.0, 0.0], [0.0, 1.0]], (10, 1))
+    train, test = random_split(users, points, test_size=4, seed=0)
+    assert len(test) == 4 and len(train) == 16
+
+
+# --- OOD split -------------------------------------------------------------------------------------------------------
+
+def test_ood_split_takes_the_isolated_group() -> None:
+    users, points, isolated = _population()
+    train, test = ood_split(users, points, test_size=15, seed=0)
+    assert {u.id for u in test} == isolated
+    assert {u.id for u in train}.isdisjoint(isolated)
+
+
+def test_ood_split_fills_up_from_the_next_cluster_exactly() -> None:
+    users, points, isolated = _population()
+    train, test = ood_split(users, points, test_size=25, seed=0)
+    test_ids = {u.id for u in test}
+    assert len(test) == 25 and len(train) == len(users) - 25
+    assert isolated <= test_ids, "the whole isolated cluster goes to test, so none of it is in train"
+    assert {u.id for u in train}.isdisjoint(test_ids)
+
+
+def test_ood_test_users_are_farther_from_train_than_random_ones() -> None:
+    users, points, _ = _population(seed=2)
+    ood = ood_split(users, points, test_size=30, seed=0)
+    rnd = random_split(users, points, test_size=30, seed=0)
+    assert _mean_distance_to_train(users, points, *ood) > 1.5 * _mean_distance_to_train(users, points, *rnd)
+
+
+def test_ood_split_default_size_and_determinism() -> None:
+    users, points, _ = _population()
+    train, test = ood_split(users, points, seed=3)
+    assert len(test) == round(len(users) * 0.2) and len(train) + len(test) == len(users)
+    assert (train, test) == ood_split(users, points, seed=3)
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", [random_split, ood_split])
+def test_embeddings_are_checked(split) -> None:
+    users = _users(10)
+    with pytest.raises(DataError, match="9 rows but there are 10 users"):
+        split(users, np.zeros((9, 4)))
+    with pytest.raises(DataError, match="2-D"):
+        split(users, np.zeros(10))
+    bad = np.ones((10, 4))
+    bad[3, 1] = np.nan
+    with pytest.raises(DataError, match=r"NaN or infinite values in 1 row\(s\), e.g. rows \[3\]"):
+        split(users, bad)
+    with pytest.raises(ValueError, match="test_size must be between 1 and 9"):
+        split(users, np.eye(10), test_size=10)
