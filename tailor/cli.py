@@ -63,11 +63,9 @@ def _parse_options(pairs: list[str]) -> dict[str, object]:
 
 
 def _check_options(method: str, options: dict[str, object]) -> None:
-    from tailor.methods import METHODS
+    from tailor.methods import method_class
 
-    cls = METHODS.get(method)
-    if cls is None:
-        raise typer.BadParameter(f"unknown method {method!r}; known: {', '.join(METHODS)}", param_hint="--method")
+    cls = method_class(method)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -103,16 +101,18 @@ def eval_command(
 ) -> None:
     """Evaluate one method on one task and write config, predictions, metrics and a report to OUT."""
     from tailor.eval.runner import EvalSpec, run_eval
-    from tailor.methods import METHODS
+    from tailor.methods import REGISTRY, method_class
 
+    if method not in REGISTRY:
+        raise typer.BadParameter(f"unknown method {method!r}; known: {', '.join(REGISTRY)}", param_hint="--method")
+    needs_model = method_class(method).needs_backbone
     options = _parse_options(set_)
     for name, value in (("k", k), ("mode", mode), ("calibrate", calibrate or None), ("batch_size", batch_size)):
         if value is not None:
             options[name] = value
-    if method in METHODS and not METHODS[method].needs_backbone:
+    if not needs_model:
         options = {key: v for key, v in options.items() if key == "batch_size"}
     _check_options(method, options)
-    needs_model = METHODS[method].needs_backbone
     spec = EvalSpec(task=task, method=method, options=options, model=model if needs_model else None, dtype=dtype,
                     split=split, variant=variant, users=users, seed=seed, label=label,
                     data_dir=str(data_dir) if data_dir else None)

@@ -106,6 +106,11 @@ def test_layer_resolver_and_edits_on_every_family(family: str) -> None:
     assert len(decoder_layers(bb.model)) == bb.n_layers == 2
     for kind in ("layer", "mlp", "attn"):
         assert site_module(bb.model, Site(kind, 1)) is not None  # type: ignore[arg-type]
+    if family == "phi3":
+        with pytest.raises(ValueError, match="fused"):
+            site_module(bb.model, Site("q_proj", 1))
+    else:
+        assert isinstance(site_module(bb.model, Site("v_proj", 1)), torch.nn.Linear)
     vectors = torch.randn(2, bb.hidden_size)
     edits = {Site("mlp", 1): AddVector(vectors), Site("attn", 0): AddVector(vectors, scale=0.5)}
     mixed = bb.score_labels(PROMPTS[:2], LABELS[:2], edits=edits, rows=[1, 0])
@@ -122,12 +127,14 @@ def test_site_errors_are_clear(backbone: Backbone) -> None:
     with pytest.raises(ValueError, match="bad site"):
         Site.parse("mlp")
     assert Site.parse("mlp.3") == Site("mlp", 3)
+    assert Site.parse("v_proj.1") == Site("v_proj", 1)
+    assert isinstance(site_module(backbone.model, Site("v_proj", 1)), torch.nn.Linear)
 
 
 def test_forward_context_carries_rows_and_positions(backbone: Backbone) -> None:
     seen: list[ForwardContext] = []
 
-    def spy(hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def spy(hidden: torch.Tensor, ctx: ForwardContext, _inputs: torch.Tensor) -> torch.Tensor:
         seen.append(ForwardContext(ctx.rows.clone(), ctx.positions.clone(), ctx.prompt_lengths.clone()))
         return hidden
 

@@ -1,8 +1,9 @@
 """Read and change hidden states with forward hooks, with a different user's edit on every row of a batch.
 
-An edit is a small object called on the output of one module (a decoder layer, its MLP or its attention). It gets
-the hidden states and a `ForwardContext` that says, for this forward, which user-parameter row each batch row uses
-(`rows`), the absolute position of every token and how long each row's prompt is. Edits gather their per-row
+An edit is a small object called on the output of one module (a decoder layer, its MLP, its attention, or one of
+their projections). It gets the module's output, a `ForwardContext` that says, for this forward, which user-parameter row each batch row uses
+(`rows`), the absolute position of every token and how long each row's prompt is, and the module's input (which a
+LoRA edit of a projection needs). Edits gather their per-row
 parameters with `rows` and apply them with batched tensor ops, so a batch mixing many users runs in one forward
 with no Python loop over rows and no model copy per user. That is what CHAMELEON, PerFit, StyleVector and the
 server's mixed-user batches are built on.
@@ -37,7 +38,7 @@ class ForwardContext:
 
 
 class Edit(Protocol):
-    def __call__(self, hidden: Tensor, ctx: ForwardContext) -> Tensor: ...
+    def __call__(self, hidden: Tensor, ctx: ForwardContext, inputs: Tensor) -> Tensor: ...
 
 
 def _replace_output(output: object, new_hidden: Tensor) -> object:
@@ -80,8 +81,8 @@ def hooked(
     handles = []
     try:
         for site, edit in (edits or {}).items():
-            def edit_hook(_m: nn.Module, _i: object, output: object, edit: Edit = edit) -> object:
-                return _replace_output(output, edit(_hidden_of(output), hooks.ctx))
+            def edit_hook(_m: nn.Module, args: tuple, output: object, edit: Edit = edit) -> object:
+                return _replace_output(output, edit(_hidden_of(output), hooks.ctx, args[0] if args else None))
             handles.append(site_module(model, site).register_forward_hook(edit_hook))
         for site in capture:
             hooks.captured[site] = []
@@ -103,7 +104,7 @@ class AddVector:
         self.vectors = vectors
         self.scale = scale
 
-    def __call__(self, hidden: Tensor, ctx: ForwardContext) -> Tensor:
+    def __call__(self, hidden: Tensor, ctx: ForwardContext, inputs: Tensor | None = None) -> Tensor:
         vec = self.vectors if ctx.rows is None else self.vectors[ctx.rows]
         if vec.dim() == 1:
             vec = vec.expand(hidden.shape[0], -1)

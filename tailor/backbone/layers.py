@@ -13,7 +13,10 @@ from typing import Literal
 
 from torch import nn
 
-SiteKind = Literal["layer", "mlp", "attn"]
+SiteKind = Literal["layer", "mlp", "attn", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                   "down_proj"]
+_BLOCKS = ("layer", "mlp", "attn")
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # model_type -> dotted path of the decoder ModuleList, for families the search below would not find.
 LAYER_PATH_OVERRIDES: dict[str, str] = {}
@@ -23,7 +26,8 @@ _ATTN_NAMES = ("self_attn", "attention", "attn")
 
 @dataclass(frozen=True, order=True)
 class Site:
-    """A place in the network whose output an edit reads or changes: a whole layer, its MLP, or its attention."""
+    """A place in the network whose output an edit reads or changes: a whole layer, its MLP, its attention, or one of
+    their linear projections (q_proj, v_proj, ... found by name inside the layer)."""
 
     kind: SiteKind
     layer: int
@@ -34,8 +38,8 @@ class Site:
     @classmethod
     def parse(cls, text: str) -> "Site":
         kind, _, layer = text.partition(".")
-        if kind not in ("layer", "mlp", "attn") or not layer.isdigit():
-            raise ValueError(f"bad site {text!r}: expected 'layer.N', 'mlp.N' or 'attn.N'")
+        if kind not in (*_BLOCKS, *_PROJECTIONS) or not layer.isdigit():
+            raise ValueError(f"bad site {text!r}: expected KIND.N with KIND one of {', '.join(_BLOCKS + _PROJECTIONS)}")
         return cls(kind, int(layer))  # type: ignore[arg-type]
 
 
@@ -84,4 +88,10 @@ def site_module(model: nn.Module, site: Site) -> nn.Module:
         return layer
     if site.kind == "mlp":
         return _child(layer, _MLP_NAMES, "MLP", site.layer)
-    return _child(layer, _ATTN_NAMES, "attention", site.layer)
+    if site.kind == "attn":
+        return _child(layer, _ATTN_NAMES, "attention", site.layer)
+    matches = [m for name, m in layer.named_modules() if name.split(".")[-1] == site.kind]
+    if len(matches) != 1:
+        raise ValueError(f"decoder layer {site.layer} ({type(layer).__name__}) has {len(matches)} modules named "
+                         f"{site.kind!r}; fused projections (e.g. Phi-3's qkv_proj) cannot be edited one by one")
+    return matches[0]

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.data.schema import User
@@ -25,6 +26,7 @@ from tailor.eval.stats import bootstrap_ci
 from tailor.methods import build_method
 from tailor.methods.base import Personalizer
 from tailor.tasks.lamp import get_task
+from tailor.textcache import text_key
 
 
 class RunConflict(ValueError):
@@ -121,7 +123,7 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, backbone: Backbone | None = No
     fit_s = 0.0
     if todo:
         started = time.perf_counter()
-        method.fit(load_users(task, "train", spec.data_dir, spec.variant))
+        fit_method(method, load_users(task, "train", spec.data_dir, spec.variant), progress)
         fit_s = time.perf_counter() - started
         tick = progress(f"{task.name} {method.name}", total - sum(len(u.queries) for u in todo), total) \
             if progress else None
@@ -132,6 +134,30 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, backbone: Backbone | None = No
         finally:
             appender.close()
     return finalize(out, spec, fit_s)
+
+
+def fit_folder(method: Personalizer, users: Sequence[User]) -> Path:
+    """Where a fitted method is kept: one folder per (method config, backbone, task, training users)."""
+    key = text_key("fit", method.describe(), method.model_id, method.task.name, [u.id for u in users])
+    return cache_root() / "fits" / method.name / key[:20]
+
+
+def fit_method(method: Personalizer, users: Sequence[User],
+               progress: Callable[[str, int, int], Callable[[int], None]] | None = None) -> Path | None:
+    """Fit on the training users, or load the fit a previous run cached for exactly this configuration."""
+    if not method.fits:
+        method.fit(users)
+        return None
+    folder = fit_folder(method, users)
+    if (folder / "DONE").exists():
+        method.load_fit(folder)
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tick = progress(f"fit {method.name}", 0, len(users)) if progress else None
+    method.fit(users, progress=tick, workdir=folder)
+    method.save_fit(folder)
+    (folder / "DONE").write_text(json.dumps({"users": len(users), "method": method.describe()}, indent=2))
+    return folder
 
 
 def _run_chunk(method: Personalizer, users: Sequence[User], done: set[str], appender: _Appender,

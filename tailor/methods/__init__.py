@@ -1,25 +1,39 @@
-"""Personalization methods, all behind the `Personalizer` interface; `build_method` makes one by name."""
+"""Personalization methods, all behind the `Personalizer` interface; `build_method` makes one by name.
+
+The registry names each method's class by import path, so listing methods imports none of them (the LoRA family pulls
+in peft, DPO pulls in trl) and a method module is only loaded when it is used.
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 from tailor.backbone.model import Backbone
 from tailor.methods.base import LMPersonalizer, Personalizer, Prediction
-from tailor.methods.priors import GlobalPrior, UserPrior
-from tailor.methods.prompting import PAG, RAG, FullHistory, NonPersonalized
 from tailor.tasks.lamp import Task
 
-METHODS: dict[str, type[Personalizer]] = {
-    cls.name: cls for cls in (GlobalPrior, UserPrior, NonPersonalized, RAG, PAG, FullHistory)
+REGISTRY: dict[str, str] = {
+    "global-prior": "tailor.methods.priors:GlobalPrior",
+    "user-prior": "tailor.methods.priors:UserPrior",
+    "none": "tailor.methods.prompting:NonPersonalized",
+    "rag": "tailor.methods.prompting:RAG",
+    "pag": "tailor.methods.prompting:PAG",
+    "full": "tailor.methods.prompting:FullHistory",
 }
 
 
+def method_class(name: str) -> type[Personalizer]:
+    target = REGISTRY.get(name)
+    if target is None:
+        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(REGISTRY)}")
+    module, _, attr = target.partition(":")
+    return getattr(import_module(module), attr)
+
+
 def build_method(name: str, task: Task, backbone: Backbone | None = None, **options: Any) -> Personalizer:
-    cls = METHODS.get(name)
-    if cls is None:
-        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    cls = method_class(name)
     return cls(task, backbone if cls.needs_backbone else None, **options)
 
 
-__all__ = ["METHODS", "LMPersonalizer", "Personalizer", "Prediction", "build_method"]
+__all__ = ["REGISTRY", "LMPersonalizer", "Personalizer", "Prediction", "build_method", "method_class"]

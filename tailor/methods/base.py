@@ -15,6 +15,7 @@ import dataclasses
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
@@ -62,6 +63,8 @@ class Personalizer(ABC):
     version: ClassVar[int] = 1
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     needs_backbone: ClassVar[bool] = True
+    fits: ClassVar[bool] = False
+    """True when `fit` learns weights worth keeping: the runner then caches them with save_fit / load_fit."""
 
     def __init__(self, task: Task, backbone: Backbone | None = None, config: MethodConfig | None = None,
                  **options: Any):
@@ -80,8 +83,19 @@ class Personalizer(ABC):
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "version": self.version, **dataclasses.asdict(self.config)}
 
-    def fit(self, users: Sequence[User], progress: Progress = None) -> None:
-        """Learn what is shared across users. Methods with nothing to learn keep this no-op."""
+    def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
+        """Learn what is shared across users. Methods with nothing to learn keep this no-op.
+
+        `workdir` is where a long fit may keep checkpoints, so that a killed fit resumes instead of restarting.
+        """
+
+    def save_fit(self, folder: Path) -> None:
+        """Write what `fit` learned (only called when `fits` is True)."""
+        raise NotImplementedError(f"{self.name} declares fits=True but cannot save its fit")
+
+    def load_fit(self, folder: Path) -> None:
+        """Read what `save_fit` wrote, instead of fitting again."""
+        raise NotImplementedError(f"{self.name} declares fits=True but cannot load its fit")
 
     @abstractmethod
     def personalize(self, user: User) -> UserState:

@@ -12,6 +12,7 @@ On small backbones the user prior beats zero-shot prompting by far (on ../shared
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 from tailor.data.schema import User
@@ -30,7 +31,7 @@ class GlobalPrior(Personalizer):
 
     answer: str | None = None
 
-    def fit(self, users: Sequence[User], progress: Progress = None) -> None:
+    def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
         golds = [q.gold for u in users for q in u.queries if q.gold is not None]
         if self.task.family == "generation":
             return
