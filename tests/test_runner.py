@@ -14,6 +14,7 @@ import pytest
 
 from tailor.backbone.model import Backbone
 from tailor.eval.runner import EvalSpec, RunConflict, read_predictions, run_eval
+from tailor.tasks import get_task
 from tests.conftest import write_lamp_dir
 
 
@@ -101,3 +102,29 @@ def test_cli_reports_bad_data_in_one_line(tmp_path: Path) -> None:
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "dev_questions.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_saved_states_are_reused_on_resume(backbone: Backbone, lamp_dir: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from tailor.methods import build_method
+
+    spec = EvalSpec(task="lamp3", method="rag", options={"k": 1}, data_dir=str(lamp_dir), users=4)
+    method = build_method("rag", get_task("lamp3"), backbone, k=1)
+    run_eval(spec, tmp_path, method=method, chunk_users=2)
+    assert len(list((tmp_path / "states").glob("*.safetensors"))) == 4
+    (tmp_path / "predictions.jsonl").write_text("")  # as if killed after personalizing, before predicting
+    personalized: list[str] = []
+    original = method.personalize_many
+    monkeypatch.setattr(method, "personalize_many", lambda users, progress=None: personalized.extend(
+        u.id for u in users) or original(users))
+    metrics = run_eval(spec, tmp_path, method=method, chunk_users=2)
+    assert personalized == [] and metrics["n_queries"] == 4
+
+
+def test_state_file_names_cannot_escape_the_folder(tmp_path: Path) -> None:
+    from tailor.eval.runner import state_path
+
+    for user_id in ("../../etc/passwd", ".hidden", "a/b", "x" * 500, "ok_user-1.2"):
+        path = state_path(tmp_path, user_id)
+        assert path.parent == tmp_path and not path.name.startswith(".")
+    assert state_path(tmp_path, "ok_user-1.2").name == "ok_user-1.2.safetensors"

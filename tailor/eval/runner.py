@@ -1,15 +1,17 @@
 """Evaluate a method on LaMP users: fit, personalize, predict in batches across users, score, report.
 
-A run lives in one folder: config.json (what was asked), predictions.jsonl (one line per answered query, appended
-and fsynced chunk by chunk), metrics.json and report.md. Running the same command again on the same folder resumes:
-answered queries are skipped, a line torn by a kill is cut off, and the final predictions equal an uninterrupted
-run's. Wall time is recorded per prediction line, so it survives resumes too.
+A run lives in one folder: config.json (what was asked), states/ (each user's saved UserState), predictions.jsonl
+(one line per answered query, appended and fsynced chunk by chunk), metrics.json and report.md. Running the same
+command again on the same folder resumes: users whose state is saved are not personalized again, answered queries
+are skipped, a line torn by a kill is cut off, and the final predictions equal an uninterrupted run's. Wall time is recorded per prediction line, so it survives resumes too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from tailor.eval.report import write_run_report
 from tailor.eval.stats import bootstrap_ci
 from tailor.methods import build_method
 from tailor.methods.base import Personalizer
+from tailor.store.state import UserState
 from tailor.tasks.lamp import get_task
 from tailor.textcache import text_key
 
@@ -130,7 +133,7 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, backbone: Backbone | None = No
         appender = _Appender(predictions_path)
         try:
             for start in range(0, len(todo), chunk_users):
-                _run_chunk(method, todo[start:start + chunk_users], done, appender, tick)
+                _run_chunk(method, todo[start:start + chunk_users], done, appender, tick, out / "states")
         finally:
             appender.close()
     return finalize(out, spec, fit_s)
@@ -160,21 +163,49 @@ def fit_method(method: Personalizer, users: Sequence[User],
     return folder
 
 
+def state_path(folder: Path, user_id: str) -> Path:
+    """A file name for a user's state that no user id can escape from (ids are not trusted to be path-safe)."""
+    safe = user_id if re.fullmatch(r"[A-Za-z0-9_.-]{1,80}", user_id) and not user_id.startswith(".") \
+        else "u-" + hashlib.sha256(user_id.encode()).hexdigest()[:32]
+    return folder / f"{safe}.safetensors"
+
+
+def personalize_with_states(method: Personalizer, users: Sequence[User], folder: Path) -> list[UserState]:
+    """States for users, reusing those saved in `folder` by an earlier (perhaps killed) run and saving new ones.
+
+    Each new state records its own personalize time in its header, so wall time survives a resume.
+    """
+    states: dict[str, UserState] = {}
+    for user in users:
+        path = state_path(folder, user.id)
+        if path.exists():
+            states[user.id] = UserState.load(path, method=method.name, version=method.version,
+                                             model_id=method.model_id)
+    missing = [u for u in users if u.id not in states]
+    if missing:
+        started = time.perf_counter()
+        fresh = method.personalize_many(missing)
+        per_user = (time.perf_counter() - started) / len(missing)
+        for user, state in zip(missing, fresh):
+            state.header["personalize_s"] = round(per_user, 5)
+            state.save(state_path(folder, user.id))
+            states[user.id] = state
+    return [states[u.id] for u in users]
+
+
 def _run_chunk(method: Personalizer, users: Sequence[User], done: set[str], appender: _Appender,
-               tick: Callable[[int], None] | None) -> None:
-    started = time.perf_counter()
-    states = method.personalize_many(users)
-    personalized = time.perf_counter()
+               tick: Callable[[int], None] | None, states_dir: Path) -> None:
+    states = personalize_with_states(method, users, states_dir)
     requests = [(state, q) for state, u in zip(states, users) for q in u.queries if q.id not in done]
+    started = time.perf_counter()
     predictions = method.predict(requests, progress=None)
-    predicted = time.perf_counter()
-    per_user = (personalized - started) / max(len(users), 1)
-    per_query = (predicted - personalized) / max(len(requests), 1)
+    per_query = (time.perf_counter() - started) / max(len(requests), 1)
+    queries_of = {s.user_id: sum(1 for t, _ in requests if t is s) for s in states}
     rows = []
     for (state, query), prediction in zip(requests, predictions):
         rows.append({"user_id": state.user_id, "query_id": query.id, "prediction": prediction.text,
                      "gold": query.gold, "mode": prediction.mode, "predict_s": round(per_query, 5),
-                     "personalize_s": round(per_user / len([q for s, q in requests if s is state]), 5),
+                     "personalize_s": round(state.header["personalize_s"] / queries_of[state.user_id], 5),
                      "state_bytes": state.nbytes})
     appender.write(rows)
     if tick:
