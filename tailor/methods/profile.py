@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from tailor.backbone.cache import cached_generate
 from tailor.backbone.model import Backbone
 from tailor.data.schema import HistoryItem, User
 from tailor.tasks.lamp import Task
-from tailor.textcache import TextCache, text_key
+from tailor.textcache import TextCache
 
 PROFILER_PROMPT = """# Instruction
 Generate a targeted user profile for {task_description} based on the provided user history data. This profile will be used to understand user behavior patterns specific to this task.
@@ -110,13 +111,5 @@ class ProfileSummarizer:
 
     def summaries(self, users: Sequence[User]) -> list[str]:
         """One summary per user; only users whose (model, prompt) pair is not cached are generated, in batches."""
-        prompts = [self.prompt(u) for u in users]
-        keys = [text_key("profile-summary", self.backbone.model_id, self.max_new_tokens, p) for p in prompts]
-        known = self.cache.get_many(keys)
-        todo = sorted({k: p for k, p in zip(keys, prompts) if k not in known}.items())
-        if todo:
-            texts = self.backbone.generate([p for _, p in todo], self.max_new_tokens, self.batch_size)
-            fresh = {k: t for (k, _), t in zip(todo, texts)}
-            self.cache.put_many(fresh)
-            known.update(fresh)
-        return [known[k] for k in keys]
+        return cached_generate(self.backbone, [self.prompt(u) for u in users], self.max_new_tokens, self.batch_size,
+                               self.cache)

@@ -1,0 +1,142 @@
+"""PerFit's cost on one task: trainable parameters, bytes of state and stage-2 seconds per user, inference throughput
+with and without the interventions at batch 16. Output: a markdown section for BENCHMARKS.md, with its command.
+
+Stage 1 is fitted on the task's training users (or read from tailor's fit cache when an identical stage 1 was fitted
+before, e.g. by `tailor eval --method perfit`). Stage 2 is timed per dev user, each user alone, from history to
+state (examples, retrieval, the frozen pass and training). Throughput answers the same requests twice at the same
+batch size: once with every user's interventions, once with the same prompts and none (what RAG with PerFit's k
+would cost); classification tasks are timed in label scoring, generation tasks in greedy generation.
+
+    .venv/bin/python benchmarks/perfit_cost.py --task lamp2m --users 30 --report runs/perfit/cost-lamp2m.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from baselines import machine
+from tailor.backbone.model import Backbone
+from tailor.data.lamp import load_users
+from tailor.data.splits import subset
+from tailor.eval.runner import fit_method
+from tailor.methods.perfit import PerFit, describe_counts, parameter_counts
+from tailor.methods.prompting import RAG
+from tailor.tasks import get_task
+
+
+def parse_set(pairs: list[str]) -> dict[str, object]:
+    """`--set KEY=VALUE` pairs, cast as the CLI casts them (int, float, bool, else text)."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        value: object = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        options[key.strip().replace("-", "_")] = value
+    return options
+
+
+def throughput(method: RAG, requests: list, repeats: int) -> float:
+    """Queries per second over `repeats` passes (the first pass is a warm-up and not counted)."""
+    method.predict(requests[:method.config.batch_size])
+    started = time.perf_counter()
+    for _ in range(repeats):
+        method.predict(requests)
+    return repeats * len(requests) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--task", default="lamp2m")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--users", type=int, default=30, help="dev users personalized and timed")
+    parser.add_argument("--queries", type=int, default=64, help="requests in the throughput measurement")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--set", dest="set_", action="append", default=[], help="PerFit option KEY=VALUE")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--report", type=Path, default=None)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    task = get_task(args.task)
+    backbone = Backbone.load(args.model, dtype=args.dtype)  # type: ignore[arg-type]
+    options = {**parse_set(args.set_), "batch_size": 16}
+    method = PerFit(task, backbone, **options)
+    counts = parameter_counts(backbone, method.config)
+    print(describe_counts(backbone, method.config), file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    fit_method(method, load_users(task, "train", args.data_dir))
+    fit_s = time.perf_counter() - started
+
+    users = subset(load_users(task, "dev", args.data_dir), args.users, 0)
+    seconds, states, sizes = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for user in users:
+            started = time.perf_counter()
+            state = method.personalize(user)
+            seconds.append(time.perf_counter() - started)
+            states.append(state)
+            sizes.append(state.save(Path(tmp) / f"{len(sizes)}.safetensors").stat().st_size)
+            print(f"user {user.id}: {len(user.profile)} items, {seconds[-1]:.2f} s", file=sys.stderr, flush=True)
+
+    requests = [(s, q) for s, u in zip(states, users) for q in u.queries]
+    requests = (requests * (args.queries // max(len(requests), 1) + 1))[:args.queries]
+    plain = RAG(task, backbone, k=method.config.k, history_tokens=method.config.history_tokens, batch_size=16)
+    plain_requests = [(plain.personalize(u), q) for u in users for q in u.queries]
+    plain_requests = (plain_requests * (args.queries // max(len(plain_requests), 1) + 1))[:args.queries]
+    with_edits = throughput(method, requests, args.repeats)
+    without = throughput(plain, plain_requests, args.repeats)
+
+    command = "python benchmarks/perfit_cost.py " + shlex.join(sys.argv[1:])
+    items = [len(u.profile) for u in users]
+    tensor_bytes = statistics.mean(s.nbytes for s in states)
+    lora_bytes = counts["oppu_lora_r8_per_user"] * 4
+    mode = "label scoring" if method.scoring else "greedy generation"
+    text = f"""### PerFit cost, {task.name} ({args.model}, {args.dtype}, {len(users)} dev users)
+
+Machine: {machine()}, torch threads {args.threads}. Options: {method.describe()}.
+
+| quantity | value |
+|---|---|
+| stage-1 trainable parameters | {counts['stage1']:,} |
+| stage-2 trainable parameters per user | {counts['stage2_per_user']:,} |
+| OPPU LoRA r=8 (q, v) per user, same backbone | {counts['oppu_lora_r8_per_user']:,} |
+| stage 2 vs OPPU | {100 * (1 - counts['stage2_per_user'] / counts['oppu_lora_r8_per_user']):.1f}% fewer |
+| backbone parameters | {counts['backbone']:,} |
+| state tensors per user (R, W, b, float32) | {tensor_bytes:,.0f} B (OPPU's LoRA in float32: {lora_bytes:,} B) |
+| state file per user (with the history the prompt retrieves from) | {statistics.mean(sizes):,.0f} B |
+| stage-1 fit (or cache read) | {fit_s:.1f} s |
+| stage-2 s per user: mean / median / max | {statistics.mean(seconds):.2f} / {statistics.median(seconds):.2f} / {max(seconds):.2f} |
+| history items per user: mean / max | {statistics.mean(items):.1f} / {max(items)} |
+| throughput at batch 16, {mode}, with interventions | {with_edits:.2f} queries/s |
+| the same prompts without interventions | {without:.2f} queries/s |
+
+Command:
+
+    {command}
+"""
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

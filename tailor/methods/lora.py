@@ -1,0 +1,465 @@
+"""Weight-space baselines: multi-task LoRA, per-user LoRA and OPPU, on the per-row LoRA edit.
+
+- MT-LoRA / LoRA-C (P2P appendix C, PerFit appendix D.2): one LoRA trained on every training user's history, each
+  item asked as the task's question (`Task.example`) with the k items BM25 ranks highest among the rest of that
+  user's history in the prompt. Task-level adaptation: nothing per user but the history retrieval reads from.
+- LoRA-P (PerFit appendix D.2): a LoRA per user, from scratch, on that user's history alone.
+- OPPU (Tan et al. 2024, "Democratizing LLMs via One PEFT Per User"): a per-user LoRA trained on top of the frozen
+  MT-LoRA base, retrieval (and optionally the PAG profile summary) in the prompt for training and inference alike;
+  at inference base + MT-LoRA + user LoRA.
+
+Defaults follow the papers (r=8, α=8 on q and v projections, AdamW) except where this CPU forces a budget: a cap on
+examples per user, a small fixed number of steps per user. Per-user training is cheap where it can be: examples are
+tokenised once, batched by length, and several users train together in one batch, each row through its own adapter
+(the same per-row edit that serves mixed-user batches). Every user's loss is averaged over its own tokens and
+clipped on its own, AdamW is elementwise and every user takes the same number of steps, so a user's adapter is the
+same whether it was trained alone or beside others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from tailor.backbone.edits import Edit, hooked
+from tailor.backbone.layers import Site
+from tailor.backbone.lora import LoRAStack, combine, load_peft, lora_sites, rank_concat, save_peft, user_seed
+from tailor.backbone.model import Backbone
+from tailor.data.schema import HistoryItem, User
+from tailor.methods.base import Progress
+from tailor.methods.profile import ProfileSummarizer, format_history
+from tailor.methods.prompting import RAG, RAGConfig, profile_header
+from tailor.retrieval.bm25 import BM25Index
+from tailor.store.state import UserState
+
+CHECKPOINT_EVERY = 20
+"""Steps between checkpoints of a multi-task fit, so that a killed fit resumes instead of restarting."""
+
+
+@dataclass
+class LoRAConfig(RAGConfig):
+    """What every LoRA baseline shares. Names follow PEFT's LoraConfig where it has one."""
+
+    r: int = 8
+    alpha: float = 8.0
+    targets: str = "q_proj,v_proj"
+    """Comma-separated projections adapted in every layer (PEFT's target_modules)."""
+    dropout: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    train_batch: int = 8
+    """Training examples per step (per user when users train together)."""
+    max_examples: int = 16
+    """Newest history items of a user turned into training examples."""
+    max_target_tokens: int = 48
+    seed: int = 0
+    k: int = 1
+    history_tokens: int = 128
+
+
+@dataclass
+class MTLoRAConfig(LoRAConfig):
+    lr: float = 5e-4
+    epochs: int = 1
+    max_examples: int = 8
+    max_total: int = 1024
+    """Training examples over all users at most: each user's newest items are taken in turn, user by user, so
+    every user contributes before any contributes twice."""
+
+
+@dataclass
+class LoRAPConfig(LoRAConfig):
+    k: int = 0
+    steps: int = 12
+    """Optimizer steps per user, whatever the history length: examples are cycled in length-bucketed batches."""
+    group: int = 4
+    """Users trained together in one batch."""
+    max_examples: int = 32
+
+
+@dataclass
+class OPPUConfig(LoRAPConfig):
+    k: int = 1
+    profile: bool = False
+    """Put the PAG profile summary in front of the retrieved items (OPPU's PAG variant)."""
+    summary_items: int = 16
+    summary_history_tokens: int = 768
+    summary_tokens: int = 128
+    base_lr: float = MTLoRAConfig.lr
+    base_epochs: int = MTLoRAConfig.epochs
+    base_max_examples: int = MTLoRAConfig.max_examples
+
+
+# --- training data ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Example:
+    """One pre-tokenised training sequence: prompt + target (+ end of turn), labels -100 on the prompt."""
+
+    ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    prompt_length: int
+
+
+def tokenise(backbone: Backbone, pairs: Sequence[tuple[str, str]], max_target_tokens: int,
+             chunk: int = 64) -> list[Example]:
+    """Tokenise (prompt, target) pairs once, exactly as `Backbone.sft_batch` does, and keep them unpadded."""
+    out: list[Example] = []
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start:start + chunk]
+        batch = backbone.sft_batch([p for p, _ in part], [t for _, t in part], max_target_tokens)
+        assert batch.labels is not None
+        for row in range(len(part)):
+            real = batch.mask[row].bool()
+            out.append(Example(tuple(batch.ids[row][real].tolist()), tuple(batch.labels[row][real].tolist()),
+                               int(batch.prompt_lengths[row])))
+    return out
+
+
+def length_batches(lengths: Sequence[int], batch: int, rng: random.Random, pool: int = 16) -> list[list[int]]:
+    """One epoch of batches of similar length: shuffle, sort pools of `pool` batches by length, shuffle batches."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch * pool):
+        chunk = sorted(order[start:start + batch * pool], key=lambda i: lengths[i])
+        batches.extend(chunk[i:i + batch] for i in range(0, len(chunk), batch))
+    rng.shuffle(batches)
+    return batches
+
+
+def plan(lengths: Sequence[int], batch: int, seed: int, steps: int | None = None,
+         epochs: int | None = None) -> list[list[int]]:
+    """Batches for `epochs` epochs, or exactly `steps` batches cycling through as many epochs as that takes."""
+    if not lengths:
+        return []
+    rng = random.Random(seed)
+    out: list[list[int]] = []
+    if steps is None:
+        for _ in range(epochs or 1):
+            out.extend(length_batches(lengths, batch, rng))
+        return out
+    while len(out) < steps:
+        out.extend(length_batches(lengths, batch, rng))
+    return out[:steps]
+
+
+def round_robin(per_user: Sequence[Sequence[tuple[str, str]]], limit: int) -> list[tuple[str, str]]:
+    """At most `limit` pairs: every user's newest first, then every user's next newest, and so on."""
+    out: list[tuple[str, str]] = []
+    depth = 0
+    while len(out) < limit and any(depth < len(p) for p in per_user):
+        out.extend(p[len(p) - 1 - depth] for p in per_user if depth < len(p))
+        depth += 1
+    return out[:limit]
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+class StackTrainer:
+    """AdamW on a stack of adapters, row r of each batch training adapter `rows[r]`.
+
+    The loss is the sum over adapters of each adapter's token-averaged cross-entropy, and gradients are clipped per
+    adapter, so adapters trained in one batch do not influence each other.
+    """
+
+    def __init__(self, backbone: Backbone, stack: LoRAStack, config: LoRAConfig,
+                 frozen: Mapping[Site, Edit] | None = None):
+        self.backbone = backbone
+        self.stack = stack.trainable()
+        self.config = config
+        self.frozen = frozen
+        self.optimizer = torch.optim.AdamW(self.stack.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def edits(self) -> dict[Site, Edit]:
+        return combine(self.frozen, self.stack.edits(dropout=self.config.dropout))
+
+    def step(self, hooks, rows: Sequence[tuple[int, Example]]) -> Tensor:
+        """One optimizer step on (adapter, example) rows; returns each adapter's loss (NaN for absent adapters)."""
+        batch = self.backbone.batch([e.ids for _, e in rows], [e.prompt_length for _, e in rows],
+                                    [e.labels for _, e in rows])
+        assert batch.labels is not None
+        adapters = torch.tensor([a for a, _ in rows], dtype=torch.long)
+        per_row = self.backbone.sft_loss(batch, hooks, adapters, reduction="per_row")
+        tokens = (batch.labels[:, 1:] != -100).sum(-1).clamp(min=1).to(per_row.dtype)
+        users = self.stack.users
+        token_sum = torch.zeros(users).index_add_(0, adapters, tokens)
+        loss_sum = torch.zeros(users, dtype=per_row.dtype).index_add(0, adapters, per_row.float() * tokens)
+        per_adapter = loss_sum / token_sum.clamp(min=1)
+        self.optimizer.zero_grad(set_to_none=True)
+        per_adapter.sum().backward()
+        self._clip()
+        self.optimizer.step()
+        return torch.where(token_sum > 0, per_adapter.detach(), torch.full_like(per_adapter, float("nan")))
+
+    def _clip(self) -> None:
+        if self.config.max_grad_norm <= 0:
+            return
+        params = [p for p in self.stack.parameters() if p.grad is not None]
+        squared = sum(p.grad.pow(2).flatten(1).sum(1) for p in params)  # type: ignore[union-attr]
+        factor = (self.config.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)  # type: ignore[union-attr]
+        for p in params:
+            p.grad.mul_(factor.view(-1, *[1] * (p.dim() - 1)))  # type: ignore[union-attr]
+
+
+def train_users(backbone: Backbone, init: LoRAStack, data: Sequence[Sequence[Example]], plans: Sequence[list[list[int]]],
+                config: LoRAConfig, frozen: Mapping[Site, Edit] | None = None) -> tuple[LoRAStack, Tensor]:
+    """Train adapter u of `init` on data[u] following plans[u] (all plans equally long), all users in one batch per
+    step. Returns the trained stack and the loss history, shape (steps, users)."""
+    trainer = StackTrainer(backbone, init, config, frozen)
+    losses = []
+    with hooked(backbone.model, trainer.edits()) as hooks:
+        for t in range(len(plans[0]) if plans else 0):
+            rows = [(u, data[u][i]) for u in range(len(data)) for i in plans[u][t]]
+            losses.append(trainer.step(hooks, rows))
+    return trainer.stack.detach(), torch.stack(losses) if losses else torch.zeros(0, init.users)
+
+
+# --- the methods --------------------------------------------------------------------------------------------------
+class LoRAFamily(RAG):
+    """Prompts, training examples and adapter bookkeeping the three LoRA baselines share."""
+
+    config: LoRAConfig
+
+    @property
+    def sites(self) -> list[Site]:
+        assert self.backbone is not None
+        return lora_sites(self.backbone.model, [t.strip() for t in self.config.targets.split(",") if t.strip()])
+
+    def compose(self, query_input: str, items: Sequence[HistoryItem], summary: str | None = None) -> str:
+        """The RAG prompt (retrieved items in the task's template, then the question), after the profile if any."""
+        assert self.backbone is not None
+        formatted = format_history(self.task, self.backbone, items, self.config.history_tokens)
+        block = self.task.join_history(formatted, query_input)
+        return f"User profile: {summary}\n\n{block}" if summary else block
+
+    def prompt(self, state: UserState, query_input: str) -> str:
+        items = self.retrieve(state, query_input) if self.config.k > 0 else []
+        return self.compose(query_input, items, state.header.get("summary"))
+
+    def training_pairs(self, user: User, limit: int, summary: str | None = None) -> list[tuple[str, str]]:
+        """The user's newest `limit` history items as (prompt, output), each prompt retrieving from the other items."""
+        items = user.profile
+        index = BM25Index([self.task.document(item) for item in items]) if self.config.k > 0 and items else None
+        pairs = []
+        for i in range(max(len(items) - limit, 0), len(items)):
+            question, output = self.task.example(items[i])
+            retrieved = [] if index is None else \
+                [items[j] for j in index.top_k(self.task.retrieval_query(question), self.config.k + 1) if j != i]
+            pairs.append((self.compose(question, retrieved[:self.config.k], summary), output))
+        return pairs
+
+    def export_peft(self, state: UserState, folder: str | Path) -> Path:
+        """The adapter that answers for this user, in PEFT's format."""
+        assert self.backbone is not None
+        return save_peft(self.adapter(state), self.backbone.model, folder, base_model=self.backbone.name)
+
+    def adapter(self, state: UserState) -> LoRAStack:
+        raise NotImplementedError
+
+
+class MTLoRA(LoRAFamily):
+    """Multi-task LoRA: one adapter for the task, trained on every training user's history; state = the history."""
+
+    name = "mt-lora"
+    config_class = MTLoRAConfig
+    config: MTLoRAConfig
+    fits = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stack: LoRAStack | None = None
+        self.fit_log: dict = {}
+
+    def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
+        assert self.backbone is not None
+        cfg = self.config
+        started = time.perf_counter()
+        pairs = round_robin([self.training_pairs(user, cfg.max_examples) for user in users], cfg.max_total)
+        examples = tokenise(self.backbone, pairs, cfg.max_target_tokens)
+        batches = plan([len(e.ids) for e in examples], cfg.train_batch, cfg.seed, epochs=cfg.epochs)
+        init = LoRAStack.init(self.backbone.model, self.sites, cfg.r, cfg.alpha, [user_seed(cfg.seed, self.task.name)])
+        trainer = StackTrainer(self.backbone, init, cfg)
+        checkpoint = workdir / "checkpoint.pt" if workdir is not None else None
+        done, losses = 0, []
+        if checkpoint is not None and checkpoint.exists():
+            saved = torch.load(checkpoint, weights_only=False)
+            done, losses = saved["step"], saved["losses"]
+            with torch.no_grad():
+                for param, value in zip(trainer.stack.parameters(), saved["params"]):
+                    param.copy_(value)
+            trainer.optimizer.load_state_dict(saved["optimizer"])
+            torch.set_rng_state(saved["rng"])
+        reported = 0
+        with hooked(self.backbone.model, trainer.edits()) as hooks:
+            for t in range(done, len(batches)):
+                losses.append(float(trainer.step(hooks, [(0, examples[i]) for i in batches[t]])[0]))
+                if checkpoint is not None and ((t + 1) % CHECKPOINT_EVERY == 0 or t + 1 == len(batches)):
+                    _save_checkpoint(checkpoint, t + 1, trainer, losses)
+                if progress:
+                    now = len(users) * (t + 1) // len(batches)
+                    progress(now - reported)
+                    reported = now
+        self.stack = trainer.stack.detach()
+        self.fit_log = {"users": len(users), "examples": len(examples), "steps": len(batches),
+                        "tokens": sum(len(e.ids) for e in examples), "seconds": round(time.perf_counter() - started, 2),
+                        "loss_first": losses[:5], "loss_last": losses[-5:]}
+
+    def save_fit(self, folder: Path) -> None:
+        assert self.backbone is not None and self.stack is not None
+        save_peft(self.stack, self.backbone.model, folder / "adapter", base_model=self.backbone.name)
+        if self.fit_log:
+            (folder / "fit.json").write_text(json.dumps(self.fit_log, indent=2))
+
+    def load_fit(self, folder: Path) -> None:
+        assert self.backbone is not None
+        self.stack = load_peft(folder / "adapter", self.backbone.model)
+
+    def edits(self, states: Sequence[UserState]) -> dict[Site, Edit]:
+        if self.stack is None:
+            raise RuntimeError("mt-lora needs fit(train_users) or load_fit first")
+        return dict(self.stack.edits(shared=True))
+
+    def adapter(self, state: UserState) -> LoRAStack:
+        if self.stack is None:
+            raise RuntimeError("mt-lora needs fit(train_users) or load_fit first")
+        return self.stack
+
+
+def _save_checkpoint(path: Path, step: int, trainer: StackTrainer, losses: list[float]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"step": step, "params": [p.detach() for p in trainer.stack.parameters()],
+                "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state(), "losses": losses}, tmp)
+    os.replace(tmp, path)
+
+
+class LoRAP(LoRAFamily):
+    """A LoRA per user from scratch on the user's own history (PerFit's LoRA-P); state = the user's A and B."""
+
+    name = "lora-p"
+    config_class = LoRAPConfig
+    config: LoRAPConfig
+
+    def base_edits(self) -> Mapping[Site, Edit] | None:
+        """Edits every user trains and answers on top of (none here; OPPU's multi-task LoRA)."""
+        return None
+
+    def summaries(self, users: Sequence[User]) -> list[str | None]:
+        return [None] * len(users)
+
+    def personalize(self, user: User) -> UserState:
+        return self.personalize_many([user])[0]
+
+    def personalize_many(self, users: Sequence[User], progress: Progress = None) -> list[UserState]:
+        states = []
+        for start in range(0, len(users), self.config.group):
+            group = users[start:start + self.config.group]
+            states.extend(self._train_group(group))
+            if progress:
+                progress(len(group))
+        return states
+
+    def _train_group(self, users: Sequence[User]) -> list[UserState]:
+        """Users train together, one adapter each; each state records the group's wall time per user."""
+        assert self.backbone is not None
+        cfg = self.config
+        started = time.perf_counter()
+        summaries = self.summaries(users)
+        data = [tokenise(self.backbone, self.training_pairs(u, cfg.max_examples, s), cfg.max_target_tokens)
+                for u, s in zip(users, summaries)]
+        seeds = [user_seed(cfg.seed, u.id) for u in users]
+        init = LoRAStack.init(self.backbone.model, self.sites, cfg.r, cfg.alpha, seeds)
+        with_data = [i for i, d in enumerate(data) if d]
+        trained, losses = init, torch.zeros(0, len(users))
+        if with_data:
+            plans = [plan([len(e.ids) for e in data[i]], cfg.train_batch, seeds[i], steps=cfg.steps)
+                     for i in with_data]
+            part, part_losses = train_users(self.backbone, init.select(with_data), [data[i] for i in with_data],
+                                            plans, cfg, self.base_edits())
+            trained = LoRAStack.concat([part.select([with_data.index(i)]) if i in with_data else init.select([i])
+                                        for i in range(len(users))])
+            losses = torch.full((len(part_losses), len(users)), float("nan"))
+            losses[:, with_data] = part_losses
+        per_user = (time.perf_counter() - started) / len(users)
+        states = []
+        for u, (user, summary) in enumerate(zip(users, summaries)):
+            header = {**(profile_header(user) if cfg.k > 0 else {}), "alpha": cfg.alpha, "train_s": round(per_user, 4),
+                      "examples": len(data[u]), "steps": len(losses) if u in with_data else 0,
+                      "group": len(users), "loss": [round(float(x), 4) for x in losses[:, u]]}
+            if summary is not None:
+                header["summary"] = summary
+            states.append(self.new_state(user, header, trained.to_tensors(u)))
+        return states
+
+    def user_stack(self, states: Sequence[UserState]) -> LoRAStack:
+        return LoRAStack.concat([LoRAStack.from_tensors(s.tensors, float(s.header["alpha"])) for s in states])
+
+    def edits(self, states: Sequence[UserState]) -> dict[Site, Edit]:
+        return combine(self.base_edits(), self.user_stack(states).edits())
+
+    def adapter(self, state: UserState) -> LoRAStack:
+        return self.user_stack([state])
+
+
+class OPPU(LoRAP):
+    """One PEFT Per User on top of the multi-task LoRA, with retrieval (and optionally the profile) in the prompt."""
+
+    name = "oppu"
+    config_class = OPPUConfig
+    config: OPPUConfig
+    fits = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.base: LoRAStack | None = None
+
+    def base_method(self) -> MTLoRA:
+        """The multi-task LoRA this OPPU sits on: same prompts and adapter shape, the base_* training options, and
+        inference options left at their defaults so that an `mt-lora` run with the same options shares its fit."""
+        names = {f.name for f in fields(LoRAConfig)} - {f.name for f in fields(RAGConfig)} | {"k", "history_tokens"}
+        options = {n: getattr(self.config, n) for n in names}
+        options.update(lr=self.config.base_lr, epochs=self.config.base_epochs,
+                       max_examples=self.config.base_max_examples)
+        return MTLoRA(self.task, self.backbone, MTLoRAConfig(**options))
+
+    def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
+        from tailor.eval.runner import fit_method
+
+        base = self.base_method()
+        fit_method(base, users, (lambda *_: progress) if progress else None)  # type: ignore[arg-type, return-value]
+        self.base = base.stack
+
+    def save_fit(self, folder: Path) -> None:
+        assert self.backbone is not None and self.base is not None
+        save_peft(self.base, self.backbone.model, folder / "base", base_model=self.backbone.name)
+
+    def load_fit(self, folder: Path) -> None:
+        assert self.backbone is not None
+        self.base = load_peft(folder / "base", self.backbone.model)
+
+    def base_edits(self) -> Mapping[Site, Edit]:
+        if self.base is None:
+            raise RuntimeError("oppu needs fit(train_users) or load_fit first (it trains on top of mt-lora)")
+        return self.base.edits(shared=True)
+
+    def summaries(self, users: Sequence[User]) -> list[str | None]:
+        if not self.config.profile:
+            return [None] * len(users)
+        assert self.backbone is not None
+        cfg = self.config
+        summarizer = ProfileSummarizer(self.task, self.backbone, cfg.summary_items, cfg.summary_history_tokens,
+                                       cfg.summary_tokens, cfg.batch_size)
+        return list(summarizer.summaries(users))
+
+    def adapter(self, state: UserState) -> LoRAStack:
+        """Base and personal LoRA as one adapter of rank 2r (exactly their sum), for PEFT and multi-LoRA servers."""
+        assert self.base is not None
+        return rank_concat([self.base, self.user_stack([state])])
+

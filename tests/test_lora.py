@@ -1,0 +1,225 @@
+"""The LoRA family on tiny random models: training lowers the loss, adapters stay isolated, mixed-adapter batches
+equal each row alone, PEFT round trips give the same logits, an interrupted multi-user run keeps finished users."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tailor.backbone.edits import hooked
+from tailor.backbone.lora import LoRAStack, load_peft, lora_sites, save_peft, user_seed
+from tailor.backbone.model import Backbone
+from tailor.data.lamp import load_users
+from tailor.eval.runner import EvalSpec, run_eval, state_path
+from tailor.methods.lora import MTLoRA, OPPU, LoRAP, LoRAPConfig, plan, tokenise, train_users
+from tailor.store.state import UserState
+from tailor.tasks import get_task
+
+PROMPTS = ["which tag does this movie relate to", "the review is great, what is the score", "paraphrase the tweet"]
+LABELS = ["comedy", "action", "dark comedy", "politics"]
+FAST = dict(r=4, alpha=8.0, lr=2e-2, train_batch=4, max_examples=6, history_tokens=48, max_target_tokens=8)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared, busy machine lose up to 10x to it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_stack(backbone: Backbone, users: int, seed: int = 0) -> LoRAStack:
+    """Adapters with non-zero B, so that every one of them changes the model's output."""
+    stack = LoRAStack.init(backbone.model, lora_sites(backbone.model, ["q_proj", "v_proj"]), 4, 8.0,
+                           [seed + u for u in range(users)])
+    generator = torch.Generator().manual_seed(seed)
+    for site in stack.sites:
+        stack.B[site] = torch.randn(stack.B[site].shape, generator=generator) * 0.5
+    return stack
+
+
+def users_of(lamp_dir: Path, split: str = "dev", task: str = "lamp2n"):
+    return load_users(get_task(task), split, lamp_dir)
+
+
+def test_init_follows_peft_and_depends_only_on_the_seed(backbone: Backbone) -> None:
+    sites = lora_sites(backbone.model, ["q_proj", "v_proj"])
+    stack = LoRAStack.init(backbone.model, sites, 4, 8.0, [7, 9])
+    alone = LoRAStack.init(backbone.model, sites, 4, 8.0, [9])
+    q = sites[0]
+    assert stack.A[q].shape == (2, 4, backbone.hidden_size) and stack.B[q].abs().sum() == 0
+    assert stack.A[q].abs().max() <= 1 / math.sqrt(backbone.hidden_size)
+    assert torch.equal(stack.A[q][1], alone.A[q][0])
+    assert stack.scaling == 2.0 and stack.parameters_per_user == sum(
+        stack.A[s][0].numel() + stack.B[s][0].numel() for s in sites)
+
+
+def test_a_few_steps_lower_the_training_loss(backbone: Backbone, lamp_dir: Path) -> None:
+    method = LoRAP(get_task("lamp2n"), backbone, **FAST)
+    user = users_of(lamp_dir)[0]
+    data = tokenise(backbone, method.training_pairs(user, 6), 8)
+    init = LoRAStack.init(backbone.model, method.sites, 4, 8.0, [1])
+    steps = plan([len(e.ids) for e in data], 4, seed=1, steps=40)
+    trained, losses = train_users(backbone, init, [data], [steps], dataclasses.replace(method.config, lr=0.1))
+    assert losses.shape == (40, 1)
+    assert losses[-3:].mean() < losses[:3].mean() - 0.2  # a random 2-layer model moves slowly through q and v
+    assert all(not p.requires_grad for p in backbone.model.parameters())
+    assert any(trained.B[s].abs().max() > 0 for s in trained.sites)
+
+
+def test_users_trained_together_get_the_adapters_they_get_alone(backbone: Backbone, lamp_dir: Path) -> None:
+    method = LoRAP(get_task("lamp2n"), backbone, **FAST, steps=4, group=2)
+    a, b = users_of(lamp_dir)[:2]
+    together = method.personalize_many([a, b])
+    alone_a = method.personalize(a)
+    alone_b = method.personalize(b)
+    for name, tensor in alone_a.tensors.items():
+        assert torch.allclose(together[0].tensors[name], tensor, atol=1e-5), name
+        assert torch.allclose(together[1].tensors[name], alone_b.tensors[name], atol=1e-5), name
+    diff = max((alone_a.tensors[n] - alone_b.tensors[n]).abs().max().item() for n in alone_a.tensors)
+    assert diff > 1e-3  # two users really get different adapters
+    assert together[0].header["steps"] == 4 and together[0].header["train_s"] > 0
+
+
+def test_mixed_adapter_batch_equals_each_row_alone(backbone: Backbone) -> None:
+    stack = random_stack(backbone, 3)
+    rows = [2, 0, 1]
+    edits = stack.edits()
+    mixed = backbone.score_labels(PROMPTS, LABELS, batch_size=3, edits=edits, rows=rows)
+    mixed_gen = backbone.generate(PROMPTS, 5, batch_size=3, edits=edits, rows=rows)
+    for i, prompt in enumerate(PROMPTS):
+        alone = stack.select([rows[i]]).edits()
+        assert mixed[i] == pytest.approx(backbone.score_labels([prompt], LABELS, edits=alone)[0], abs=1e-4)
+        assert mixed_gen[i] == backbone.generate([prompt], 5, edits=alone)[0]
+    plain = backbone.score_labels(PROMPTS, LABELS)
+    assert abs(plain - mixed).max() > 1e-2  # the adapters really change the answers
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_peft_export_loads_in_peft_with_the_same_logits(backbone: Backbone, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    stack = random_stack(backbone, 2, seed=3)
+    folder = save_peft(stack, backbone.model, tmp_path / "adapter", user=1)
+    assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    ids = torch.tensor([backbone.encode(PROMPTS[0])])
+    with hooked(backbone.model, stack.select([1]).edits()):
+        ours = _logits(backbone.model, ids)
+    theirs = _logits(PeftModel.from_pretrained(copy.deepcopy(backbone.model), folder), ids)
+    assert (ours - _logits(backbone.model, ids)).abs().max() > 1e-2
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    back = load_peft(folder, backbone.model)
+    assert back.alpha == 8.0 and back.sites == stack.sites
+    assert all(torch.equal(back.A[s][0], stack.A[s][1]) and torch.equal(back.B[s][0], stack.B[s][1])
+               for s in stack.sites)
+
+
+def test_oppu_exports_base_plus_user_as_one_peft_adapter(backbone: Backbone, lamp_dir: Path,
+                                                         tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    task = get_task("lamp2n")
+    method = OPPU(task, backbone, **FAST, steps=3, k=1, base_epochs=1, base_max_examples=2)
+    method.fit(users_of(lamp_dir, "train")[:3])
+    user = users_of(lamp_dir)[0]
+    state = method.personalize(user)
+    folder = method.export_peft(state, tmp_path / "oppu")
+    prompt = method.prompt(state, user.queries[0].input)
+    ours = backbone.score_labels([prompt], task.labels, edits=method.edits([state]))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(backbone.model), folder)
+    ids = torch.tensor([backbone.encode(backbone.render(prompt))])
+    for j, label in enumerate(task.labels[:3]):
+        label_ids = backbone.tokenizer(label, add_special_tokens=False)["input_ids"]
+        logp = torch.log_softmax(_logits(peft_model, torch.cat([ids, torch.tensor([label_ids[:-1]])], 1))[0], -1)
+        total = sum(logp[ids.shape[1] - 1 + n, t].item() for n, t in enumerate(label_ids))
+        assert total == pytest.approx(ours[0, j], abs=1e-3)
+
+
+def test_mt_lora_fit_resumes_from_its_checkpoint(backbone: Backbone, lamp_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import tailor.methods.lora as lora_module
+
+    task = get_task("lamp2n")
+    train = users_of(lamp_dir, "train")[:4]
+    options = dict(FAST, k=1, max_examples=4, epochs=2)
+    full = MTLoRA(task, backbone, **options)
+    full.fit(train)
+    monkeypatch.setattr(lora_module, "CHECKPOINT_EVERY", 2)
+
+    class Killed(Exception):
+        pass
+
+    calls = {"n": 0}
+    original = lora_module.StackTrainer.step
+
+    def dying_step(self, hooks, rows):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Killed
+        return original(self, hooks, rows)
+
+    monkeypatch.setattr(lora_module.StackTrainer, "step", dying_step)
+    with pytest.raises(Killed):
+        MTLoRA(task, backbone, **options).fit(train, workdir=tmp_path)
+    monkeypatch.setattr(lora_module.StackTrainer, "step", original)
+    resumed = MTLoRA(task, backbone, **options)
+    resumed.fit(train, workdir=tmp_path)
+    assert full.stack is not None and resumed.stack is not None
+    assert resumed.fit_log["steps"] == full.fit_log["steps"] > 3
+    for site in full.stack.sites:
+        assert torch.allclose(full.stack.B[site], resumed.stack.B[site], atol=1e-6)
+
+
+def test_interrupted_multi_user_run_keeps_finished_users(backbone: Backbone, lamp_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    task = get_task("lamp2n")
+    spec = EvalSpec(task="lamp2n", method="lora-p", data_dir=str(lamp_dir), users=4)
+    trained: list[str] = []
+
+    class Interrupted(Exception):
+        pass
+
+    class Counting(LoRAP):
+        def personalize_many(self, users, progress=None):
+            if len(trained) >= 2:
+                raise Interrupted
+            trained.extend(u.id for u in users)
+            return super().personalize_many(users, progress)
+
+    config = LoRAPConfig(**FAST, steps=2, group=2)
+    with pytest.raises(Interrupted):
+        run_eval(spec, tmp_path / "run", backbone=backbone, method=Counting(task, backbone, config), chunk_users=2)
+    states_dir = tmp_path / "run" / "states"
+    finished = {p.name: p.read_bytes() for p in states_dir.glob("*.safetensors")}
+    assert len(finished) == 2
+    first = list(trained)
+    metrics = run_eval(spec, tmp_path / "run", backbone=backbone, method=LoRAP(task, backbone, config),
+                       chunk_users=2)
+    assert metrics["n_users"] == 4
+    for name, content in finished.items():
+        assert (states_dir / name).read_bytes() == content  # kept, not trained again
+    again = Counting(task, backbone, config)
+    trained.clear()
+    run_eval(spec, tmp_path / "run", backbone=backbone, method=again, chunk_users=2)
+    assert trained == []  # every user is done: nothing is personalized again
+    state = UserState.load(state_path(states_dir, first[0]), method="lora-p")
+    assert state.header["steps"] == 2 and any(k.endswith(".lora_B") for k in state.tensors)
+
+
+def test_user_seed_is_stable_and_distinct() -> None:
+    assert user_seed(0, "u1") == user_seed(0, "u1") != user_seed(0, "u2") != user_seed(1, "u1")
