@@ -50,6 +50,10 @@ def parse_set(pairs: list[str]) -> dict[str, object]:
     return options
 
 
+def spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
+
+
 def throughput(method: RAG, requests: list, repeats: int) -> float:
     """Queries per second over `repeats` passes (the first pass is a warm-up and not counted)."""
     method.predict(requests[:method.config.batch_size])
@@ -123,7 +127,7 @@ Machine: {machine()}, torch threads {args.threads}. Options: {method.describe()}
 | state tensors per user (R, W, b, float32) | {tensor_bytes:,.0f} B (OPPU's LoRA in float32: {lora_bytes:,} B) |
 | state file per user (with the history the prompt retrieves from) | {statistics.mean(sizes):,.0f} B |
 | stage-1 fit (or cache read) | {fit_s:.1f} s |
-| stage-2 s per user: mean / median / max | {statistics.mean(seconds):.2f} / {statistics.median(seconds):.2f} / {max(seconds):.2f} |
+| stage-2 s per user: mean / median / max | {spread(seconds)} |
 | history items per user: mean / max | {statistics.mean(items):.1f} / {max(items)} |
 | throughput at batch 16, {mode}, with interventions | {with_edits:.2f} queries/s |
 | the same prompts without interventions | {without:.2f} queries/s |

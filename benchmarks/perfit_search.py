@@ -1,4 +1,5 @@
-"""PerFit's 20-trial random search (section 4.1) over ranks, layers, positions and learning rates, on training users only.
+"""PerFit's 20-trial random search (section 4.1) over ranks, layers, positions and learning rates, on training users
+only.
 
 The task's training users are split (seeded) into a fit part, on which every trial fits stage 1, and a held-out tuning
 part: each tuning user gets a stage 2 from their history and is scored on their own query (training users' golds are
@@ -57,7 +58,8 @@ SPACE: dict[str, Sequence[Any]] = {
     "rank1": (1, 2, 4, 8),
     "rank2": (1, 2, 4, 8),
     "lr1": (5e-4, 1e-3, 2e-3, 5e-3),
-    "lr2": (1e-3, 2e-3, 5e-3, 1e-2, 2e-2),
+    "lr2": (5e-4, 1e-3, 2e-3, 5e-3),
+    "batch2": (4, 8, 16),
     "stage2_init": ("identity", "loreft"),
 }
 

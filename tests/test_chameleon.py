@@ -109,7 +109,9 @@ def test_personalize_then_predict_on_the_tiny_model(backbone: Backbone, lamp_dir
 
     path = states[0].save(tmp_path / "state.safetensors")
     loaded = UserState.load(path, method="chameleon", version=method.version, model_id=backbone.model_id)
-    assert method.predict([(loaded, users[0].queries[0])])[0] == predictions[0]
+    alone = method.predict([(loaded, users[0].queries[0])])[0]
+    assert alone.text == predictions[0].text  # a batch of one and a padded batch of three agree
+    assert np.allclose(alone.scores, predictions[0].scores, atol=1e-4)
 
     again = method.personalize_many(users)  # generations and hidden states come from the caches
     assert all(torch.equal(a.tensors["theta_p"], b.tensors["theta_p"]) for a, b in zip(states, again))

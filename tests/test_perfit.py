@@ -127,7 +127,8 @@ def test_stage2_leaves_stage1_untouched_and_learns_the_user(fitted: PerFit, lamp
     assert examples[0][1] == user.profile[0]["category"]
     # with stage 1 and stage 2, the user's own training loss is lower than with stage 1 alone (phi_2 = identity)
     batch = fitted.backbone.sft_batch([p for p, _ in examples], [a for _, a in examples])
-    stage1_only = fitted.new_state(user, fitted._header(user), {k: torch.zeros_like(v) for k, v in state.tensors.items()})
+    zeros = {k: torch.zeros_like(v) for k, v in state.tensors.items()}
+    stage1_only = fitted.new_state(user, fitted._header(user), zeros)
     losses = []
     for edits in (fitted.edits([stage1_only]), fitted.edits([state])):
         with torch.no_grad(), hooked(fitted.backbone.model, edits) as hooks:

@@ -37,7 +37,7 @@ from tailor.backbone.layers import Site
 from tailor.data.schema import HistoryItem, User
 from tailor.methods.base import LMConfig, LMPersonalizer, Progress
 from tailor.methods.profile import format_history
-from tailor.methods.subspace import ProjectionEdit, ccs_direction, personal_direction
+from tailor.methods.subspace import ProjectionEdit, ccs_layers, personal_direction
 from tailor.retrieval.embed import default_embedder
 from tailor.store.state import UserState
 from tailor.tasks.lamp import Task
@@ -292,13 +292,10 @@ class Chameleon(LMPersonalizer):
         if len(hidden_p) == 0:
             return None
         clock = time.perf_counter()
-        thetas_p, thetas_n, losses = [], [], []
-        for layer in range(hidden_p.shape[1]):
-            thetas_p.append(personal_direction(hidden_p[:, layer]))
-            ccs = ccs_direction(hidden_p[:, layer], hidden_n[:, layer], self.config.ccs_restarts,
-                                self.config.ccs_steps, seed=self.config.seed + layer)
-            thetas_n.append(ccs.direction)
-            losses.append(ccs.loss)
+        thetas_p = [personal_direction(hidden_p[:, layer]) for layer in range(hidden_p.shape[1])]
+        probes = ccs_layers(hidden_p, hidden_n, self.config.ccs_restarts, self.config.ccs_steps, seed=self.config.seed)
+        thetas_n = [probe.direction for probe in probes]
+        losses = [probe.loss for probe in probes]
         chosen = sorted(np.argsort(np.array(losses), kind="stable")[:self.config.layers].tolist())
         return Directions(chosen, torch.stack([thetas_p[i] for i in chosen]),
                           torch.stack([thetas_n[i] for i in chosen]), losses, time.perf_counter() - clock)

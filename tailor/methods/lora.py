@@ -22,6 +22,7 @@ import json
 import os
 import random
 import time
+from abc import abstractmethod
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -261,8 +262,9 @@ class LoRAFamily(RAG):
         assert self.backbone is not None
         return save_peft(self.adapter(state), self.backbone.model, folder, base_model=self.backbone.name)
 
+    @abstractmethod
     def adapter(self, state: UserState) -> LoRAStack:
-        raise NotImplementedError
+        """The LoRA that answers for this user (all of it: base and personal parts)."""
 
 
 class MTLoRA(LoRAFamily):
@@ -317,6 +319,7 @@ class MTLoRA(LoRAFamily):
         save_peft(self.stack, self.backbone.model, folder / "adapter", base_model=self.backbone.name)
         if self.fit_log:
             (folder / "fit.json").write_text(json.dumps(self.fit_log, indent=2))
+        (folder / "checkpoint.pt").unlink(missing_ok=True)  # the adapter is saved: resuming is no longer needed
 
     def load_fit(self, folder: Path) -> None:
         assert self.backbone is not None

@@ -46,45 +46,63 @@ class CCSResult:
     """Final CCS loss (consistency + confidence) of the best restart: low means the two sides separate."""
 
 
-def ccs_loss(probe_p: Tensor, probe_n: Tensor) -> Tensor:
+def ccs_loss(probe_p: Tensor, probe_n: Tensor, dim: int | None = None) -> Tensor:
     """Appendix A.4: mean over pairs of [g(N) - (1 - g(P))]^2 + min{g(N), g(P)}."""
     consistency = (probe_n - (1 - probe_p)) ** 2
     confidence = torch.minimum(probe_n, probe_p)
-    return (consistency + confidence).mean()
+    total = consistency + confidence
+    return total.mean() if dim is None else total.mean(dim=dim)
 
 
 def ccs_direction(personal: Tensor, neutral: Tensor, restarts: int = 4, steps: int = 300, lr: float = 1e-2,
                   seed: int = 0) -> CCSResult:
-    """Train a CCS probe on paired embeddings (row i of each side comes from the same query).
+    """Train a CCS probe on paired embeddings (row i of each side comes from the same query): see ccs_layers."""
+    return ccs_layers(personal[:, None], neutral[:, None], restarts, steps, lr, seed)[0]
+
+
+def ccs_layers(personal: Tensor, neutral: Tensor, restarts: int = 4, steps: int = 300, lr: float = 1e-2,
+               seed: int = 0) -> list[CCSResult]:
+    """One CCS probe per layer for (pairs, layers, dim) embeddings, all layers and restarts trained at once.
 
     As in Burns et al., each side is centred on its own mean before probing, so the probe cannot solve the task by
-    the mean offset alone and must find a direction that separates the pairs consistently; both sides are scaled
-    by one common factor so the learning rate does not depend on the layer's norm. Centring and a common scale do
-    not rotate the space, so the probe's weight is a direction in the original hidden-state space.
+    the mean offset alone and must find a direction that separates the pairs consistently; both sides of a layer are
+    scaled by one common factor so the learning rate does not depend on the layer's norm. Centring and a common
+    scale do not rotate the space, so a probe's weight is a direction in the original hidden-state space. Of the
+    restarts, each layer keeps the probe with the lowest final loss.
     """
-    if personal.shape != neutral.shape or personal.dim() != 2:
-        raise ValueError(f"CCS needs two (pairs, dim) tensors of one shape, got {personal.shape} and {neutral.shape}")
+    if personal.shape != neutral.shape or personal.dim() != 3:
+        raise ValueError(f"CCS needs two (pairs, layers, dim) tensors of one shape, got {personal.shape} and "
+                         f"{neutral.shape}")
     p = personal.double() - personal.double().mean(0)
     n = neutral.double() - neutral.double().mean(0)
-    scale = torch.cat([p, n]).norm(dim=1).mean().clamp(min=1e-8)
-    p, n = (p / scale).float(), (n / scale).float()
+    scale = torch.cat([p, n]).norm(dim=2).mean(0).clamp(min=1e-8)  # (layers,)
+    p = (p / scale[None, :, None]).float().transpose(0, 1)  # (layers, pairs, dim)
+    n = (n / scale[None, :, None]).float().transpose(0, 1)
+    layers, _, dim = p.shape
     generator = torch.Generator().manual_seed(seed)
-    best: CCSResult | None = None
-    for _ in range(restarts):
-        theta = (torch.randn(p.shape[1], generator=generator) / p.shape[1] ** 0.5).requires_grad_(True)
-        bias = torch.zeros(1, requires_grad=True)
-        optimizer = torch.optim.Adam([theta, bias], lr=lr)
-        for _ in range(steps):
-            loss = ccs_loss(torch.sigmoid(p @ theta + bias), torch.sigmoid(n @ theta + bias))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            final = ccs_loss(torch.sigmoid(p @ theta + bias), torch.sigmoid(n @ theta + bias)).item()
-            if best is None or final < best.loss:
-                best = CCSResult(theta.detach() / theta.detach().norm().clamp(min=1e-12), bias.item(), final)
-    assert best is not None
-    return best
+    theta = (torch.randn(restarts, layers, dim, generator=generator) / dim ** 0.5).requires_grad_(True)
+    bias = torch.zeros(restarts, layers, 1, requires_grad=True)
+    optimizer = torch.optim.Adam([theta, bias], lr=lr)
+
+    def losses() -> Tensor:  # (restarts, layers)
+        probe_p = torch.sigmoid(torch.einsum("lkd,rld->rlk", p, theta) + bias)
+        probe_n = torch.sigmoid(torch.einsum("lkd,rld->rlk", n, theta) + bias)
+        return ccs_loss(probe_p, probe_n, dim=-1)
+
+    for _ in range(steps):
+        loss = losses()
+        optimizer.zero_grad()
+        loss.sum().backward()  # restarts and layers are independent, so the sum trains each on its own loss
+        optimizer.step()
+    with torch.no_grad():
+        final = losses()
+        best = final.argmin(dim=0)
+        results = []
+        for layer in range(layers):
+            weight = theta[best[layer], layer]
+            results.append(CCSResult(weight / weight.norm().clamp(min=1e-12), bias[best[layer], layer, 0].item(),
+                                     final[best[layer], layer].item()))
+    return results
 
 
 def project_edit(x: Tensor, theta_p: Tensor, theta_n: Tensor, gain_p: Tensor, gain_n: Tensor) -> Tensor:
