@@ -6,7 +6,7 @@ made it); runs resume, and the reference rows use the folders and labels of benc
 already run there is not run again. Output: one markdown section per task (`tailor report`'s table with CIs and
 paired significance against non-personalized, the per-user cost table, the commands) and a throughput section.
 
-    .venv/bin/python benchmarks/lora_family.py --out runs/bench --report runs/bench/lora_family.md
+    .venv/bin/python -m benchmarks.lora_family --out runs/bench --report runs/bench/lora_family.md
 
 `--in-process` runs the same specs through `run_eval` in this process instead of the CLI (for methods the CLI does
 not know yet, and for quick checks on a few users).
@@ -15,9 +15,8 @@ not know yet, and for quick checks on a few users).
 from __future__ import annotations
 
 import argparse
-import shlex
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,13 +30,11 @@ import torch
 from tailor.backbone.layers import Site
 from tailor.backbone.lora import LoRAStack, lora_sites, save_peft
 from tailor.backbone.model import Backbone
-from tailor.eval.report import compare_runs
 from tailor.eval.runner import EvalSpec, run_eval
 from tailor.store.state import UserState
 from tailor.tasks import get_task
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import machine, slug  # noqa: E402
+from benchmarks.common import machine, run as run_command, section, slug
 
 
 @dataclass(frozen=True)
@@ -68,9 +65,22 @@ METHODS = {"mt-lora": "tailor.methods.lora:MTLoRA", "lora-p": "tailor.methods.lo
            "oppu": "tailor.methods.lora:OPPU", "stylevector": "tailor.methods.stylevector:StyleVector"}
 
 
-def command(task: str, run: Run, model: str, users: int | None, folder: Path) -> str:
-    return (f"tailor eval --task {task} {run.args()} --model {model} --seed 0 "
-            + (f"--users {users} " if users else "") + f"--out {folder} --label '{run.label}'")
+def config_fields(method: str) -> set[str]:
+    from dataclasses import fields
+    from importlib import import_module
+
+    from tailor.methods import REGISTRY, method_class
+
+    if method in REGISTRY:
+        return {f.name for f in fields(method_class(method).config_class)}
+    module, _, name = METHODS[method].partition(":")
+    return {f.name for f in fields(getattr(import_module(module), name).config_class)}
+
+
+def with_overrides(run: Run, overrides: dict[str, Any]) -> Run:
+    """The run with the `--set` options its method has (e.g. a smaller fit for a quick check)."""
+    known = config_fields(run.method)
+    return Run(run.label, run.method, {**run.options, **{k: v for k, v in overrides.items() if k in known}})
 
 
 def build(run: Run, task: str, backbone: Backbone | None):
@@ -85,18 +95,19 @@ def build(run: Run, task: str, backbone: Backbone | None):
     return getattr(import_module(module), name)(get_task(task), backbone, **run.options)
 
 
-def execute(task: str, run: Run, args: argparse.Namespace, folder: Path, backbone: Callable[[], Backbone]) -> str:
-    text = command(task, run, args.model, args.users, folder)
+def execute(task: str, run: Run, args: argparse.Namespace, backbone: Callable[[], Backbone]) -> tuple[Path, str]:
+    """Run one configuration as its `tailor eval` command, or (`--in-process`) through run_eval with the same spec."""
+    if not args.in_process:
+        return run_command(run.label, task, run.args(), args.out, args.model, args.users)
+    folder = args.out / args.model / task / slug(run.label)
+    text = (f"tailor eval --task {task} {run.args()} --model {args.model} --seed 0 "
+            + (f"--users {args.users} " if args.users else "") + f"--out {folder} --label '{run.label}'")
     print(f"$ {text}", file=sys.stderr, flush=True)
-    if args.in_process:
-        needs = run.method not in ("user-prior", "global-prior")
-        spec = EvalSpec(task=task, method=run.method, options=dict(run.options), model=args.model if needs else None,
-                        users=args.users, seed=0, label=run.label)
-        method = build(run, task, backbone() if needs else None)
-        run_eval(spec, folder, method=method)
-    else:
-        subprocess.run([str(Path(sys.executable).parent / "tailor"), *shlex.split(text)[1:]], check=True)
-    return text
+    needs = run.method not in ("user-prior", "global-prior")
+    spec = EvalSpec(task=task, method=run.method, options=dict(run.options), model=args.model if needs else None,
+                    users=args.users, seed=0, label=run.label)
+    run_eval(spec, folder, method=build(run, task, backbone() if needs else None))
+    return folder, text
 
 
 def cost_table(folders: dict[str, Path]) -> str:
@@ -111,10 +122,11 @@ def cost_table(folders: dict[str, Path]) -> str:
         params = [sum(t.numel() for n, t in s.tensors.items() if ".lora_" in n) for s in states]
         peft_bytes = sum(p.stat().st_size for p in (folder / "peft-example").glob("*")) \
             if (folder / "peft-example").exists() else 0
-        lines.append(f"| {label} | {len(states)} | {statistics.mean(seconds):.1f} | "
-                     f"{np.percentile(seconds, 95):.1f} | {statistics.mean(s.header['examples'] for s in states):.1f} "
-                     f"| {states[0].header['steps']} | {params[0]:,} | {statistics.mean(s.nbytes for s in states):,.0f} "
-                     f"| {peft_bytes:,} |")
+        examples = statistics.mean(s.header["examples"] for s in states)
+        nbytes = statistics.mean(s.nbytes for s in states)
+        steps = states[0].header["steps"]
+        lines.append(f"| {label} | {len(states)} | {statistics.mean(seconds):.1f} | {np.percentile(seconds, 95):.1f} "
+                     f"| {examples:.1f} | {steps} | {params[0]:,} | {nbytes:,.0f} | {peft_bytes:,} |")
     return "\n".join(lines)
 
 
@@ -266,6 +278,21 @@ def stylevector_search(backbone: Backbone, tasks: list[str], n_users: int, layer
     return "\n".join(lines)
 
 
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        value: Any = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        out[key] = raw.lower() == "true" if raw.lower() in ("true", "false") else value
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", nargs="+", default=["lamp2n", "lamp2m", "lamp3", "lamp4", "lamp7"])
@@ -276,13 +303,16 @@ def main() -> None:
     parser.add_argument("--throughput-task", default="lamp2n")
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--in-process", action="store_true", help="run_eval here instead of `tailor eval`")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="method options for every run whose method has them (quick checks only)")
     parser.add_argument("--report", type=Path, default=None, help="write the markdown here (default: stdout)")
     parser.add_argument("--search-stylevector", type=int, default=0, metavar="USERS",
                         help="instead of the benchmark: pick StyleVector's layer and scale on this many training users")
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9, 12, 15, 18, 21, 24])
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
     args = parser.parse_args()
-
+    torch.set_num_threads(int(os.environ.get("TAILOR_THREADS", os.cpu_count() or 1)))  # as `tailor eval` does
+    overrides = _parse_overrides(args.overrides)
     loaded: list[Backbone] = []
 
     def backbone() -> Backbone:
@@ -297,21 +327,19 @@ def main() -> None:
                 f"{'all' if args.users is None else args.users} users, seed 0.\n"]
     for name in args.tasks:
         task = get_task(name)
-        folders, commands, trained = [], [], {}
+        runs, trained = [], {}
         for run in PLAN:
             if args.only and run.label not in args.only:
                 continue
-            folder = args.out / args.model / name / slug(run.label)
-            commands.append(execute(name, run, args, folder, backbone))
-            folders.append(folder)
+            run = with_overrides(run, overrides)
+            folder, text = execute(name, run, args, backbone)
+            runs.append((folder, text))
             if run.method in TRAINED:
                 export_example(name, run, folder, backbone())
                 trained[run.label] = folder
-        table = compare_runs(folders, baseline="non-personalized", out_dir=args.out / args.model / name / "lora")
-        table = table.split("\n", 1)[1].lstrip() if table.startswith("# ") else table
-        listing = "\n".join(f"    {c}" for c in commands)
-        costs = f"\nPer-user training cost:\n\n{cost_table(trained)}\n" if trained else ""
-        sections.append(f"### {task.name}\n\n{table}\n{costs}\nCommands:\n\n{listing}\n")
+        text = section(name, runs, "non-personalized", args.out / args.model / name, f"{task.name}, LoRA family")
+        costs = f"Per-user training cost ({task.name}):\n\n{cost_table(trained)}\n" if trained else ""
+        sections.append(f"{text}\n{costs}")
     if not args.no_throughput:
         sections.append(f"### Mixed-adapter throughput\n\n{throughput(backbone(), args.throughput_task)}\n")
     text = "\n".join(sections)

@@ -70,6 +70,14 @@ def test_projection_edit_changes_only_rows_with_a_gain() -> None:
     assert not torch.allclose(out[0], hidden[0]) and not torch.allclose(out[2], hidden[2])
 
 
+def test_insights_are_cleaned_to_the_phrase_the_templates_expect() -> None:
+    from tailor.methods.chameleon import clean_insight
+
+    assert clean_insight('The user prefers: "The user prefers: "dark comedies".\nMore') == "dark comedies"
+    assert clean_insight("Your answer should be short and neutral.") == "be short and neutral"
+    assert clean_insight("  ") == "nothing in particular"
+
+
 def test_pca_selection_prefers_the_items_that_carry_the_variation() -> None:
     rng = np.random.default_rng(0)
     embeddings = rng.normal(0, 0.01, (8, 6))
@@ -156,7 +164,7 @@ def test_group_and_unseen_scopes(backbone: Backbone, lamp_dir: Path, tmp_path: P
     unseen.groups = group.groups
     state = unseen.personalize(dev[0])
     assert state.header["group"] in (0, 1) and "insight_p" not in state.header  # nothing was generated
-    assert torch.equal(state.tensors["theta_p"], group.groups[state.header["group"]]["directions"].theta_p)
+    assert torch.equal(state.tensors["theta_p"], group.groups[state.header["group"]]["directions"].theta_p.half())
     group.save_fit(tmp_path)
     reloaded = Chameleon(task, backbone, scope="unseen", **options)
     reloaded.load_fit(tmp_path)

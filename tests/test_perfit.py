@@ -99,7 +99,8 @@ def test_r_stays_orthonormal_under_the_trainer_with_weight_decay(backbone: Backb
         assert (R - start).abs().max() > 1e-3  # R was trained, not frozen
 
 
-def test_frozen_training_loss_equals_the_full_forward_loss(backbone: Backbone, cache: Path) -> None:
+def test_frozen_training_equals_training_through_the_whole_network(backbone: Backbone, cache: Path,
+                                                                  lamp_dir: Path) -> None:
     method = PerFit(NEWS, backbone, **{**TINY, "stages": "2", "positions": "l2"})
     trainer = method._trainer(3, 1e-2, 1, 0, False, [[], []])
     batch = backbone.sft_batch(["which category is this article about", "a news article"], ["sports", "crime"])
@@ -110,6 +111,11 @@ def test_frozen_training_loss_equals_the_full_forward_loss(backbone: Backbone, c
     with torch.no_grad(), hooked(backbone.model, edits) as hooks:
         expected = backbone.sft_loss(batch, hooks).item()
     assert trainer.step(frozen) == pytest.approx(expected, abs=1e-5)
+    user = load_users(NEWS, "dev", lamp_dir)[2]
+    cached = method.stage2(user)
+    torch.rand(7)  # a user's phi_2 must not depend on the global RNG (torch's orthogonal completion draws from it)
+    uncached = method.stage2(user, cached=False)
+    assert all(torch.allclose(cached[k], uncached[k], atol=1e-5) for k in "RWb")
 
 
 def test_stage2_leaves_stage1_untouched_and_learns_the_user(fitted: PerFit, lamp_dir: Path) -> None:

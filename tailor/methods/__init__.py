@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "rag": "tailor.methods.prompting:RAG",
     "pag": "tailor.methods.prompting:PAG",
     "full": "tailor.methods.prompting:FullHistory",
+    "chameleon": "tailor.methods.chameleon:Chameleon",
 }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,22 @@ def preference_prompt(style: PromptStyle, history: str, query: str, insight: str
             f"{agent}{rule}\n\nYour answer:")
 
 
+_LEADS = re.compile(r'^\s*(the user prefers|your answer should|the user\'s preferences?( are| is)?)\s*:?\s*',
+                    re.IGNORECASE)
+
+
+def clean_insight(text: str) -> str:
+    """The phrase that completes "The user prefers ..." / "Your answer should ...", as the A.3 templates use it.
+
+    Small models often repeat the lead-in or wrap the phrase in quotes; both are removed, and only the first line
+    is kept.
+    """
+    phrase = text.strip().split("\n")[0]
+    for _ in range(3):
+        phrase = _LEADS.sub("", phrase).strip().rstrip(".").strip('"\'').strip()
+    return phrase or "nothing in particular"
+
+
 def select_history(embeddings: np.ndarray, n: int) -> list[int]:
     """Eqs. 1-2: indices (in history order) of the n items with the largest projections on the top n components.
 
@@ -221,7 +238,7 @@ class Chameleon(LMPersonalizer):
     def _insights(self, prompts: list[str]) -> list[str]:
         assert self.backbone is not None
         texts = cached_generate(self.backbone, prompts, self.config.insight_tokens, self.config.batch_size)
-        return [text.strip().rstrip(".") or "nothing in particular" for text in texts]
+        return [clean_insight(text) for text in texts]
 
     def _answers(self, prompts: list[str]) -> list[str]:
         assert self.backbone is not None
@@ -314,8 +331,9 @@ class Chameleon(LMPersonalizer):
                 generator = torch.Generator().manual_seed(self.config.seed + seed)
                 theta_p = torch.nn.functional.normalize(torch.randn(theta_p.shape, generator=generator), dim=-1)
                 theta_n = torch.nn.functional.normalize(torch.randn(theta_n.shape, generator=generator), dim=-1)
-            tensors = {"layers": torch.tensor(found.layers, dtype=torch.long), "theta_p": theta_p,
-                       "theta_n": theta_n}
+            # float16 halves the state (3 layers: 7 KiB); the edit computes in float32 either way.
+            tensors = {"layers": torch.tensor(found.layers, dtype=torch.long), "theta_p": theta_p.half(),
+                       "theta_n": theta_n.half()}
             header = {**header, "ccs_loss": [round(x, 5) for x in found.ccs_loss],
                       "seconds": {**header.get("seconds", {}), "directions": round(found.seconds, 4)}}
         gain_p = 0.0 if self.config.direction == "neutral" else self.config.scale_p
@@ -438,7 +456,8 @@ class Chameleon(LMPersonalizer):
                 where = (state.tensors["layers"] == layer).nonzero()
                 if len(where):
                     i = int(where[0, 0])
-                    theta_p[row], theta_n[row] = state.tensors["theta_p"][i], state.tensors["theta_n"][i]
+                    theta_p[row] = state.tensors["theta_p"][i].float()
+                    theta_n[row] = state.tensors["theta_n"][i].float()
                     gain_p[row], gain_n[row] = state.header["gain_p"], state.header["gain_n"]
             edits[Site("mlp", layer)] = ProjectionEdit(theta_p, theta_n, gain_p, gain_n)
         return edits

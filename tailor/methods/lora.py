@@ -98,6 +98,7 @@ class OPPUConfig(LoRAPConfig):
     base_lr: float = MTLoRAConfig.lr
     base_epochs: int = MTLoRAConfig.epochs
     base_max_examples: int = MTLoRAConfig.max_examples
+    base_max_total: int = MTLoRAConfig.max_total
 
 
 # --- training data ------------------------------------------------------------------------------------------------
@@ -210,8 +211,9 @@ class StackTrainer:
             p.grad.mul_(factor.view(-1, *[1] * (p.dim() - 1)))  # type: ignore[union-attr]
 
 
-def train_users(backbone: Backbone, init: LoRAStack, data: Sequence[Sequence[Example]], plans: Sequence[list[list[int]]],
-                config: LoRAConfig, frozen: Mapping[Site, Edit] | None = None) -> tuple[LoRAStack, Tensor]:
+def train_users(backbone: Backbone, init: LoRAStack, data: Sequence[Sequence[Example]],
+                plans: Sequence[list[list[int]]], config: LoRAConfig,
+                frozen: Mapping[Site, Edit] | None = None) -> tuple[LoRAStack, Tensor]:
     """Train adapter u of `init` on data[u] following plans[u] (all plans equally long), all users in one batch per
     step. Returns the trained stack and the loss history, shape (steps, users)."""
     trainer = StackTrainer(backbone, init, config, frozen)
@@ -429,7 +431,7 @@ class OPPU(LoRAP):
         names = {f.name for f in fields(LoRAConfig)} - {f.name for f in fields(RAGConfig)} | {"k", "history_tokens"}
         options = {n: getattr(self.config, n) for n in names}
         options.update(lr=self.config.base_lr, epochs=self.config.base_epochs,
-                       max_examples=self.config.base_max_examples)
+                       max_examples=self.config.base_max_examples, max_total=self.config.base_max_total)
         return MTLoRA(self.task, self.backbone, MTLoRAConfig(**options))
 
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:

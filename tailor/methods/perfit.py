@@ -178,12 +178,17 @@ class Trainer:
     def freeze(self, batch: Batch) -> FrozenBatch:
         return freeze(self.backbone, batch, self.start, self.positions.untouched(batch.prompt_lengths))
 
-    def step(self, frozen: FrozenBatch) -> float:
+    def step(self, batch: FrozenBatch | Batch) -> float:
+        """One optimiser step on a frozen batch, or on a plain batch run through the whole network (the same loss
+        and gradients, at full cost: what `freeze` saves)."""
         with parametrize.cached():
             edits = {Site("layer", layer): PerFitEdit([*below, module.params()], self.positions)
                      for layer, below, module in zip(self.layers, self.frozen_stages, self.modules)}
             with hooked(self.backbone.model, edits) as hooks:
-                loss = suffix_loss(self.backbone, frozen, hooks)
+                if isinstance(batch, FrozenBatch):
+                    loss = suffix_loss(self.backbone, batch, hooks)
+                else:
+                    loss = self.backbone.sft_loss(batch, hooks)
             loss.backward()
         params = [p for m in self.modules for p in m.parameters()]
         torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
@@ -371,26 +376,31 @@ class PerFit(RAG):
 
     def personalize(self, user: User) -> UserState:
         """Train phi_2 on the user's history on top of the frozen phi_1 (section 3, stage 2)."""
-        assert self.backbone is not None
         header = self._header(user)
         if not self.uses_stage2:
             return self.new_state(user, header)
+        return self.new_state(user, header, self.stage2(user))
+
+    def stage2(self, user: User, cached: bool = True) -> dict[str, torch.Tensor]:
+        """phi_2's (R, W, b) for one user. What no edit changes is computed once per example (`freeze`) unless
+        `cached=False`, which runs every step through the whole network (benchmarks/perfit_cost.py times both)."""
+        assert self.backbone is not None
         cfg = self.config
         examples = history_examples(self.task, self.backbone, user, cfg.k, cfg.history_tokens)
         if not examples:  # nothing to learn from: phi_2 = identity (R = W = 0, b = 0)
             shape = (len(self.layers), cfg.rank2, self.backbone.hidden_size)
-            zeros = {"R": torch.zeros(shape), "W": torch.zeros(shape), "b": torch.zeros(shape[:2])}
-            return self.new_state(user, header, zeros)
+            return {"R": torch.zeros(shape), "W": torch.zeros(shape), "b": torch.zeros(shape[:2])}
         steps = math.ceil(len(examples) / cfg.batch2) * cfg.epochs2
         trainer = self._trainer(cfg.rank2, cfg.lr2, steps, self._user_seed(user), cfg.stage2_init == "identity",
                                 self._stage1_params())
         rng = random.Random(self._user_seed(user))
         plan = length_grouped([len(p) + len(a) for p, a in examples], cfg.batch2, rng)
-        frozen = [trainer.freeze(self._batch([examples[i] for i in batch])) for batch in plan]
+        batches = [self._batch([examples[i] for i in batch]) for batch in plan]
+        prepared: list[FrozenBatch | Batch] = [trainer.freeze(b) for b in batches] if cached else list(batches)
         for _ in range(cfg.epochs2):
-            for index in rng.sample(range(len(frozen)), len(frozen)):
-                trainer.step(frozen[index])
-        return self.new_state(user, header, stacked(trainer.modules))
+            for index in rng.sample(range(len(prepared)), len(prepared)):
+                trainer.step(prepared[index])
+        return stacked(trainer.modules)
 
     # --- inference -------------------------------------------------------------------------------------------------
     def _check(self, state: UserState) -> None:

@@ -86,6 +86,8 @@ class LowRankIntervention(nn.Module):
             bound = d ** -0.5
             self.source.weight.uniform_(-bound, bound, generator=generator)
             self.source.bias.uniform_(-bound, bound, generator=generator)
+        # The parametrization completes R to a square orthogonal base with torch's global RNG; seeding it from our
+        # generator (without touching the caller's RNG) makes a user's phi_2 independent of who was trained before.
         orthogonal(self.rotate, "weight")
         if identity:
             with torch.no_grad():

@@ -70,7 +70,8 @@ class StyleVector(LMPersonalizer):
         super().__init__(*args, **kwargs)
         assert self.backbone is not None
         if not 0 <= self.config.layer < self.backbone.n_layers:
-            raise ValueError(f"stylevector layer {self.config.layer}: the model has layers 0..{self.backbone.n_layers - 1}")
+            raise ValueError(f"stylevector layer {self.config.layer}: the model has layers "
+                             f"0..{self.backbone.n_layers - 1}")
         self.hidden = HiddenCache()
 
     @property

@@ -1,0 +1,122 @@
+"""CHAMELEON on the dev users of each task, its ablations, and its per-user cost, as markdown for BENCHMARKS.md.
+
+Defaults (layers, scales) are chosen on TRAINING users (`--tune`), never on the dev users reported.
+
+    .venv/bin/python -m benchmarks.chameleon --tune --tasks lamp2m      # choose layers and scale on 40 train users
+    .venv/bin/python -m benchmarks.chameleon --tasks lamp2n lamp2m lamp3 lamp4 lamp7
+    .venv/bin/python -m benchmarks.chameleon --ablations --tasks lamp2m
+    .venv/bin/python -m benchmarks.chameleon --cost --tasks lamp2m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine, run, section
+from tailor.backbone.model import Backbone
+from tailor.data.lamp import load_users
+from tailor.data.splits import subset
+from tailor.methods.chameleon import Chameleon
+from tailor.tasks import get_task
+
+MAIN_PLAN = [
+    ("user prior", "--method user-prior"),
+    ("non-personalized", "--method none"),
+    ("RAG k=4", "--method rag --k 4"),
+    ("CHAMELEON history prompt, no edit", "--method chameleon --set scale_p=0 --set scale_n=0"),
+    ("CHAMELEON per user", "--method chameleon"),
+    ("CHAMELEON group", "--method chameleon --set scope=group"),
+    ("CHAMELEON unseen users", "--method chameleon --set scope=unseen --set history_in_prompt=false"),
+]
+ABLATIONS = [
+    ("non-personalized", "--method none"),
+    ("CHAMELEON history prompt, no edit", "--method chameleon --set scale_p=0 --set scale_n=0"),
+    ("CHAMELEON both directions", "--method chameleon"),
+    ("CHAMELEON theta_P only", "--method chameleon --set direction=personal"),
+    ("CHAMELEON theta_N only", "--method chameleon --set direction=neutral"),
+    ("CHAMELEON random directions", "--method chameleon --set direction=random"),
+    *[(f"CHAMELEON {n} edited layers", f"--method chameleon --set layers={n}") for n in (1, 5, 10)],
+    *[(f"CHAMELEON {n} history items", f"--method chameleon --set history={n}") for n in (1, 5, 15, 20)],
+    *[(f"CHAMELEON group of {n} users", f"--method chameleon --set scope=group --set groups=1 --set group_users={n}")
+      for n in (20, 50, 100)],
+]
+TUNING = [(f"tune layers={layers} scale={scale}",
+           f"--method chameleon --set layers={layers} --set scale_p={scale} --set scale_n={scale}")
+          for layers in (1, 3, 5) for scale in (0.5, 1.0, 2.0)]
+
+
+def cost(task_name: str, model: str, users: int) -> str:
+    """Per-user seconds by stage, state bytes, and predict throughput at batch 16 with the edit on and off."""
+    torch.set_num_threads(2)
+    backbone = Backbone.load(model)
+    task = get_task(task_name)
+    chosen = subset(load_users(task, "dev"), users, seed=1)
+    method = Chameleon(task, backbone)
+    states = method.personalize_many(chosen)
+    stages: dict[str, list[float]] = {}
+    for state in states:
+        for stage, seconds in state.header["seconds"].items():
+            stages.setdefault(stage, []).append(seconds)
+    requests = [(state, user.queries[0]) for state, user in zip(states, chosen)][:16]
+    plain = Chameleon(task, backbone, scale_p=0.0, scale_n=0.0)
+    timings = {}
+    for name, m, reqs in (("edit off", plain, [(plain.personalize_many([u])[0], u.queries[0]) for u in chosen[:16]]),
+                          ("edit on", method, requests)):
+        m.config.batch_size = 16
+        m.predict(reqs)
+        started = time.perf_counter()
+        for _ in range(3):
+            m.predict(reqs)
+        timings[name] = 3 * len(reqs) / (time.perf_counter() - started)
+    lines = [f"Per-user cost on {len(chosen)} dev users of {task.name} (first run, empty caches), {model}, "
+             f"float32, 2 threads:\n", "| stage | mean s/user | max s/user |", "|---|---|---|"]
+    for stage, values in stages.items():
+        lines.append(f"| {stage} | {statistics.mean(values):.3f} | {max(values):.3f} |")
+    lines.append(f"\nState bytes per user (tensors): mean {statistics.mean(s.nbytes for s in states):.0f}; "
+                 f"pairs kept / dropped: {sum(s.header['pairs_kept'] for s in states)} / "
+                 f"{sum(s.header['pairs_dropped'] for s in states)}.")
+    lines.append(f"\nPredict throughput at batch 16 (label scoring): edit on {timings['edit on']:.2f} queries/s, "
+                 f"edit off {timings['edit off']:.2f} queries/s, ratio {timings['edit on'] / timings['edit off']:.2f}.")
+    return "\n".join(lines) + "\n\n" + json.dumps({"stages": {k: statistics.mean(v) for k, v in stages.items()}})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", nargs="+", default=["lamp2n", "lamp2m", "lamp3", "lamp4", "lamp7"])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--users", type=int, default=None)
+    parser.add_argument("--tune", action="store_true", help="grid on 40 training users (never dev users)")
+    parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--cost", action="store_true")
+    parser.add_argument("--report", type=Path, default=None)
+    args = parser.parse_args()
+    sections = [f"Machine: {machine()}. Model: {args.model}, float32, seed 0.\n"]
+    for name in args.tasks:
+        if args.cost:
+            sections.append(f"### CHAMELEON cost, {get_task(name).name}\n\n{cost(name, args.model, args.users or 16)}")
+            continue
+        if args.tune:
+            plan, split, users, title = TUNING + [("non-personalized", "--method none")], "train", 40, "tuning"
+        elif args.ablations:
+            plan, split, users, title = ABLATIONS, "dev", args.users, "ablations"
+        else:
+            plan, split, users, title = MAIN_PLAN, "dev", args.users, "main"
+        runs = [run(label, name, method_args, args.out, args.model, users, split) for label, method_args in plan]
+        sections.append(section(name, runs, "non-personalized", args.out / args.model / name,
+                                title=f"{get_task(name).name}, CHAMELEON {title}"))
+    text = "\n".join(sections)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

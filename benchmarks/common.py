@@ -1,0 +1,47 @@
+"""Shared by the benchmark scripts: run `tailor eval` commands exactly as printed, and turn run folders into the
+markdown sections of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from tailor.eval.report import compare_runs
+from tailor.tasks import get_task
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in label.replace(", ", "-").replace("=", ""))
+
+
+def run(label: str, task: str, method_args: str, out: Path, model: str, users: int | None = None,
+        split: str = "dev") -> tuple[Path, str]:
+    """Run one `tailor eval` (resuming if its folder exists) and return (folder, the command as run)."""
+    folder = out / model / task / (slug(label) if split == "dev" else f"{split}-{slug(label)}")
+    command = (f"tailor eval --task {task} {method_args} --model {model} --seed 0 "
+               + (f"--split {split} " if split != "dev" else "")
+               + (f"--users {users} " if users else "") + f"--out {folder} --label '{label}'")
+    print(f"$ {command}", file=sys.stderr, flush=True)
+    subprocess.run([str(Path(sys.executable).parent / "tailor"), *shlex.split(command)[1:]], check=True)
+    return folder, command
+
+
+def section(task: str, runs: Sequence[tuple[Path, str]], baseline: str, out: Path, title: str | None = None) -> str:
+    """A markdown section: the comparison table (CIs, paired significance against `baseline`) and the commands."""
+    folders = [folder for folder, _ in runs]
+    chart = out / slug(title or task)
+    table = compare_runs(folders, baseline=baseline, out_dir=chart)
+    table = table.split("\n", 1)[1].lstrip() if table.startswith("# ") else table
+    listing = "\n".join(f"    {command}" for _, command in runs)
+    return f"### {title or get_task(task).name}\n\n{table}\n\nCommands:\n\n{listing}\n"
