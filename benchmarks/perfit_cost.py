@@ -3,11 +3,12 @@ with and without the interventions at batch 16. Output: a markdown section for B
 
 Stage 1 is fitted on the task's training users (or read from tailor's fit cache when an identical stage 1 was fitted
 before, e.g. by `tailor eval --method perfit`). Stage 2 is timed per dev user, each user alone, from history to
-state (examples, retrieval, the frozen pass and training). Throughput answers the same requests twice at the same
+state (examples, retrieval, the frozen pass and training); for a few users it is timed again with every step run
+through the whole network, which is what the frozen pass (`tailor.backbone.partial`) saves. Throughput answers the same requests twice at the same
 batch size: once with every user's interventions, once with the same prompts and none (what RAG with PerFit's k
 would cost); classification tasks are timed in label scoring, generation tasks in greedy generation.
 
-    .venv/bin/python benchmarks/perfit_cost.py --task lamp2m --users 30 --report runs/perfit/cost-lamp2m.md
+    .venv/bin/python -m benchmarks.perfit_cost --task lamp2m --users 30 --report runs/perfit/cost-lamp2m.md
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from baselines import machine
 from tailor.backbone.model import Backbone
+from tailor.cli import _parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.data.lamp import load_users
 from tailor.data.splits import subset
 from tailor.eval.runner import fit_method
@@ -31,23 +32,7 @@ from tailor.methods.perfit import PerFit, describe_counts, parameter_counts
 from tailor.methods.prompting import RAG
 from tailor.tasks import get_task
 
-
-def parse_set(pairs: list[str]) -> dict[str, object]:
-    """`--set KEY=VALUE` pairs, cast as the CLI casts them (int, float, bool, else text)."""
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, _, raw = pair.partition("=")
-        value: object = raw
-        for cast in (int, float):
-            try:
-                value = cast(raw)
-                break
-            except ValueError:
-                continue
-        if raw.lower() in ("true", "false"):
-            value = raw.lower() == "true"
-        options[key.strip().replace("-", "_")] = value
-    return options
+from benchmarks.common import machine
 
 
 def spread(values: list[float]) -> str:
@@ -71,6 +56,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=30, help="dev users personalized and timed")
     parser.add_argument("--queries", type=int, default=64, help="requests in the throughput measurement")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--uncached-users", type=int, default=3,
+                        help="users whose stage 2 is also timed without the frozen pass (every step in full)")
     parser.add_argument("--set", dest="set_", action="append", default=[], help="PerFit option KEY=VALUE")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
@@ -100,6 +87,12 @@ def main() -> None:
             sizes.append(state.save(Path(tmp) / f"{len(sizes)}.safetensors").stat().st_size)
             print(f"user {user.id}: {len(user.profile)} items, {seconds[-1]:.2f} s", file=sys.stderr, flush=True)
 
+    uncached = []
+    for user, cached_s in zip(users[:args.uncached_users], seconds):
+        started = time.perf_counter()
+        method.stage2(user, cached=False)
+        uncached.append((time.perf_counter() - started, cached_s))
+
     requests = [(s, q) for s, u in zip(states, users) for q in u.queries]
     requests = (requests * (args.queries // max(len(requests), 1) + 1))[:args.queries]
     plain = RAG(task, backbone, k=method.config.k, history_tokens=method.config.history_tokens, batch_size=16)
@@ -108,11 +101,13 @@ def main() -> None:
     with_edits = throughput(method, requests, args.repeats)
     without = throughput(plain, plain_requests, args.repeats)
 
-    command = "python benchmarks/perfit_cost.py " + shlex.join(sys.argv[1:])
+    command = "python -m benchmarks.perfit_cost " + shlex.join(sys.argv[1:])
     items = [len(u.profile) for u in users]
     tensor_bytes = statistics.mean(s.nbytes for s in states)
     lora_bytes = counts["oppu_lora_r8_per_user"] * 4
     mode = "label scoring" if method.scoring else "greedy generation"
+    comparison = (f"{statistics.mean(u for u, _ in uncached):.2f} (vs {statistics.mean(c for _, c in uncached):.2f})"
+                  if uncached else "not measured")
     text = f"""### PerFit cost, {task.name} ({args.model}, {args.dtype}, {len(users)} dev users)
 
 Machine: {machine()}, torch threads {args.threads}. Options: {method.describe()}.
@@ -129,6 +124,7 @@ Machine: {machine()}, torch threads {args.threads}. Options: {method.describe()}
 | stage-1 fit (or cache read) | {fit_s:.1f} s |
 | stage-2 s per user: mean / median / max | {spread(seconds)} |
 | history items per user: mean / max | {statistics.mean(items):.1f} / {max(items)} |
+| stage 2 without the frozen pass, same {len(uncached)} users: s per user (vs with it) | {comparison} |
 | throughput at batch 16, {mode}, with interventions | {with_edits:.2f} queries/s |
 | the same prompts without interventions | {without:.2f} queries/s |
 

@@ -3,7 +3,7 @@ on LaMP-2M's dev users. Each layer is a full PerFit run (its own stage 1 and sta
 by the eval runner exactly as `tailor eval --method perfit --set layers=L ...` writes it, so runs resume and the
 command beside each number remakes it. Output: a markdown table with 95% CIs, and a PNG of the metrics by layer.
 
-    .venv/bin/python benchmarks/perfit_layers.py --best runs/perfit/search-lamp2m/best.json --out runs/perfit/layers
+    .venv/bin/python -m benchmarks.perfit_layers --best runs/perfit/search-lamp2m/best.json --out runs/perfit/layers
 """
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ import sys
 from pathlib import Path
 
 import torch
-from baselines import machine
-from perfit_cost import parse_set
 
 from tailor.backbone.model import Backbone
+from tailor.cli import _parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.eval.metrics import higher_is_better, metric_names
 from tailor.eval.runner import EvalSpec, run_eval
 from tailor.methods.perfit import PerFit
 from tailor.tasks import get_task
 from tailor.tasks.lamp import Task
+
+from benchmarks.common import machine
 
 
 def plot(task: Task, layers: list[int], results: list[dict], path: Path) -> None:
@@ -39,6 +40,7 @@ def plot(task: Task, layers: list[int], results: list[dict], path: Path) -> None
         axes.plot(layers, values, marker="o")
         axes.fill_between(layers, [r["metrics"][name]["ci"][0] for r in results],
                           [r["metrics"][name]["ci"][1] for r in results], alpha=0.2)
+        axes.set_xticks(layers)
         axes.set_xlabel("intervened layer")
         axes.set_title(f"{name} ({'higher' if higher_is_better(name) else 'lower'} is better)")
     figure.suptitle(f"PerFit on {task.name}: one intervened layer, early to late")
@@ -95,7 +97,7 @@ Machine: {machine()}. Other options: {base or 'the defaults'}. Plot: `{png}`.
 
 {chr(10).join(rows)}
 
-Made by `python benchmarks/perfit_layers.py {shlex.join(sys.argv[1:])}`, which runs:
+Made by `python -m benchmarks.perfit_layers {shlex.join(sys.argv[1:])}`, which runs:
 
 {listing}
 """

@@ -9,7 +9,7 @@ trial whose stage 1 equals an earlier one's reads it from tailor's fit cache.
 Layer sets follow the paper: single layers early to late, and the symmetric sets of its cumulative-intervention
 figure (c layers around the middle layer, spaced n_layers / c apart, footnote 4).
 
-    .venv/bin/python benchmarks/perfit_search.py --task lamp2m --out runs/perfit/search-lamp2m
+    .venv/bin/python -m benchmarks.perfit_search --task lamp2m --out runs/perfit/search-lamp2m
 """
 
 from __future__ import annotations
@@ -25,16 +25,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from baselines import machine
-from perfit_cost import parse_set
 
 from tailor.backbone.model import Backbone
+from tailor.cli import _parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.data.lamp import load_users
 from tailor.data.schema import User
 from tailor.eval.metrics import compute_metrics, higher_is_better, metric_names
 from tailor.methods.perfit import PerFit
 from tailor.tasks import get_task
 from tailor.tasks.lamp import Task
+
+from benchmarks.common import machine
 
 
 def layer_sets(n_layers: int) -> list[str]:
@@ -158,7 +159,7 @@ def main() -> None:
         with log.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         done[trial] = record
-    command = "python benchmarks/perfit_search.py " + shlex.join(sys.argv[1:])
+    command = "python -m benchmarks.perfit_search " + shlex.join(sys.argv[1:])
     text, chosen = report(task, [done[t] for t in sorted(done)], command, len(fit_users), len(tune_users), fixed)
     (args.out / "best.json").write_text(json.dumps({**chosen, "stage1_examples": args.stage1_examples}, indent=1))
     (args.out / "search.md").write_text(text)

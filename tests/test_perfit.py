@@ -129,8 +129,11 @@ def test_stage2_leaves_stage1_untouched_and_learns_the_user(fitted: PerFit, lamp
     assert torch.allclose(R @ R.mT, torch.eye(3).expand(2, 3, 3), atol=1e-5)
     assert (state.tensors["W"] - R).abs().max() > 1e-3  # moved away from its identity start
     examples = history_examples(NEWS, fitted.backbone, user, 1, 48)
-    assert len(examples) == len(user.profile) and examples[0][0].endswith(NEWS.example(user.profile[0])[0])
-    assert examples[0][1] == user.profile[0]["category"]
+    assert len(examples) == len(user.profile) and examples[0][1] == user.profile[0]["category"]
+    assert examples[0][0] == NEWS.example(user.profile[0])[0]  # the oldest item has no earlier history to retrieve
+    later = {item["text"][:30] for item in user.profile[2:]}
+    assert not any(text in examples[1][0] for text in later)  # only earlier items are retrieved
+    assert user.profile[0]["text"][:30] in examples[1][0]
     # with stage 1 and stage 2, the user's own training loss is lower than with stage 1 alone (phi_2 = identity)
     batch = fitted.backbone.sft_batch([p for p, _ in examples], [a for _, a in examples])
     zeros = {k: torch.zeros_like(v) for k, v in state.tensors.items()}
@@ -155,6 +158,10 @@ def test_mixed_batches_apply_each_rows_own_stage2(fitted: PerFit, lamp_dir: Path
     for (state, query), prediction in zip(requests, mixed):
         alone = fitted.predict([(state, query)])[0]
         assert alone.scores == pytest.approx(prediction.scores, abs=1e-4)
+    generator = PerFit(NEWS, fitted.backbone, **{**TINY, "mode": "generation", "max_new_tokens": 4})
+    generator._set_stage1(fitted.stage1)  # type: ignore[arg-type]
+    together = generator.predict(requests[:3])
+    assert [p.text for p in together] == [generator.predict([r])[0].text for r in requests[:3]]
     # at the edit level: changing user 1's phi_2 changes the rows of user 1 only
     edits = fitted.edits(states)
     hidden = torch.randn(3, 4, backbone_width(fitted))

@@ -120,14 +120,6 @@ def logits(backbone: Backbone, hidden: Tensor) -> Tensor:
     return torch.tanh(out / cap) * cap if cap else out
 
 
-@torch.no_grad()
-def stream_entering(backbone: Backbone, batch: Batch, layer: int) -> Tensor:
-    """The residual stream entering decoder layer `layer` for a left-padded batch (no edits, no gradient)."""
-    hidden = embed(backbone, batch.ids)
-    inputs = layer_inputs(backbone, hidden, batch.mask, batch.positions)
-    return run_layers(backbone, hidden, inputs, 0, layer)
-
-
 @dataclass
 class FrozenBatch:
     """A training batch cut where edits begin, with everything the edits cannot change computed once.

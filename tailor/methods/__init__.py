@@ -21,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "pag": "tailor.methods.prompting:PAG",
     "full": "tailor.methods.prompting:FullHistory",
     "chameleon": "tailor.methods.chameleon:Chameleon",
+    "perfit": "tailor.methods.perfit:PerFit",
 }
 
 

@@ -88,7 +88,9 @@ class LowRankIntervention(nn.Module):
             self.source.bias.uniform_(-bound, bound, generator=generator)
         # The parametrization completes R to a square orthogonal base with torch's global RNG; seeding it from our
         # generator (without touching the caller's RNG) makes a user's phi_2 independent of who was trained before.
-        orthogonal(self.rotate, "weight")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
+            orthogonal(self.rotate, "weight")
         if identity:
             with torch.no_grad():
                 self.source.weight.copy_(self.rotate.weight)
