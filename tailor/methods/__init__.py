@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "full": "tailor.methods.prompting:FullHistory",
     "chameleon": "tailor.methods.chameleon:Chameleon",
     "perfit": "tailor.methods.perfit:PerFit",
+    "dpo": "tailor.methods.dpo:TimeConstrainedDPO",
 }
 
 

@@ -197,6 +197,9 @@ class UserPairs:
     hidden_p: Tensor  # (pairs, layers, d): MLP outputs at the last token of p^P
     hidden_n: Tensor
     history_embedding: np.ndarray
+    examples: list[tuple[str, str, str]] = field(default_factory=list)
+    """Kept pairs as (question with the user's history, personalized answer, neutral answer): the DPO baseline's
+    preference data."""
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -299,7 +302,7 @@ class Chameleon(LMPersonalizer):
             result.append(UserPairs(
                 user.id, [i.id for i in chosen], formatted, insights[2 * u], insights[2 * u + 1], len(rows),
                 total - len(rows), stacked[[2 * k for k in rows]], stacked[[2 * k + 1 for k in rows]],
-                history_embedding,
+                history_embedding, [(kept_jobs[k][0][2], kept_jobs[k][1], kept_jobs[k][2]) for k in rows],
                 {"selection": select_s, "insights": insight_s, "pairs": pairs_s, "hidden_states": hidden_s}))
         return result
 

@@ -1,0 +1,53 @@
+"""Time-constrained DPO on CHAMELEON's pairs: it trains within the budget and serves through per-row LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tailor.backbone.model import Backbone
+from tailor.data.lamp import load_users
+from tailor.methods.dpo import TimeConstrainedDPO
+from tailor.tasks import get_task
+from tests.test_chameleon import scripted_answers
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+
+
+def test_dpo_trains_within_its_budget_and_predicts(backbone: Backbone, lamp_dir: Path) -> None:
+    task = get_task("lamp2n")
+    users = load_users(task, "dev", lamp_dir)[:2]
+    method = TimeConstrainedDPO(task, backbone, history=4, insight_tokens=4, budget_s=600.0, r=4, alpha=8, lr=5e-2, train_batch=1,
+                                max_length=256)
+    method._answers = scripted_answers  # type: ignore[method-assign]
+    before = [p.detach().clone() for p in backbone.model.parameters()]
+    states = method.personalize_many(users)
+    for state in states:
+        assert state.header["dpo_steps"] >= 2  # a whole epoch: the first step has learning rate 0 (warm-up)
+        b_weights = [t for name, t in state.tensors.items() if name.endswith("lora_B")]
+        assert b_weights and any(t.abs().sum() > 0 for t in b_weights)  # B starts at zero: it was trained
+    assert all(torch.equal(a, b) for a, b in zip(before, backbone.model.parameters()))  # backbone untouched
+    predictions = method.predict([(s, u.queries[0]) for s, u in zip(states, users)])
+    assert all(p.text in task.labels for p in predictions)
+
+
+def test_the_deadline_stops_training_after_one_step(backbone: Backbone, lamp_dir: Path) -> None:
+    task = get_task("lamp2n")
+    method = TimeConstrainedDPO(task, backbone, history=4, insight_tokens=4, budget_s=0.0, r=4, alpha=8,
+                                max_length=256)
+    method._answers = scripted_answers  # type: ignore[method-assign]
+    state = method.personalize_many(load_users(task, "dev", lamp_dir)[:1])[0]
+    assert state.header["dpo_steps"] == 1
+
+
+def test_dpo_needs_a_budget(backbone: Backbone, lamp_dir: Path) -> None:
+    task = get_task("lamp2n")
+    method = TimeConstrainedDPO(task, backbone, history=2, insight_tokens=4)
+    method._answers = scripted_answers  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="budget"):
+        method.personalize_many(load_users(task, "dev", lamp_dir)[:1])
