@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, run, section
+from benchmarks.common import machine, run, section, slug
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.data.splits import subset
@@ -107,7 +107,9 @@ def main() -> None:
         elif args.ablations:
             plan, split, users, title = ABLATIONS, "dev", args.users, "ablations"
         else:
-            plan, split, users, title = MAIN_PLAN, "dev", args.users, "main"
+            per_user = args.out / args.model / name / slug("CHAMELEON per user")
+            plan = MAIN_PLAN + [("time-constrained DPO", f"--method dpo --set budget_run={per_user}")]
+            split, users, title = "dev", args.users, "main"
         runs = [run(label, name, method_args, args.out, args.model, users, split) for label, method_args in plan]
         sections.append(section(name, runs, "non-personalized", args.out / args.model / name,
                                 title=f"{get_task(name).name}, CHAMELEON {title}"))

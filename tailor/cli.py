@@ -20,6 +20,7 @@ app = typer.Typer(help="Personalize a language model for each of its users.", no
                   pretty_exceptions_show_locals=False)
 data_app = typer.Typer(help="LaMP data: inspect it, download the official files.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.command("serve")(__import__("tailor.serve.cli", fromlist=["serve"]).serve)
 console = Console(stderr=True)
 
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="LaMP data folder (default: $TAILOR_DATA, "
@@ -227,11 +228,12 @@ def main() -> None:
     from tailor.eval.report import RunDirError
     from tailor.eval.runner import RunConflict
     from tailor.store.state import StateError
+    from tailor.store.store import StoreError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         app(standalone_mode=False)
-    except (DataError, DownloadError, RunConflict, RunDirError, StateError, ModelNotFound, KeyError) as error:
+    except (DataError, DownloadError, RunConflict, RunDirError, StateError, StoreError, ModelNotFound, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,0 +1,235 @@
+"""Load test of `tailor serve` on loopback: many users, concurrent clients, personalized methods beside the
+non-personalized model on the same backbone and the same server code path.
+
+    .venv/bin/python -m benchmarks.serve_load --model smollm2-135m --task lamp2n --users 100 --requests 1000 \
+        --concurrency 16 --method none --method chameleon:history_in_prompt=false --method perfit --out runs/serve-load
+
+For each method: start a server on 127.0.0.1 with a fresh store, add the users' history over HTTP, personalize them
+all (background jobs, timed but not part of the load), send a few warm-up requests, then `--requests` predict calls of
+one (user, query) pair each from `--concurrency` clients, users in a seeded random order so that concurrent calls mix
+users. Reported: errors (any non-200 or transport error), p50/p99 latency, throughput, the server's mean batch size,
+and throughput relative to `none`. Results go to OUT/serve_load.json and OUT/serve_load.md. Only loopback is used,
+and every loop is bounded by a count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tailor.data.lamp import load_users
+from tailor.data.schema import User
+from tailor.store.store import Store
+from tailor.tasks import get_task
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """"perfit:layers=0,1,k=1" -> ("perfit", ["--set", "layers=0,1", "--set", "k=1"]): a comma starts a new option
+    only when a `key=` follows it, so values may hold commas."""
+    name, _, options = spec.partition(":")
+    sets = [part for option in re.split(r",(?=\w+=)", options) if option for part in ("--set", option)]
+    return name, sets
+
+
+def pool(task: str, count: int, data_dir: str | None) -> list[User]:
+    """The first `count` users with history and a query: dev users first, then training users."""
+    users = [u for split in ("dev", "train") for u in load_users(task, split, data_dir) if u.profile and u.queries]
+    if len(users) < count:
+        raise SystemExit(f"only {len(users)} users with history in {task} dev+train, asked for {count}")
+    return users[:count]
+
+
+class ServerProcess:
+    def __init__(self, command: list[str], log: Path, env: dict[str, str]):
+        self.log = log
+        with log.open("w") as sink:
+            self.process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"server exited with {self.process.returncode}; see {self.log}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.5)
+        self.stop()
+        raise SystemExit(f"server not ready after {timeout:.0f} s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def setup_users(api: httpx.Client, users: list[User], personalize_timeout: float) -> float:
+    """Add every user's history, personalize all of them, and return the personalize wall time."""
+    for user in users:
+        items = [item.to_json() for item in user.profile]
+        for start in range(0, len(items), 1000):
+            api.post(f"/v1/users/{user.id}/history", json={"items": items[start:start + 1000]}).raise_for_status()
+    started = time.perf_counter()
+    jobs = [api.post(f"/v1/users/{u.id}/personalize").json() for u in users]
+    deadline = time.monotonic() + personalize_timeout
+    pending = {job["job_id"] for job in jobs}
+    while pending and time.monotonic() < deadline:
+        time.sleep(1.0)
+        for job_id in sorted(pending):
+            job = api.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] == "done":
+                pending.discard(job_id)
+            elif job["status"] not in ("queued", "running"):
+                raise SystemExit(f"personalize job {job_id} of user {job['user_id']}: {job['status']} "
+                                 f"{job.get('error')}")
+    if pending:
+        raise SystemExit(f"{len(pending)} personalize jobs unfinished after {personalize_timeout:.0f} s")
+    return time.perf_counter() - started
+
+
+async def load(url: str, key: str, plan: list[tuple[str, str]], concurrency: int,
+               timeout: float) -> tuple[list[float], dict[str, int], float]:
+    """Send every (user, query) of `plan` as one predict call from `concurrency` clients: latencies, errors, wall."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    cursor = iter(range(len(plan)))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, limits=limits,
+                                 timeout=timeout) as api:
+        async def client() -> None:
+            for index in cursor:
+                user_id, query = plan[index]
+                started = time.perf_counter()
+                try:
+                    response = await api.post("/v1/predict", json={"requests": [{"user_id": user_id,
+                                                                                 "query": query}]})
+                    outcome = "ok" if response.status_code == 200 else str(response.status_code)
+                except httpx.TransportError as error:
+                    outcome = type(error).__name__
+                if outcome == "ok":
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors[outcome] = errors.get(outcome, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return latencies, errors, wall
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))] if ordered else float("nan")
+
+
+def run_method(spec: str, args: argparse.Namespace, users: list[User]) -> dict:
+    name, sets = parse_spec(spec)
+    folder = args.out / spec.replace(":", "-").replace(",", "-").replace("=", "")
+    folder.mkdir(parents=True, exist_ok=True)
+    store_dir = folder / "store"
+    if store_dir.exists():
+        raise SystemExit(f"{store_dir} exists: use a new --out (a load test starts from an empty store)")
+    key = Store(store_dir).create_tenant("load")[1]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "tailor.serve.cli", "--store", str(store_dir), "--method", name, "--task",
+               args.task, "--model", args.model, "--host", "127.0.0.1", "--port", str(port), "--max-batch",
+               str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), *sets,
+               *(["--data-dir", args.data_dir] if args.data_dir else [])]
+    print("$ TAILOR_THREADS=%d %s" % (args.threads, " ".join(command)), file=sys.stderr, flush=True)
+    server = ServerProcess(command, folder / "server.log", {**os.environ, "TAILOR_THREADS": str(args.threads)})
+    try:
+        server.wait_ready(url, args.start_timeout)
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=args.timeout) as api:
+            personalize_s = setup_users(api, users, args.personalize_timeout)
+            rng = random.Random(args.seed)
+            plan = [(u.id, u.queries[0].input) for u in rng.choices(users, k=args.requests)]
+            for user_id, query in plan[:args.warmup]:
+                api.post("/v1/predict", json={"requests": [{"user_id": user_id, "query": query}]}).raise_for_status()
+            before = api.get("/v1/info").json()["batching"]
+            latencies, errors, wall = asyncio.run(load(url, key, plan, args.concurrency, args.timeout))
+            after = api.get("/v1/info").json()["batching"]
+    finally:
+        server.stop()
+    batches = after["batches"] - before["batches"]
+    return {"method": spec, "users": len(users), "requests": len(plan), "concurrency": args.concurrency,
+            "errors": sum(errors.values()), "error_kinds": errors, "p50_ms": 1000 * percentile(latencies, 50),
+            "p99_ms": 1000 * percentile(latencies, 99), "mean_ms": 1000 * statistics.fmean(latencies or [0.0]),
+            "throughput_rps": len(latencies) / wall, "wall_s": wall, "personalize_s": personalize_s,
+            "mean_batch": (after["rows"] - before["rows"]) / batches if batches else 0.0,
+            "command": " ".join(command)}
+
+
+def markdown(results: list[dict], args: argparse.Namespace) -> str:
+    base = next((r for r in results if r["method"] == "none"), None)
+    lines = [f"{args.requests} predict calls (one (user, query) pair each) from {args.concurrency} concurrent "
+             f"clients over {args.users} {get_task(args.task).name} users, {args.model}, loopback, "
+             f"max batch {args.max_batch}, max wait {args.max_wait_ms} ms, server threads {args.threads}.", "",
+             "| method | errors | p50 ms | p99 ms | throughput req/s | x none | mean batch | personalize all s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        ratio = f"{r['throughput_rps'] / base['throughput_rps']:.2f}" if base else "-"
+        lines.append(f"| {r['method']} | {r['errors']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                     f"{r['throughput_rps']:.1f} | {ratio} | {r['mean_batch']:.1f} | {r['personalize_s']:.0f} |")
+    lines += ["", "Servers, as started:", ""] + [f"    TAILOR_THREADS={args.threads} {r['command']}" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", default="lamp2n")
+    parser.add_argument("--method", action="append", help="name or name:key=value,...; repeatable (default: none, "
+                        "chameleon:history_in_prompt=false, perfit)")
+    parser.add_argument("--users", type=int, default=100)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per HTTP call")
+    parser.add_argument("--start-timeout", type=float, default=1800.0, help="server start, including a first fit")
+    parser.add_argument("--personalize-timeout", type=float, default=6 * 3600.0)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--out", type=Path, default=Path("runs/serve-load"))
+    args = parser.parse_args()
+    specs = args.method or ["none", "chameleon:history_in_prompt=false", "perfit"]
+    users = pool(args.task, args.users, args.data_dir)
+    results = []
+    for spec in specs:
+        results.append(run_method(spec, args, users))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve_load.json").write_text(json.dumps(results, indent=2) + "\n")
+    report = markdown(results, args)
+    (args.out / "serve_load.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

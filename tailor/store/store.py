@@ -1,0 +1,414 @@
+"""The user store: every tenant's users, their history, their personalized states and personalize jobs, in one folder.
+
+Layout: `root/index.sqlite` (WAL) indexes tenants, users, history items and jobs; each user's state is one
+safetensors file `root/tenants/<tenant>/users/<user>/state-<checksum>.safetensors`, written by `UserState.save`
+(temporary file, fsync, rename), its folder fsynced, and only then recorded in the index. The index therefore always
+names a complete file, and a process killed at any point leaves at worst an unreferenced file (removed by `sweep`).
+The index keeps the state's sha256 (the one `UserState.checksum` computes), so a file replaced or damaged behind the
+store's back is refused with the user's name instead of answering with somebody else's state.
+
+History is append-only per user; a state records how many history items it was built from, so it is stale exactly
+when items were appended after the snapshot it was built from. Writers of one user (append, save a state, delete)
+are serialised across threads and processes by a file lock (one of 64 stripes, so forgotten users leave no lock file
+behind) held around a `BEGIN IMMEDIATE` transaction; a state built from an older snapshot than the saved one is not
+written over it.
+
+Tenants authenticate with an API key `tailor-<tenant id>-<secret>`; only a salted scrypt hash of the key is stored.
+User ids are checked against a strict pattern here, at the boundary, so no id can name a path outside its folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from tailor.data.schema import HistoryItem, User
+from tailor.store.state import StateError, UserState
+
+SCHEMA_VERSION = 1
+USER_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+"""Letters, digits, `_`, `.`, `-`; 1 to 128 characters; not starting with a dot or a dash (no `..`, no options)."""
+LOCK_STRIPES = 64
+_SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1, "dklen": 32}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, key_salt BLOB NOT NULL, key_hash BLOB NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    tenant TEXT NOT NULL REFERENCES tenants(id), user_id TEXT NOT NULL, task TEXT NOT NULL,
+    items INTEGER NOT NULL, state_file TEXT, checksum TEXT, method TEXT, version INTEGER, model_id TEXT,
+    state_items INTEGER, state_bytes INTEGER, updated REAL NOT NULL, PRIMARY KEY (tenant, user_id));
+CREATE TABLE IF NOT EXISTS history (
+    tenant TEXT NOT NULL, user_id TEXT NOT NULL, seq INTEGER NOT NULL, item TEXT NOT NULL,
+    PRIMARY KEY (tenant, user_id, seq));
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, user_id TEXT NOT NULL, status TEXT NOT NULL, detail TEXT NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (tenant, user_id, status);
+"""
+UNFINISHED = ("queued", "running")
+
+
+class StoreError(Exception):
+    """A request the store cannot carry out; the message says why and names the user."""
+
+
+class InvalidId(StoreError, ValueError):
+    """A user id or tenant name outside the allowed pattern."""
+
+
+class UnknownUser(StoreError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class TaskMismatch(StoreError):
+    """History for a user of another task (a store may hold several tasks; one user belongs to one)."""
+
+
+def check_user_id(user_id: str) -> str:
+    if not isinstance(user_id, str) or not USER_ID.fullmatch(user_id):
+        raise InvalidId(f"invalid user id {str(user_id)[:140]!r}: use 1-128 letters, digits, '_', '.' or '-', "
+                        "not starting with '.' or '-'")
+    return user_id
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """One user's row of the index: how much history they have and which state (if any) was built from how much."""
+
+    tenant: str
+    user_id: str
+    task: str
+    items: int
+    state_file: str | None
+    checksum: str | None
+    method: str | None
+    version: int | None
+    model_id: str | None
+    state_items: int | None
+    state_bytes: int | None
+    updated: float
+
+    @property
+    def has_state(self) -> bool:
+        return self.state_file is not None
+
+    @property
+    def stale(self) -> bool:
+        """History was appended after the snapshot the state was built from."""
+        return self.has_state and (self.state_items or 0) < self.items
+
+    def to_json(self) -> dict[str, Any]:
+        state = None if not self.has_state else {
+            "method": self.method, "version": self.version, "model_id": self.model_id, "checksum": self.checksum,
+            "items": self.state_items, "bytes": self.state_bytes}
+        return {"user_id": self.user_id, "task": self.task, "items": self.items, "state": state,
+                "stale": self.stale, "updated": self.updated}
+
+
+def _item_from_json(raw: str) -> HistoryItem:
+    data = json.loads(raw)
+    return HistoryItem(str(data.pop("id")), {k: v for k, v in data.items() if k != "date"}, data.get("date"))
+
+
+def _hash_key(secret: str, salt: bytes) -> bytes:
+    return hashlib.scrypt(secret.encode(), salt=salt, **_SCRYPT)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """The embedded store: SQLite index plus safetensors blobs under `root`; safe across threads and processes."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "locks").mkdir(exist_ok=True)
+        self._local = threading.local()
+        self._verified: dict[str, str] = {}
+        """sha256 of API keys already checked against their scrypt hash -> tenant: scrypt costs ~50 ms a call."""
+        db = self._db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.root}: store schema version {version}, this tailor reads up to "
+                             f"{SCHEMA_VERSION}; upgrade tailor")
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.row_factory = sqlite3.Row
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taking SQLite's write lock at the start (no upgrade deadlocks between writers)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    @contextmanager
+    def _user_lock(self, tenant: str, user_id: str) -> Iterator[None]:
+        stripe = int(hashlib.sha256(f"{tenant}/{user_id}".encode()).hexdigest()[:8], 16) % LOCK_STRIPES
+        with open(self.root / "locks" / f"{stripe:02d}.lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _user_dir(self, tenant: str, user_id: str) -> Path:
+        return self.root / "tenants" / tenant / "users" / check_user_id(user_id)
+
+    # --- tenants ---------------------------------------------------------------------------------------------------
+    def create_tenant(self, name: str) -> tuple[str, str]:
+        """A new tenant; returns (tenant id, API key). The key is shown once: only its salted hash is kept."""
+        if not USER_ID.fullmatch(name):
+            raise InvalidId(f"invalid tenant name {name!r}: use 1-128 letters, digits, '_', '.' or '-'")
+        tenant = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        salt = secrets.token_bytes(16)
+        try:
+            with self._write() as db:
+                db.execute("INSERT INTO tenants VALUES (?, ?, ?, ?, ?)",
+                           (tenant, name, salt, _hash_key(secret, salt), time.time()))
+        except sqlite3.IntegrityError as error:
+            raise StoreError(f"a tenant named {name!r} already exists") from error
+        return tenant, f"tailor-{tenant}-{secret}"
+
+    def authenticate(self, api_key: str) -> str | None:
+        """The tenant an API key belongs to, or None."""
+        digest = hashlib.sha256(api_key.encode()).hexdigest()
+        known = self._verified.get(digest)
+        if known is not None:
+            return known
+        match = re.fullmatch(r"tailor-([0-9a-f]{12})-([A-Za-z0-9_-]{20,100})", api_key)
+        if not match:
+            return None
+        row = self._db.execute("SELECT key_salt, key_hash FROM tenants WHERE id = ?", (match[1],)).fetchone()
+        if row is None or not hmac.compare_digest(_hash_key(match[2], row["key_salt"]), row["key_hash"]):
+            return None
+        self._verified[digest] = match[1]
+        return match[1]
+
+    def tenants(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT id, name, created FROM tenants ORDER BY created").fetchall()
+        return [dict(row) for row in rows]
+
+    # --- users and history -------------------------------------------------------------------------------------
+    def _record(self, db: sqlite3.Connection, tenant: str, user_id: str) -> UserRecord | None:
+        row = db.execute("SELECT * FROM users WHERE tenant = ? AND user_id = ?", (tenant, user_id)).fetchone()
+        return UserRecord(**dict(row)) if row is not None else None
+
+    def record(self, tenant: str, user_id: str) -> UserRecord:
+        found = self._record(self._db, tenant, check_user_id(user_id))
+        if found is None:
+            raise UnknownUser(f"unknown user {user_id!r}")
+        return found
+
+    def records(self, tenant: str, user_ids: Sequence[str]) -> dict[str, UserRecord]:
+        """The rows of several users at once (the predict path looks up a whole batch)."""
+        ids = sorted({check_user_id(u) for u in user_ids})
+        found: dict[str, UserRecord] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            rows = self._db.execute(f"SELECT * FROM users WHERE tenant = ? AND user_id IN ({','.join('?' * len(chunk))})",
+                                    (tenant, *chunk)).fetchall()
+            found.update({row["user_id"]: UserRecord(**dict(row)) for row in rows})
+        return found
+
+    def users(self, tenant: str) -> list[UserRecord]:
+        rows = self._db.execute("SELECT * FROM users WHERE tenant = ? ORDER BY user_id", (tenant,)).fetchall()
+        return [UserRecord(**dict(row)) for row in rows]
+
+    def add_history(self, tenant: str, user_id: str, task: str, items: Sequence[HistoryItem]) -> UserRecord:
+        """Append items to a user's history (creating the user); a state built before becomes stale."""
+        check_user_id(user_id)
+        with self._user_lock(tenant, user_id), self._write() as db:
+            record = self._record(db, tenant, user_id)
+            if record is not None and record.task != task:
+                raise TaskMismatch(f"user {user_id!r} holds {record.task} history, not {task}")
+            start = record.items if record is not None else 0
+            rows = []
+            for offset, item in enumerate(items):
+                seq = start + offset + 1
+                item_id = item.id or f"{user_id}-{seq}"
+                rows.append((tenant, user_id, seq, json.dumps(HistoryItem(item_id, item.fields, item.date).to_json())))
+            db.executemany("INSERT INTO history VALUES (?, ?, ?, ?)", rows)
+            now = time.time()
+            if record is None:
+                db.execute("INSERT INTO users (tenant, user_id, task, items, updated) VALUES (?, ?, ?, ?, ?)",
+                           (tenant, user_id, task, len(rows), now))
+            else:
+                db.execute("UPDATE users SET items = ?, updated = ? WHERE tenant = ? AND user_id = ?",
+                           (start + len(rows), now, tenant, user_id))
+            found = self._record(db, tenant, user_id)
+        assert found is not None
+        return found
+
+    def history(self, tenant: str, user_id: str, upto: int | None = None) -> list[HistoryItem]:
+        rows = self._db.execute("SELECT item FROM history WHERE tenant = ? AND user_id = ? AND seq <= ? ORDER BY seq",
+                                (tenant, check_user_id(user_id), upto if upto is not None else 2 ** 62)).fetchall()
+        return [_item_from_json(row["item"]) for row in rows]
+
+    def snapshot(self, tenant: str, user_id: str) -> tuple[User, UserRecord]:
+        """The user with all their history, and their row, read in one transaction (a consistent snapshot)."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            record = self._record(db, tenant, check_user_id(user_id))
+            items = self.history(tenant, user_id) if record is not None else []
+        finally:
+            db.execute("COMMIT")
+        if record is None:
+            raise UnknownUser(f"unknown user {user_id!r}")
+        return User(user_id, record.task, tuple(items)), record
+
+    def delete_user(self, tenant: str, user_id: str) -> bool:
+        """Forget a user: history, state file, jobs and index rows. False when there was no such user."""
+        folder = self._user_dir(tenant, user_id)
+        with self._user_lock(tenant, user_id):
+            with self._write() as db:
+                gone = db.execute("DELETE FROM users WHERE tenant = ? AND user_id = ?", (tenant, user_id)).rowcount
+                db.execute("DELETE FROM history WHERE tenant = ? AND user_id = ?", (tenant, user_id))
+                db.execute("DELETE FROM jobs WHERE tenant = ? AND user_id = ?", (tenant, user_id))
+            shutil.rmtree(folder, ignore_errors=True)
+        return bool(gone)
+
+    # --- states ------------------------------------------------------------------------------------------------
+    def save_state(self, tenant: str, user_id: str, state: UserState, items: int) -> bool:
+        """Record `state`, built from the user's first `items` history items, as the user's state.
+
+        Returns False (and keeps nothing) when the user was deleted meanwhile or already has a state built from more
+        history: a slow job that finishes last must not replace a newer state.
+        """
+        if state.user_id != user_id:
+            raise StoreError(f"state of user {state.user_id!r} offered for user {user_id!r}")
+        folder = self._user_dir(tenant, user_id)
+        checksum = state.checksum()
+        path = folder / f"state-{checksum[:24]}.safetensors"
+        with self._user_lock(tenant, user_id):
+            record = self._record(self._db, tenant, user_id)
+            if record is None or (record.state_items or 0) > items:
+                return False
+            state.save(path)
+            _fsync_dir(folder)
+            with self._write() as db:
+                db.execute("UPDATE users SET state_file = ?, checksum = ?, method = ?, version = ?, model_id = ?, "
+                           "state_items = ?, state_bytes = ?, updated = ? WHERE tenant = ? AND user_id = ?",
+                           (path.name, checksum, state.method, state.version, state.model_id, items, state.nbytes,
+                            time.time(), tenant, user_id))
+            if record.state_file and record.state_file != path.name:
+                (folder / record.state_file).unlink(missing_ok=True)
+        return True
+
+    def load_state(self, tenant: str, user_id: str, method: str | None = None, version: int | None = None,
+                   model_id: str | None = None, record: UserRecord | None = None) -> UserState:
+        """The user's saved state, refused with a StateError naming the user if it is missing, corrupt, truncated,
+        not the file the index recorded, or made for another method, method version or backbone."""
+        record = record or self.record(tenant, user_id)
+        if not record.has_state:
+            raise StateError(f"user {user_id!r} has no state yet; personalize the user first")
+        path = self._user_dir(tenant, user_id) / str(record.state_file)
+        try:
+            state = UserState.load(path, method, version, model_id)
+        except StateError as error:
+            raise StateError(f"user {user_id!r}: {error}") from error
+        if state.checksum() != record.checksum or state.user_id != user_id:
+            raise StateError(f"user {user_id!r}: the state file {path} is not the one the index recorded (sha256 "
+                             f"{str(record.checksum)[:12]}...); personalize the user again")
+        return state
+
+    # --- personalize jobs --------------------------------------------------------------------------------------
+    def create_job(self, tenant: str, user_id: str) -> tuple[dict[str, Any], bool]:
+        """A queued job for the user, or the user's queued/running one; the flag says whether it is new."""
+        with self._write() as db:
+            row = db.execute(f"SELECT * FROM jobs WHERE tenant = ? AND user_id = ? AND status IN "
+                             f"({','.join('?' * len(UNFINISHED))}) ORDER BY created LIMIT 1",
+                             (tenant, check_user_id(user_id), *UNFINISHED)).fetchone()
+            if row is not None:
+                return self._job_json(row), False
+            job_id, now = secrets.token_hex(8), time.time()
+            db.execute("INSERT INTO jobs VALUES (?, ?, ?, 'queued', '{}', ?, ?)", (job_id, tenant, user_id, now, now))
+            new = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._job_json(new), True
+
+    def set_job(self, job_id: str, status: str, **detail: Any) -> None:
+        with self._write() as db:
+            db.execute("UPDATE jobs SET status = ?, detail = ?, updated = ? WHERE id = ?",
+                       (status, json.dumps(detail), time.time(), job_id))
+
+    def job(self, tenant: str, job_id: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ? AND tenant = ?", (job_id, tenant)).fetchone()
+        return self._job_json(row) if row is not None else None
+
+    def unfinished_jobs(self) -> list[dict[str, Any]]:
+        rows = self._db.execute(f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(UNFINISHED))}) "
+                                "ORDER BY created", UNFINISHED).fetchall()
+        return [self._job_json(row) for row in rows]
+
+    @staticmethod
+    def _job_json(row: sqlite3.Row) -> dict[str, Any]:
+        return {"job_id": row["id"], "tenant": row["tenant"], "user_id": row["user_id"], "status": row["status"],
+                "created": row["created"], "updated": row["updated"], **json.loads(row["detail"])}
+
+    # --- housekeeping ------------------------------------------------------------------------------------------
+    def sweep(self, older_than_s: float = 3600.0) -> list[Path]:
+        """Remove temporary and unreferenced state files left by killed writers; returns what was removed.
+
+        Only files older than `older_than_s` go: a younger unreferenced file may be a state another process has
+        just written and is about to record.
+        """
+        referenced = {(row["tenant"], row["user_id"], row["state_file"]) for row in
+                      self._db.execute("SELECT tenant, user_id, state_file FROM users WHERE state_file IS NOT NULL")}
+        cutoff = time.time() - older_than_s
+        removed = []
+        for path in (self.root / "tenants").glob("*/users/*/*"):
+            tenant, user_id = path.parts[-4], path.parts[-2]
+            if (tenant, user_id, path.name) not in referenced and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
+    def check(self) -> list[str]:
+        """Problems of the store's consistency: index rows whose state file is missing or does not verify."""
+        problems = [f"index: {row[0]}" for row in self._db.execute("PRAGMA integrity_check") if row[0] != "ok"]
+        for row in self._db.execute("SELECT * FROM users WHERE state_file IS NOT NULL").fetchall():
+            record = UserRecord(**dict(row))
+            try:
+                self.load_state(record.tenant, record.user_id, record=record)
+            except StateError as error:
+                problems.append(str(error))
+        return problems

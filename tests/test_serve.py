@@ -1,0 +1,425 @@
+"""The HTTP server against a real uvicorn on 127.0.0.1, serving the tiny model: round trip, tenant isolation, every bad
+input, a full queue, kill -9 during a personalize, schemathesis; and the micro-batcher on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from tailor.backbone.model import Backbone
+from tailor.data.lamp import load_users
+from tailor.data.schema import HistoryItem, Query, User
+from tailor.methods import build_method
+from tailor.methods.base import Prediction
+from tailor.methods.perfit import PerFit
+from tailor.serve.app import StateCache
+from tailor.serve.batcher import MicroBatcher, QueueFull
+from tailor.serve.cli import serve
+from tailor.store.state import StateError, UserState
+from tailor.store.store import Store
+from tailor.tasks import get_task
+
+NEWS = get_task("lamp2n")
+SLOW_PERFIT = ["--method", "perfit", "--set", "stages=2", "--set", "layers=0,1", "--set", "positions=f1+l2",
+               "--set", "rank2=2", "--set", "epochs2=20", "--set", "batch2=4", "--set", "history_tokens=48",
+               "--set", "max_target_tokens=8", "--set", "k=1"]
+"""PerFit stage 2 only (no fit needed) with 20 epochs: about 0.2 s per history item on the tiny model, so a user with
+20 items takes seconds to personalize, long enough to kill the server in the middle, and nothing is test-only."""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(store: Path, model_dir: Path, lamp_dir: Path, cache: Path, args: list[str]) -> Server:
+    port = free_port()
+    log = store.parent / f"server-{port}.log"
+    env = {**os.environ, "TAILOR_THREADS": "1", "TAILOR_CACHE": str(cache)}
+    command = [sys.executable, "-m", "tailor.serve.cli", "--store", str(store), "--model", str(model_dir),
+               "--data-dir", str(lamp_dir), "--task", "lamp2n", "--host", "127.0.0.1", "--port", str(port), *args]
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return Server(process, url, log)
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"server did not come up in 120 s:\n{log.read_text()}")
+
+
+def client(server: Server, key: str) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def items_of(user) -> list[dict]:
+    return [item.to_json() for item in user.profile]
+
+
+def wait_job(api: httpx.Client, job: dict, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = api.get(f"/v1/jobs/{job['job_id']}").json()
+    return job
+
+
+def assert_error(response: httpx.Response, status: int, code: str, *words: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    for word in words:
+        assert word in error["message"], error
+
+
+@pytest.fixture(scope="module")
+def rag(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, lamp_dir: Path) -> Iterator[tuple]:
+    """A RAG server with three tenants (keys made before it starts: the store is shared across processes)."""
+    root = tmp_path_factory.mktemp("rag")
+    store = Store(root / "store")
+    keys = {name: store.create_tenant(name)[1] for name in ("acme", "globex", "fuzz")}
+    server = start_server(root / "store", tiny_model_dir, lamp_dir, root / "cache", ["--method", "rag",
+                                                                                   "--max-query-chars", "2000"])
+    yield server, keys, store
+    server.stop()
+
+
+def test_round_trip_history_personalize_predict(rag: tuple, lamp_dir: Path, backbone: Backbone) -> None:
+    server, keys, _ = rag
+    users = load_users(NEWS, "dev", lamp_dir)[:3]
+    with client(server, keys["acme"]) as api:
+        for user in users:
+            assert api.post(f"/v1/users/{user.id}/history", json={"items": items_of(user)}).status_code == 200
+        jobs = [api.post(f"/v1/users/{u.id}/personalize").json() for u in users]
+        assert all(wait_job(api, job)["status"] == "done" for job in jobs)
+        # one call mixing three users, personalized and not
+        rows = [{"user_id": u.id, "query": u.queries[0].input} for u in users]
+        rows.append({"user_id": users[0].id, "query": users[0].queries[0].input, "personalized": False})
+        response = api.post("/v1/predict", json={"requests": rows})
+        assert response.status_code == 200, response.text
+        predictions = response.json()["predictions"]
+        assert [p["user_id"] for p in predictions] == [r["user_id"] for r in rows]
+        assert [p["personalized"] for p in predictions] == [True, True, True, False]
+
+        # each row was answered with its own user's state: the same answers as the method run in this process
+        method = build_method("rag", NEWS, backbone, batch_size=16)
+        expected = method.predict([(method.personalize(u), u.queries[0]) for u in users])
+        none = build_method("none", NEWS, backbone, batch_size=16)
+        expected.append(none.predict([(none.personalize(users[0]), users[0].queries[0])])[0])
+        for got, want in zip(predictions, expected):
+            assert got["text"] == want.text
+            assert got["scores"] == pytest.approx(dict(zip(NEWS.labels, want.scores)), abs=2e-3)
+
+        detail = api.get(f"/v1/users/{users[0].id}").json()
+        assert detail["items"] == len(users[0].profile) and detail["state"]["method"] == "rag"
+        assert not detail["stale"] and len(detail["history"]) == len(users[0].profile)
+        assert detail["profile"]["top_outputs"]
+
+        # appending history makes the state stale until personalized again (incrementally, for RAG)
+        extra = {"text": "sports extra", "title": "x", "category": "sports"}
+        assert api.post(f"/v1/users/{users[0].id}/history", json={"items": [extra]}).json()["stale"]
+        assert_error(api.post("/v1/predict", json={"requests": rows[:1]}), 409, "stale_state", users[0].id)
+        job = wait_job(api, api.post(f"/v1/users/{users[0].id}/personalize").json())
+        assert (job["status"], job["mode"]) == ("done", "incremental")
+        assert api.post("/v1/predict", json={"requests": rows[:1]}).status_code == 200
+
+        assert api.delete(f"/v1/users/{users[2].id}").json() == {"user_id": users[2].id, "deleted": True}
+        assert_error(api.get(f"/v1/users/{users[2].id}"), 404, "unknown_user")
+        assert users[2].id not in {u["user_id"] for u in api.get("/v1/users").json()["users"]}
+
+
+def test_tenants_cannot_reach_each_others_users(rag: tuple) -> None:
+    server, keys, _ = rag
+    item = {"text": "private words of acme", "title": "t", "category": "crime"}
+    with client(server, keys["acme"]) as acme, client(server, keys["globex"]) as globex:
+        assert acme.post("/v1/users/victim/history", json={"items": [item]}).status_code == 200
+        job = wait_job(acme, acme.post("/v1/users/victim/personalize").json())
+        assert "victim" not in {u["user_id"] for u in globex.get("/v1/users").json()["users"]}
+        assert_error(globex.get("/v1/users/victim"), 404, "unknown_user")
+        assert_error(globex.post("/v1/users/victim/personalize"), 404, "unknown_user")
+        assert_error(globex.post("/v1/predict", json={"requests": [{"user_id": "victim", "query": "q"}]}), 404,
+                     "unknown_user")
+        assert_error(globex.delete("/v1/users/victim"), 404, "unknown_user")
+        assert_error(globex.get(f"/v1/jobs/{job['job_id']}"), 404, "unknown_job")
+        # the same id under another tenant is another user
+        other = {"text": "globex's own", "title": "t", "category": "sports"}
+        assert globex.post("/v1/users/victim/history", json={"items": [other]}).json()["items"] == 1
+        mine = acme.get("/v1/users/victim").json()
+        assert mine["items"] == 1 and mine["history"][0]["text"] == item["text"] and mine["state"] is not None
+        assert globex.get("/v1/users/victim").json()["history"][0]["text"] == other["text"]
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Bearer {keys['acme'][:-2]}xx"},
+                    {"Authorization": f"Basic {keys['acme']}"}):
+        for method, path in (("GET", "/v1/users"), ("GET", "/v1/users/victim"), ("DELETE", "/v1/users/victim"),
+                             ("POST", "/v1/predict")):
+            response = httpx.request(method, server.url + path, headers=headers,
+                                     json={"requests": [{"user_id": "victim", "query": "q"}]})
+            assert_error(response, 401, "unauthorized")
+            assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_every_bad_input_gets_a_clear_json_error(rag: tuple) -> None:
+    server, keys, store = rag
+    item = {"text": "a b", "title": "t", "category": "sports"}
+    with client(server, keys["acme"]) as api:
+        assert_error(api.post("/v1/predict", json={"requests": [{"user_id": "ghost", "query": "q"}]}), 404,
+                     "unknown_user", "'ghost'")
+        api.post("/v1/users/fresh/history", json={"items": [item]})
+        assert_error(api.post("/v1/predict", json={"requests": [{"user_id": "fresh", "query": "q"}]}), 409,
+                     "not_personalized", "fresh")
+        wait_job(api, api.post("/v1/users/fresh/personalize").json())
+        api.post("/v1/users/fresh/history", json={"items": [item]})
+        assert_error(api.post("/v1/predict", json={"requests": [{"user_id": "fresh", "query": "q"}]}), 409,
+                     "stale_state", "2 history items", "built from 1")
+        # a damaged state file is refused with the user's name, never answered from
+        api.post("/v1/users/damaged/history", json={"items": [item]})
+        wait_job(api, api.post("/v1/users/damaged/personalize").json())
+        tenant = store.authenticate(keys["acme"])
+        state_file = next((store.root / "tenants" / tenant / "users" / "damaged").glob("state-*"))
+        state_file.write_bytes(state_file.read_bytes()[:-7])
+        assert_error(api.post("/v1/predict", json={"requests": [{"user_id": "damaged", "query": "q"}]}), 409,
+                     "state_unusable", "'damaged'", "truncated", "personalize")
+        # malformed bodies
+        assert_error(api.post("/v1/predict", content=b'{"requests": [', headers={"content-type": "application/json"}),
+                     422, "malformed", "JSON")
+        assert_error(api.post("/v1/predict", content=b"\xff\xfe\x00", headers={"content-type": "application/json"}),
+                     422, "malformed")
+        assert_error(api.post("/v1/predict", json={"requests": []}), 422, "malformed", "requests")
+        assert_error(api.post("/v1/predict", json={"requests": [{"user_id": "fresh"}]}), 422, "malformed", "query")
+        assert_error(api.post("/v1/predict", json={"requests": [{"user_id": "fresh", "query": "q", "x": 1}]}), 422,
+                     "malformed", "x")
+        assert_error(api.post("/v1/users/fresh/history", json={"items": [{"text": "no title or category"}]}), 422,
+                     "malformed", "category")
+        assert_error(api.post("/v1/users/fresh/history", json={"items": [{**item, "score": "5"}]}), 422,
+                     "malformed", "score")
+        # too long
+        assert_error(api.post("/v1/predict", json={"requests": [{"user_id": "fresh", "query": "x" * 2001}]}), 413,
+                     "too_long", "2001 characters", "2000")
+        assert_error(api.post("/v1/predict", json={"requests": [{"user_id": "fresh", "query": "q"}] * 65}), 413,
+                     "too_long", "65 requests")
+        assert_error(api.post("/v1/users/fresh/history", json={"items": [{**item, "text": "w" * 20001}]}), 413,
+                     "too_long", "items[0].text")
+        assert_error(api.post("/v1/users/fresh/history", content=b"x" * (8 << 20 | 1),
+                              headers={"content-type": "application/json"}), 413, "too_long", "bytes")
+        # user ids that try to leave the store, unknown routes and jobs
+        assert_error(api.get("/v1/users/.hidden"), 422, "invalid_user_id")
+        assert_error(api.post("/v1/users/a%20b/history", json={"items": [item]}), 422, "invalid_user_id")
+        assert_error(api.get("/v1/users/..%2F..%2Findex.sqlite"), 404, "not_found")
+        assert_error(api.post("/v1/predict", json={"requests": [{"user_id": "../x", "query": "q"}]}), 422,
+                     "malformed", "user_id")
+        assert_error(api.get("/v1/jobs/0123456789abcdef"), 404, "unknown_job")
+        assert_error(api.put("/v1/users/fresh"), 405, "method_not_allowed", "DELETE, GET")
+
+
+def test_create_tenant_command_prints_a_working_key(rag: tuple) -> None:
+    server, _, store = rag
+    command = typer.Typer()
+    command.command()(serve)
+    done = CliRunner().invoke(command, ["--store", str(store.root), "--create-tenant", "newco"])
+    assert done.exit_code == 0, done.output
+    key = done.stdout.strip()
+    assert key.startswith("tailor-") and "shown only this once" in done.stderr
+    with client(server, key) as api:
+        assert api.get("/v1/users").json() == {"users": []}
+
+
+def test_web_page_is_served(rag: tuple) -> None:
+    server, _, _ = rag
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/v1/predict" in page.text and "Not personalized" in page.text
+
+
+def test_schemathesis_finds_no_server_errors(rag: tuple) -> None:
+    server, keys, _ = rag
+    executable = Path(sys.executable).parent / "schemathesis"
+    if not executable.exists():
+        pytest.fail("schemathesis is not installed in this environment: pip install schemathesis")
+    done = subprocess.run([str(executable), "run", f"{server.url}/openapi.json", "-H",
+                           f"Authorization: Bearer {keys['fuzz']}", "--checks", "all", "--max-examples", "10",
+                           "--seed", "7", "--workers", "1"],
+                          capture_output=True, text=True, timeout=180, cwd=server.log.parent)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "passed" in done.stdout
+
+
+def test_kill_9_during_personalize_leaves_the_store_consistent(tmp_path: Path, tiny_model_dir: Path,
+                                                                lamp_dir: Path) -> None:
+    store = Store(tmp_path / "store")
+    key = store.create_tenant("acme")[1]
+    tenant = store.authenticate(key)
+    args = [*SLOW_PERFIT, "--max-batch", "2", "--max-queue", "4"]
+    server = start_server(tmp_path / "store", tiny_model_dir, lamp_dir, tmp_path / "cache", args)
+    try:
+        def item(i: int) -> dict:
+            return {"text": f"sports game number {i} was great", "title": f"t{i}", "category": "sports"}
+
+        with client(server, key) as api:
+            api.post("/v1/users/quick/history", json={"items": [item(0), item(1)]})
+            api.post("/v1/users/slow/history", json={"items": [item(i) for i in range(20)]})
+            assert wait_job(api, api.post("/v1/users/quick/personalize").json())["status"] == "done"
+            api.post("/v1/users/quick/history", json={"items": [item(2)]})
+            job = wait_job(api, api.post("/v1/users/quick/personalize").json())
+            assert (job["status"], job["mode"]) == ("done", "incremental")
+            before = store.load_state(tenant, "quick")
+
+            job = api.post("/v1/users/slow/personalize").json()
+            while job["status"] == "queued":
+                job = api.get(f"/v1/jobs/{job['job_id']}").json()
+            assert job["status"] == "running"
+            # the job holds the model: predictions wait in the bounded queue, and what does not fit gets a 503
+            statuses = asyncio.run(_concurrent_predicts(server.url, key, "quick", 8))
+            assert statuses.count(503) >= 2, statuses
+            assert api.get(f"/v1/jobs/{job['job_id']}").json()["status"] == "running"
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+
+        assert store.check() == []
+        assert not store.record(tenant, "slow").has_state
+        after = store.load_state(tenant, "quick")
+        assert after.checksum() == before.checksum() and not store.record(tenant, "quick").stale
+        assert store.job(tenant, job["job_id"])["status"] == "running"  # as the killed server left it
+
+        server = start_server(tmp_path / "store", tiny_model_dir, lamp_dir, tmp_path / "cache", args)
+        with client(server, key) as api:
+            old = api.get(f"/v1/jobs/{job['job_id']}").json()
+            assert old["status"] == "interrupted" and "again" in old["error"]
+            again = wait_job(api, api.post("/v1/users/slow/personalize").json())
+            assert again["job_id"] != job["job_id"] and again["status"] == "done", again
+            response = api.post("/v1/predict", json={"requests": [{"user_id": "slow", "query": "article: sports"},
+                                                                  {"user_id": "quick", "query": "article: sports"}]})
+            assert response.status_code == 200, response.text
+        assert store.check() == []
+    finally:
+        server.stop()
+
+
+async def _concurrent_predicts(url: str, key: str, user_id: str, count: int) -> list[int | None]:
+    """Status of `count` simultaneous predictions (None: still waiting after half a second)."""
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}) as api:
+        async def one() -> int | None:
+            try:
+                response = await api.post("/v1/predict", json={"requests": [{"user_id": user_id, "query": "q"}]},
+                                          timeout=0.5)
+            except httpx.TimeoutException:
+                return None
+            if response.status_code == 503:
+                assert response.json()["error"]["code"] == "queue_full" and response.headers["retry-after"] == "1"
+            return response.status_code
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+# --- the micro-batcher on its own --------------------------------------------------------------------------------
+
+def _state(user_id: str) -> UserState:
+    return UserState("fake", 1, user_id, None)
+
+
+def test_requests_arriving_together_share_one_predict_call() -> None:
+    calls: list[list[str]] = []
+
+    def run(key: str, requests: list) -> list[Prediction]:
+        calls.append([f"{key}:{s.user_id}" for s, _ in requests])
+        return [Prediction(f"{s.user_id}/{q.input}", "fake") for s, q in requests]
+
+    batcher = MicroBatcher(run, threading.Lock(), max_batch=8, max_wait_ms=200, max_queue=64)
+    batcher.start()
+    try:
+        futures = [batcher.submit([("p", _state(f"u{i}"), Query("q", f"x{i}"))]) for i in range(5)]
+        futures.append(batcher.submit([("b", _state("u0"), Query("q", "y")), ("p", _state("u9"), Query("q", "z"))]))
+        answers = [[p.text for p in f.result(10)] for f in futures]
+    finally:
+        batcher.stop()
+    assert answers == [["u0/x0"], ["u1/x1"], ["u2/x2"], ["u3/x3"], ["u4/x4"], ["u0/y", "u9/z"]]
+    assert calls == [["p:u0", "p:u1", "p:u2", "p:u3", "p:u4", "p:u9"], ["b:u0"]]  # one call per method key
+    assert batcher.stats.batches == 1 and batcher.stats.largest == 7
+
+
+def test_a_full_queue_refuses_and_a_failing_request_fails_alone() -> None:
+    release = threading.Event()
+
+    def run(key: str, requests: list) -> list[Prediction]:
+        release.wait(10)
+        if any(q.input == "boom" for _, q in requests):
+            raise ValueError("bad state")
+        return [Prediction(q.input, "fake") for _, q in requests]
+
+    batcher = MicroBatcher(run, threading.Lock(), max_batch=2, max_wait_ms=1, max_queue=4)
+    batcher.start()
+    try:
+        first = batcher.submit([("p", _state("a"), Query("q", "first"))])
+        time.sleep(0.2)  # taken by the model thread, which now waits in run()
+        texts = ["ok0", "boom", "ok2", "ok3"]
+        queued = [batcher.submit([("p", _state(f"c{i}"), Query("q", t))]) for i, t in enumerate(texts)]
+        with pytest.raises(QueueFull, match="4 rows waiting"):
+            batcher.submit([("p", _state("d"), Query("q", "late"))])
+        release.set()
+        assert first.result(10)[0].text == "first"
+        with pytest.raises(ValueError, match="bad state"):
+            queued[1].result(10)  # it shared a batch with ok0, which is answered all the same
+        assert [queued[i].result(10)[0].text for i in (0, 2, 3)] == ["ok0", "ok2", "ok3"]
+        assert batcher.stats.refused == 1
+    finally:
+        release.set()
+        batcher.stop()
+
+
+def test_a_state_the_method_cannot_apply_is_refused_when_loaded(tmp_path: Path, backbone: Backbone) -> None:
+    """A PerFit state made with another rank (e.g. a server restarted with other --set options) fails on its own at
+    load time, naming the user, instead of failing the shared batch it would have joined."""
+    options = dict(stages="2", layers="0,1", positions="f1+l2", epochs2=1, history_tokens=48, max_target_tokens=8)
+    store = Store(tmp_path / "store")
+    tenant = store.create_tenant("acme")[0]
+    items = (HistoryItem("i0", {"text": "sports game", "title": "t", "category": "sports"}),)
+    store.add_history(tenant, "old-rank", NEWS.name, items)
+    store.save_state(tenant, "old-rank", PerFit(NEWS, backbone, rank2=3, **options).personalize(
+        User("old-rank", NEWS.name, items)), 1)
+    cache = StateCache(store, PerFit(NEWS, backbone, rank2=2, **options))
+    with pytest.raises(StateError, match="'old-rank'.*rank=3.*personalize the user again"):
+        cache.get(tenant, store.record(tenant, "old-rank"))

@@ -1,0 +1,271 @@
+"""The user store: tenants and keys, history and staleness, checksummed versioned states, deletion, concurrent writers;
+and incremental updates of stale states."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tailor.backbone.model import Backbone
+from tailor.data.schema import HistoryItem, User
+from tailor.methods import build_method
+from tailor.methods.perfit import PerFit
+from tailor.store.incremental import rebuild_reason, update_state
+from tailor.store.state import StateError, UserState
+from tailor.store.store import InvalidId, Store, StoreError, TaskMismatch, UnknownUser
+from tailor.tasks import get_task
+
+
+def items(*texts: str) -> list[HistoryItem]:
+    return [HistoryItem("", {"text": t, "category": "sports"}) for t in texts]
+
+
+def state_for(user_id: str, n: int, method: str = "rag", version: int = 1) -> UserState:
+    return UserState(method, version, user_id, "tiny/2x32", {"n": n}, {"v": torch.arange(n, dtype=torch.float32)})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture()
+def tenant(store: Store) -> str:
+    return store.create_tenant("acme")[0]
+
+
+def test_api_keys_are_stored_hashed_and_checked(store: Store) -> None:
+    tenant, key = store.create_tenant("acme")
+    other, other_key = store.create_tenant("globex")
+    assert store.authenticate(key) == tenant and store.authenticate(other_key) == other
+    secret = key.rsplit("-", 1)[1]
+    assert store.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+    assert store.authenticate(f"tailor-{tenant}-{other_key.rsplit('-', 1)[1]}") is None  # a key is bound to its tenant
+    assert store.authenticate("") is None and store.authenticate("Bearer nonsense") is None
+    index = (store.root / "index.sqlite").read_bytes() + (store.root / "index.sqlite-wal").read_bytes()
+    assert secret.encode() not in index
+    with pytest.raises(StoreError, match="already exists"):
+        store.create_tenant("acme")
+
+
+def test_history_state_round_trip_and_staleness(store: Store, tenant: str) -> None:
+    record = store.add_history(tenant, "u1", "LaMP-2N", items("a", "b"))
+    assert (record.items, record.has_state, record.stale) == (2, False, False)
+    user, record = store.snapshot(tenant, "u1")
+    assert [i.id for i in user.profile] == ["u1-1", "u1-2"] and user.profile[1]["text"] == "b"
+    assert store.save_state(tenant, "u1", state_for("u1", 2), record.items)
+    loaded = store.load_state(tenant, "u1", "rag", 1, "tiny/2x32")
+    assert torch.equal(loaded.tensors["v"], torch.arange(2.0)) and loaded.header == {"n": 2}
+    assert not store.record(tenant, "u1").stale
+
+    store.add_history(tenant, "u1", "LaMP-2N", items("c"))
+    assert store.record(tenant, "u1").stale
+    assert not store.save_state(tenant, "u1", state_for("u1", 1), 1)  # older snapshot than the saved state
+    assert store.save_state(tenant, "u1", state_for("u1", 3), 3)
+    assert not store.record(tenant, "u1").stale
+    assert len(list((store.root / "tenants" / tenant / "users" / "u1").iterdir())) == 1  # the old file is gone
+    with pytest.raises(TaskMismatch, match="LaMP-2N"):
+        store.add_history(tenant, "u1", "LaMP-3", items("d"))
+
+
+def test_corrupt_or_truncated_state_is_refused_naming_the_user(store: Store, tenant: str) -> None:
+    store.add_history(tenant, "alice", "LaMP-2N", items("a"))
+    store.save_state(tenant, "alice", state_for("alice", 64), 1)
+    path = next((store.root / "tenants" / tenant / "users" / "alice").glob("state-*.safetensors"))
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # flip a bit of tensor data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StateError, match="'alice'.*(checksum|corrupt)"):
+        store.load_state(tenant, "alice")
+    assert any("alice" in p for p in store.check())
+    path.write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(StateError, match="'alice'.*truncated"):
+        store.load_state(tenant, "alice")
+
+
+def test_a_valid_file_that_is_not_the_indexed_one_is_refused(store: Store, tenant: str) -> None:
+    store.add_history(tenant, "bob", "LaMP-2N", items("a"))
+    store.save_state(tenant, "bob", state_for("bob", 2), 1)
+    path = next((store.root / "tenants" / tenant / "users" / "bob").glob("state-*.safetensors"))
+    state_for("bob", 5).save(path)  # intact and self-consistent, but not what was recorded
+    with pytest.raises(StateError, match="'bob'.*not the one the index recorded"):
+        store.load_state(tenant, "bob")
+
+
+def test_states_of_another_method_version_or_backbone_are_refused_with_the_reason(store: Store, tenant: str) -> None:
+    store.add_history(tenant, "u", "LaMP-2N", items("a"))
+    store.save_state(tenant, "u", state_for("u", 2, version=1), 1)
+    with pytest.raises(StateError, match="'u'.*version 1.*needs version 2"):
+        store.load_state(tenant, "u", "rag", 2)
+    with pytest.raises(StateError, match="'u'.*method 'rag', expected 'chameleon'"):
+        store.load_state(tenant, "u", "chameleon", 1)
+    with pytest.raises(StateError, match="'u'.*backbone 'tiny/2x32', not 'smollm2/30x576'"):
+        store.load_state(tenant, "u", "rag", 1, "smollm2/30x576")
+
+
+@pytest.mark.parametrize("bad", ["../x", "..", ".hidden", "a/b", "a\\b", "", "x" * 129, "-rf", "a b", "ü", "a\x00"])
+def test_user_ids_that_could_escape_the_store_are_rejected(store: Store, tenant: str, bad: str) -> None:
+    with pytest.raises(InvalidId):
+        store.add_history(tenant, bad, "LaMP-2N", items("a"))
+    with pytest.raises(InvalidId):
+        store.record(tenant, bad)
+
+
+def test_allowed_user_ids(store: Store, tenant: str) -> None:
+    for good in ("a", "u.1-2_3", "x" * 128, "1"):
+        store.add_history(tenant, good, "LaMP-2N", items("a"))
+    assert {r.user_id for r in store.users(tenant)} == {"a", "u.1-2_3", "x" * 128, "1"}
+
+
+def test_delete_forgets_history_state_and_files(store: Store, tenant: str) -> None:
+    store.add_history(tenant, "u", "LaMP-2N", items("a", "b"))
+    store.save_state(tenant, "u", state_for("u", 2), 2)
+    assert store.delete_user(tenant, "u")
+    with pytest.raises(UnknownUser, match="'u'"):
+        store.record(tenant, "u")
+    assert store.history(tenant, "u") == []
+    assert not (store.root / "tenants" / tenant / "users" / "u").exists()
+    assert not store.delete_user(tenant, "u")
+    assert not store.save_state(tenant, "u", state_for("u", 2), 2)  # a job finishing after the delete keeps nothing
+    assert not (store.root / "tenants" / tenant / "users" / "u").exists()
+
+
+def test_tenants_see_only_their_own_users(store: Store) -> None:
+    a, b = store.create_tenant("a")[0], store.create_tenant("b")[0]
+    store.add_history(a, "shared-name", "LaMP-2N", items("secret of a"))
+    assert store.users(b) == []
+    with pytest.raises(UnknownUser):
+        store.snapshot(b, "shared-name")
+    assert not store.delete_user(b, "shared-name")
+    assert store.record(a, "shared-name").items == 1
+    job, _ = store.create_job(a, "shared-name")
+    assert store.job(b, job["job_id"]) is None and store.job(a, job["job_id"]) is not None
+
+
+def test_jobs_are_deduplicated_while_unfinished(store: Store, tenant: str) -> None:
+    first, new = store.create_job(tenant, "u")
+    again, new_again = store.create_job(tenant, "u")
+    assert new and not new_again and again["job_id"] == first["job_id"]
+    store.set_job(first["job_id"], "done", mode="rebuilt")
+    assert store.job(tenant, first["job_id"])["mode"] == "rebuilt"
+    assert store.create_job(tenant, "u")[1]
+
+
+def test_sweep_removes_only_old_unreferenced_files(store: Store, tenant: str) -> None:
+    store.add_history(tenant, "u", "LaMP-2N", items("a"))
+    store.save_state(tenant, "u", state_for("u", 2), 1)
+    folder = store.root / "tenants" / tenant / "users" / "u"
+    orphan, young, tmp = folder / "state-orphan.safetensors", folder / "state-young.safetensors", folder / ".x.tmp"
+    for path in (orphan, young, tmp):
+        path.write_bytes(b"x")
+    old = time.time() - 7200
+    os.utime(orphan, (old, old))
+    os.utime(tmp, (old, old))
+    assert sorted(p.name for p in store.sweep()) == sorted([orphan.name, tmp.name])
+    assert young.exists() and store.check() == []
+
+
+def test_a_newer_store_schema_is_refused(tmp_path: Path) -> None:
+    Store(tmp_path / "s")
+    with sqlite3.connect(tmp_path / "s" / "index.sqlite") as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="schema version 99"):
+        Store(tmp_path / "s")
+
+
+WRITER = """
+import sys
+import torch
+from tailor.data.schema import HistoryItem
+from tailor.store.state import UserState
+from tailor.store.store import Store
+
+torch.set_num_threads(1)
+root, tenant, rounds, tag = sys.argv[1:]
+store = Store(root)
+for i in range(int(rounds)):
+    store.add_history(tenant, "same", "LaMP-2N", [HistoryItem("", {"text": f"{tag}{i}", "category": "sports"})])
+    user, record = store.snapshot(tenant, "same")
+    n = len(user.profile)
+    state = UserState("rag", 1, "same", "tiny/2x32", {"n": n}, {"v": torch.arange(n, dtype=torch.float32)})
+    store.save_state(tenant, "same", state, record.items)
+"""
+
+
+def test_two_processes_writing_the_same_user_are_serialised(store: Store, tenant: str) -> None:
+    workers = [subprocess.Popen([sys.executable, "-c", WRITER, str(store.root), tenant, "25", tag]) for tag in "ab"]
+    assert [worker.wait(120) for worker in workers] == [0, 0]
+    user, record = store.snapshot(tenant, "same")
+    assert record.items == 50 and len(user.profile) == 50
+    assert sorted(i["text"] for i in user.profile) == sorted(f"{t}{i}" for t in "ab" for i in range(25))
+    assert [i.id for i in user.profile] == [f"same-{n}" for n in range(1, 51)]
+    assert record.state_items == 50 and not record.stale  # the last writer saw every item
+    assert store.load_state(tenant, "same").header == {"n": 50}
+    assert store.check() == []
+    assert len(list((store.root / "tenants" / tenant / "users" / "same").glob("*"))) == 1
+
+
+# --- incremental updates ---------------------------------------------------------------------------------------------
+
+NEWS = get_task("lamp2n")
+PERFIT = dict(stages="2", layers="0,1", positions="f1+l2", rank2=2, epochs2=2, batch2=4, history_tokens=48,
+              max_target_tokens=8, k=1, batch_size=4)
+
+
+def news_user(n: int) -> User:
+    return User("u", NEWS.name, tuple(HistoryItem(f"i{i}", {"text": f"sports game {i} won", "title": f"t{i}",
+                                                           "category": "sports"}) for i in range(n)))
+
+
+def test_rag_appends_incrementally(backbone: Backbone) -> None:
+    rag = build_method("rag", NEWS, backbone)
+    update = update_state(rag, rag.personalize(news_user(2)), news_user(5), 2)
+    assert update is not None and update.mode == "incremental"
+    assert [item["id"] for item in update.state.header["profile"]] == [f"i{i}" for i in range(5)]
+
+
+def test_perfit_stage2_continues_from_the_old_state(backbone: Backbone) -> None:
+    method = PerFit(NEWS, backbone, **PERFIT)
+    old = method.personalize(news_user(4))
+    still = PerFit(NEWS, backbone, **{**PERFIT, "lr2": 0.0})  # training that cannot move the parameters
+    kept = update_state(still, old, news_user(6), 4)
+    assert kept is not None and kept.mode == "incremental"
+    for name in "RWb":  # so the update started from the old phi_2, not from the identity as personalize does
+        assert torch.allclose(kept.state.tensors[name], old.tensors[name], atol=1e-5)
+    assert not torch.allclose(still.personalize(news_user(6)).tensors["W"], old.tensors["W"], atol=1e-3)
+
+    moved = update_state(method, old, news_user(6), 4)
+    assert moved is not None and moved.state.header["stage2_updates"] == 1
+    assert len(moved.state.header["profile"]) == 6
+    assert not torch.allclose(moved.state.tensors["W"], old.tensors["W"], atol=1e-4)
+    same = update_state(method, old, news_user(4), 4)  # nothing new: the old phi_2 as it was
+    assert same is not None and torch.equal(same.state.tensors["W"], old.tensors["W"])
+
+    other = PerFit(NEWS, backbone, **{**PERFIT, "rank2": 3})
+    assert update_state(other, old, news_user(6), 4) is None
+    assert "other settings" in rebuild_reason(other, old)
+
+
+def test_methods_that_cannot_update_say_why(backbone: Backbone, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    chameleon = build_method("chameleon", NEWS, backbone)
+    old = UserState("chameleon", 1, "u", backbone.model_id)
+    assert update_state(chameleon, old, news_user(3), 2) is None
+    assert "PCA" in rebuild_reason(chameleon, old)
+    assert rebuild_reason(chameleon, None) == "no earlier state"
