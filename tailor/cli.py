@@ -16,10 +16,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tailor.distributed.cli import RayAddress, WorkerThreads, Workers, ray_argv, register
+
 app = typer.Typer(help="Personalize a language model for each of its users.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 data_app = typer.Typer(help="LaMP data: inspect it, download the official files.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+register(app)
 app.command("serve")(__import__("tailor.serve.cli", fromlist=["serve"]).serve)
 console = Console(stderr=True)
 
@@ -99,6 +102,9 @@ def eval_command(
     label: Annotated[Optional[str], typer.Option(help="name shown in reports")] = None,
     chunk_users: Annotated[int, typer.Option(help="users per checkpointed chunk")] = 16,
     data_dir: DataDir = None,
+    ray: RayAddress = None,
+    workers: Workers = 2,
+    worker_threads: WorkerThreads = 1,
 ) -> None:
     """Evaluate one method on one task and write config, predictions, metrics and a report to OUT."""
     from tailor.eval.runner import EvalSpec, run_eval
@@ -117,10 +123,16 @@ def eval_command(
     spec = EvalSpec(task=task, method=method, options=options, model=model if needs_model else None, dtype=dtype,
                     split=split, variant=variant, users=users, seed=seed, label=label,
                     data_dir=str(data_dir) if data_dir else None)
-    _threads()
-    backbone = _load_backbone(model, dtype) if needs_model else None
-    with _progress() as progress:
-        metrics = run_eval(spec, out, backbone=backbone, chunk_users=chunk_users, progress=progress)
+    if ray is not None:
+        from tailor.distributed.cli import eval_on_ray
+
+        with _progress() as progress:
+            metrics = eval_on_ray(spec, out, ray, workers, chunk_users, progress, worker_threads)
+    else:
+        _threads()
+        backbone = _load_backbone(model, dtype) if needs_model else None
+        with _progress() as progress:
+            metrics = run_eval(spec, out, backbone=backbone, chunk_users=chunk_users, progress=progress)
     console.print(_metrics_table([metrics]))
     console.print(f"run folder: {out}")
 
@@ -232,7 +244,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        app(standalone_mode=False)
+        app(args=ray_argv(sys.argv[1:]), standalone_mode=False)
     except (DataError, DownloadError, RunConflict, RunDirError, StateError, StoreError, ModelNotFound, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)

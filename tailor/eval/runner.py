@@ -3,7 +3,13 @@
 A run lives in one folder: config.json (what was asked), states/ (each user's saved UserState), predictions.jsonl
 (one line per answered query, appended and fsynced chunk by chunk), metrics.json and report.md. Running the same
 command again on the same folder resumes: users whose state is saved are not personalized again, answered queries
-are skipped, a line torn by a kill is cut off, and the final predictions equal an uninterrupted run's. Wall time is recorded per prediction line, so it survives resumes too.
+are skipped, a line torn by a kill is cut off, and the final predictions equal an uninterrupted run's. Wall time is
+recorded per prediction line, so it survives resumes too.
+
+The work is cut into chunks of users fixed by the user list and `chunk_users` alone, and each chunk is answered by
+`process_chunk`. The local path calls it here, in-process; tailor.distributed calls the same function inside Ray
+workers and writes the rows through the same `Appender`. So both paths batch identically and give the same
+predictions, and a resumed run re-forms the chunks it had started with instead of shifting every later boundary.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
@@ -80,7 +86,10 @@ def read_predictions(path: Path) -> list[dict]:
     return [json.loads(line) for line in raw[:good].splitlines() if line.strip()]
 
 
-class _Appender:
+class Appender:
+    """The single writer of a predictions file: each write is one chunk's lines, flushed and fsynced, so a kill loses
+    at most the chunk being written (and `read_predictions` cuts its torn line)."""
+
     def __init__(self, path: Path):
         self.handle = path.open("a", encoding="utf-8")
 
@@ -93,8 +102,66 @@ class _Appender:
         self.handle.close()
 
 
-def _eval_users(spec: EvalSpec) -> list[User]:
+@dataclass(frozen=True)
+class Chunk:
+    """Users answered together: chunk `index` of the run's user list, minus users with nothing left to answer.
+
+    `answered` holds the ids of this chunk's queries that are already in predictions.jsonl (from a resumed run).
+    """
+
+    index: int
+    users: tuple[User, ...]
+    answered: frozenset[str] = frozenset()
+
+
+def eval_users(spec: EvalSpec) -> list[User]:
+    """The users a run answers, in file order: the seeded subset of the split."""
     return subset(load_users(spec.task, spec.split, spec.data_dir, spec.variant), spec.users, spec.seed)
+
+
+def pending_chunks(users: Sequence[User], chunk_users: int, answered: set[str]) -> Iterator[Chunk]:
+    """The chunks that still have unanswered queries, made lazily (a driver draws them as workers free up).
+
+    Chunk boundaries depend only on `users` and `chunk_users`, never on how many workers run them or on what a
+    previous run finished, so every chunk's batches, and hence its predictions, are the same on every path.
+    """
+    if chunk_users < 1:
+        raise ValueError(f"chunk_users must be >= 1, got {chunk_users}")
+    for index, start in enumerate(range(0, len(users), chunk_users)):
+        group = users[start:start + chunk_users]
+        todo = tuple(u for u in group if any(q.id not in answered for q in u.queries))
+        if todo:
+            yield Chunk(index, todo, frozenset(q.id for u in todo for q in u.queries if q.id in answered))
+
+
+def method_identity(method: Personalizer) -> dict[str, Any]:
+    """What config.json records about a built method; computed wherever the method lives (here or in a worker)."""
+    return {"method": method.name, "method_config": method.describe(), "mode": getattr(method, "mode", "prior"),
+            "model": method.model_id}
+
+
+def open_run(spec: EvalSpec, out: Path, identity: dict[str, Any], n_users: int) -> None:
+    """Create the run folder and its config.json, or check that the folder holds a run of the same configuration."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**asdict(spec), "task": get_task(spec.task).name, **identity, "users": n_users}
+    config_path = out / "config.json"
+    if config_path.exists():
+        _check_config(config_path, config)
+    else:
+        _write_json(config_path, config)
+
+
+def answered_queries(out: Path) -> set[str]:
+    """Query ids already in the run's predictions.jsonl (cutting a torn last line)."""
+    return {row["query_id"] for row in read_predictions(out / "predictions.jsonl")}
+
+
+def fit_for_spec(method: Personalizer, spec: EvalSpec,
+                 progress: Callable[[str, int, int], Callable[[int], None]] | None = None) -> float:
+    """Fit `method` on the spec's training users (or load the cached fit); returns the seconds it took."""
+    started = time.perf_counter()
+    fit_method(method, load_users(spec.task, "train", spec.data_dir, spec.variant), progress)
+    return time.perf_counter() - started
 
 
 def run_eval(spec: EvalSpec, out_dir: str | Path, backbone: Backbone | None = None,
@@ -105,35 +172,26 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, backbone: Backbone | None = No
     `progress(description, done, total)` may return a callback that is told how many queries finished.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     task = get_task(spec.task)
-    users = _eval_users(spec)
-    config = {**asdict(spec), "task": task.name}
+    users = eval_users(spec)
     if method is None:
         method = build_method(spec.method, task, backbone, **spec.options)
-    config.update(method=method.name, method_config=method.describe(), mode=getattr(method, "mode", "prior"),
-                  model=method.model_id, users=len(users))
-    config_path = out / "config.json"
-    if config_path.exists():
-        _check_config(config_path, config)
-    else:
-        _write_json(config_path, config)
-
-    predictions_path = out / "predictions.jsonl"
-    done = {row["query_id"] for row in read_predictions(predictions_path)}
-    todo = [u for u in users if any(q.id not in done for q in u.queries)]
-    total = sum(len(u.queries) for u in users)
+    open_run(spec, out, method_identity(method), len(users))
+    answered = answered_queries(out)
+    chunks = list(pending_chunks(users, chunk_users, answered))
     fit_s = 0.0
-    if todo:
-        started = time.perf_counter()
-        fit_method(method, load_users(task, "train", spec.data_dir, spec.variant), progress)
-        fit_s = time.perf_counter() - started
-        tick = progress(f"{task.name} {method.name}", total - sum(len(u.queries) for u in todo), total) \
+    if chunks:
+        fit_s = fit_for_spec(method, spec, progress)
+        queries = [q.id for u in users for q in u.queries]
+        tick = progress(f"{task.name} {method.name}", sum(q in answered for q in queries), len(queries)) \
             if progress else None
-        appender = _Appender(predictions_path)
+        appender = Appender(out / "predictions.jsonl")
         try:
-            for start in range(0, len(todo), chunk_users):
-                _run_chunk(method, todo[start:start + chunk_users], done, appender, tick, out / "states")
+            for chunk in chunks:
+                rows = process_chunk(method, chunk.users, out / "states", chunk.answered)
+                appender.write(rows)
+                if tick:
+                    tick(len(rows))
         finally:
             appender.close()
     return finalize(out, spec, fit_s)
@@ -193,30 +251,31 @@ def personalize_with_states(method: Personalizer, users: Sequence[User], folder:
     return [states[u.id] for u in users]
 
 
-def _run_chunk(method: Personalizer, users: Sequence[User], done: set[str], appender: _Appender,
-               tick: Callable[[int], None] | None, states_dir: Path) -> None:
+def process_chunk(method: Personalizer, users: Sequence[User], states_dir: Path,
+                  answered: frozenset[str] = frozenset()) -> list[dict]:
+    """Personalize (or reload) the users' states and answer their queries not in `answered`: one prediction row each.
+
+    The unit of work of every path: the local runner calls it in-process, Ray workers call it remotely. Users and
+    queries keep their order, so the predict batches only depend on the chunk.
+    """
     states = personalize_with_states(method, users, states_dir)
-    requests = [(state, q) for state, u in zip(states, users) for q in u.queries if q.id not in done]
+    requests = [(state, q) for state, u in zip(states, users) for q in u.queries if q.id not in answered]
     started = time.perf_counter()
     predictions = method.predict(requests, progress=None)
     per_query = (time.perf_counter() - started) / max(len(requests), 1)
     queries_of = {s.user_id: sum(1 for t, _ in requests if t is s) for s in states}
-    rows = []
-    for (state, query), prediction in zip(requests, predictions):
-        rows.append({"user_id": state.user_id, "query_id": query.id, "prediction": prediction.text,
-                     "gold": query.gold, "mode": prediction.mode, "predict_s": round(per_query, 5),
-                     "personalize_s": round(state.header["personalize_s"] / queries_of[state.user_id], 5),
-                     "state_bytes": state.nbytes})
-    appender.write(rows)
-    if tick:
-        tick(len(rows))
+    return [{"user_id": state.user_id, "query_id": query.id, "prediction": prediction.text, "gold": query.gold,
+             "mode": prediction.mode, "predict_s": round(per_query, 5),
+             "personalize_s": round(state.header["personalize_s"] / queries_of[state.user_id], 5),
+             "state_bytes": state.nbytes}
+            for (state, query), prediction in zip(requests, predictions)]
 
 
 def finalize(out: Path, spec: EvalSpec, fit_s: float = 0.0) -> dict:
     """Score the predictions of a finished run, write metrics.json and report.md."""
     task = get_task(spec.task)
     rows = read_predictions(out / "predictions.jsonl")
-    expected = {q.id for u in _eval_users(spec) for q in u.queries}
+    expected = {q.id for u in eval_users(spec) for q in u.queries}
     seen = [r["query_id"] for r in rows]
     if len(seen) != len(set(seen)):
         raise RuntimeError(f"{out}/predictions.jsonl has duplicate query ids")

@@ -374,9 +374,14 @@ class Chameleon(LMPersonalizer):
 
     # --- section 3.3: groups ----------------------------------------------------------------------------------
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
-        """Pool the preference data of `group_users` training users into `groups` groups (section 3.3)."""
+        """Pool the preference data of `group_users` training users into `groups` groups (section 3.3).
+
+        Only the group and unseen scopes use groups; per-user CHAMELEON has nothing to fit.
+        """
         from sklearn.cluster import KMeans
 
+        if not self.fits:
+            return
         rng = np.random.default_rng(self.config.seed)
         chosen = [users[i] for i in sorted(rng.choice(len(users), min(self.config.group_users, len(users)),
                                                       replace=False))]

@@ -1,5 +1,3 @@
-"""Serving personalized models over HTTP: the app, mixed-user micro-batching and the `tailor serve` command."""
-
-from tailor.serve.app import Limits, create_app
-
-__all__ = ["Limits", "create_app"]
+"""Serving personalized models over HTTP: the app (tailor.serve.app), mixed-user micro-batching
+(tailor.serve.batcher) and the `tailor serve` command (tailor.serve.cli). Nothing is imported here, so that the
+command line starts without loading torch."""
