@@ -20,13 +20,10 @@ CLASSIFICATION_PLAN = [
     ("non-personalized", "--method none"),
     ("non-personalized, calibrated", "--method none --calibrate"),
     ("RAG k=1", "--method rag --k 1"),
-    ("RAG k=1, calibrated", "--method rag --k 1 --calibrate"),
     ("RAG k=4", "--method rag --k 4"),
     ("RAG k=4, calibrated", "--method rag --k 4 --calibrate"),
     ("PAG k=4", "--method pag --k 4"),
-    ("PAG k=4, calibrated", "--method pag --k 4 --calibrate"),
     ("full history", "--method full"),
-    ("full history, calibrated", "--method full --calibrate"),
 ]
 GENERATION_PLAN = [(label, args) for label, args in CLASSIFICATION_PLAN if "calibrated" not in label]
 

@@ -232,11 +232,13 @@ def gold_nll(backbone: Backbone, prompts: list[str], golds: list[str], edits, ro
     one forward per query, smooth where accuracy on a few users is not."""
     from tailor.backbone.edits import hooked
 
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     losses = []
     with torch.no_grad(), hooked(backbone.model, edits) as hooks:
-        for start in range(0, len(prompts), 8):
-            batch = backbone.sft_batch(prompts[start:start + 8], golds[start:start + 8])
-            part = None if rows is None else torch.tensor(rows[start:start + 8])
+        for start in range(0, len(order), 8):
+            index = order[start:start + 8]
+            batch = backbone.sft_batch([prompts[i] for i in index], [golds[i] for i in index])
+            part = None if rows is None else torch.tensor([rows[i] for i in index])
             losses.extend(backbone.sft_loss(batch, hooks, part, reduction="per_row").tolist())
     return float(np.mean(losses))
 
@@ -245,7 +247,6 @@ def stylevector_search(backbone: Backbone, tasks: list[str], n_users: int, layer
                        scales: list[float]) -> str:
     """Pick StyleVector's layer, scale and positions on TRAINING users only: each user's vector from their history,
     scored by the NLL of their own held-out query answer under steering (lower is better)."""
-    from tailor.backbone.cache import HiddenCache
     from tailor.data.lamp import load_users
     from tailor.data.splits import subset
     from tailor.methods.stylevector import Steer, StyleVector
@@ -256,7 +257,6 @@ def stylevector_search(backbone: Backbone, tasks: list[str], n_users: int, layer
         task = get_task(name)
         users = subset(load_users(task, "train"), n_users, 0)
         method = StyleVector(task, backbone, layer=layers[0], max_items=16)
-        method.hidden = HiddenCache()
         contrast = method.contrast(users, [Site("layer", layer) for layer in layers])
         prompts = [u.queries[0].input for u in users]
         golds = [u.queries[0].gold or "" for u in users]

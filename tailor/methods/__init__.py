@@ -23,6 +23,10 @@ REGISTRY: dict[str, str] = {
     "chameleon": "tailor.methods.chameleon:Chameleon",
     "perfit": "tailor.methods.perfit:PerFit",
     "dpo": "tailor.methods.dpo:TimeConstrainedDPO",
+    "mt-lora": "tailor.methods.lora:MTLoRA",
+    "lora-p": "tailor.methods.lora:LoRAP",
+    "oppu": "tailor.methods.lora:OPPU",
+    "stylevector": "tailor.methods.stylevector:StyleVector",
 }
 
 
