@@ -59,6 +59,24 @@ def test_a_different_config_in_the_same_folder_is_refused(backbone: Backbone, la
                  backbone=backbone)
 
 
+def test_a_folder_another_process_is_writing_is_refused(backbone: Backbone, lamp_dir: Path, tmp_path: Path) -> None:
+    spec = EvalSpec(task="lamp3", method="none", data_dir=str(lamp_dir), users=2)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from tailor.eval.runner import run_lock\n"
+                               "with run_lock(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(60)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunConflict, match="another running evaluation"):
+            run_eval(spec, tmp_path, backbone=backbone)
+        assert not (tmp_path / "predictions.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run_eval(spec, tmp_path, backbone=backbone)  # the lock dies with its holder, even after kill -9
+    assert len(read_predictions(tmp_path / "predictions.jsonl")) == 2
+
+
 def _eval_command(model: Path, data: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "tailor.cli", "eval", "--task", "lamp7", "--method", "rag", "--k", "2",
             "--model", str(model), "--data-dir", str(data), "--out", str(out), "--chunk-users", "3",

@@ -14,11 +14,13 @@ predictions, and a resumed run re-forms the chunks it had started with instead o
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -140,6 +142,20 @@ def method_identity(method: Personalizer) -> dict[str, Any]:
             "model": method.model_id}
 
 
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Let one process at a time write a run folder: two appending answers to one predictions file would leave
+    duplicates that the run cannot be finalized from."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunConflict(f"{out} is being written by another running evaluation; wait for it or use a new --out") \
+                from None
+        yield
+
+
 def open_run(spec: EvalSpec, out: Path, identity: dict[str, Any], n_users: int) -> None:
     """Create the run folder and its config.json, or check that the folder holds a run of the same configuration."""
     out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +192,14 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, backbone: Backbone | None = No
     users = eval_users(spec)
     if method is None:
         method = build_method(spec.method, task, backbone, **spec.options)
-    open_run(spec, out, method_identity(method), len(users))
+    with run_lock(out):
+        open_run(spec, out, method_identity(method), len(users))
+        return _run_locked(spec, out, method, users, chunk_users, progress)
+
+
+def _run_locked(spec: EvalSpec, out: Path, method: Personalizer, users: Sequence[User], chunk_users: int,
+                progress: Callable[[str, int, int], Callable[[int], None]] | None) -> dict:
+    task = get_task(spec.task)
     answered = answered_queries(out)
     chunks = list(pending_chunks(users, chunk_users, answered))
     fit_s = 0.0
