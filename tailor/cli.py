@@ -90,7 +90,8 @@ def eval_command(
     out: Annotated[Path, typer.Option(help="run folder; rerunning the same command there resumes")],
     users: Annotated[Optional[int], typer.Option(help="a seeded sample of this many users (default: all)")] = None,
     seed: int = 0,
-    split: str = "dev",
+    split: Annotated[str, typer.Option(help="dev, train, or Profile-to-PEFT's random / ood split of the training "
+                                             "users (fit on the rest)")] = "dev",
     variant: Annotated[str, typer.Option(help="user (LaMP's user-based split) or time")] = "user",
     k: Annotated[Optional[int], typer.Option(help="retrieved history items (rag, pag)")] = None,
     mode: Annotated[Optional[str], typer.Option(help="scoring or generation (classification tasks)")] = None,

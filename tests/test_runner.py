@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tailor.backbone.model import Backbone
+from tailor.data.lamp import load_users
 from tailor.eval.runner import EvalSpec, RunConflict, read_predictions, run_eval
 from tailor.tasks import get_task
 from tests.conftest import write_lamp_dir
@@ -75,6 +76,30 @@ def test_a_folder_another_process_is_writing_is_refused(backbone: Backbone, lamp
         holder.wait()
     run_eval(spec, tmp_path, backbone=backbone)  # the lock dies with its holder, even after kill -9
     assert len(read_predictions(tmp_path / "predictions.jsonl")) == 2
+
+
+def test_p2p_splits_answer_held_out_training_users_and_fit_on_the_rest(backbone: Backbone, lamp_dir: Path,
+                                                                        tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from tailor.eval import runner
+    from tailor.retrieval import embed
+
+    def letters(texts: list[str]) -> np.ndarray:  # a deterministic stand-in for the sentence encoder
+        return np.array([[t.count(c) + 1.0 for c in "aeiourst"] for t in texts])
+
+    monkeypatch.setattr(embed, "default_embedder", lambda: letters)
+    runner._user_split.cache_clear()
+    train_ids = {u.id for u in load_users("lamp3", "train", str(lamp_dir))}
+    for split in ("random", "ood"):
+        spec = EvalSpec(task="lamp3", method="none", data_dir=str(lamp_dir), split=split)
+        held, fit = {u.id for u in runner.eval_users(spec)}, {u.id for u in runner.fit_users(spec)}
+        assert held and fit and not held & fit and held | fit == train_ids
+        runner._user_split.cache_clear()
+        assert {u.id for u in runner.eval_users(spec)} == held  # the same seed gives the same split
+        metrics = run_eval(spec, tmp_path / split, backbone=backbone)
+        assert metrics["n_users"] == len(held)
 
 
 def _eval_command(model: Path, data: Path, out: Path) -> list[str]:

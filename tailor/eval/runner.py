@@ -22,6 +22,7 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -29,7 +30,7 @@ from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.data.schema import User
-from tailor.data.splits import subset
+from tailor.data.splits import ood_split, random_split, subset
 from tailor.eval.metrics import compute_metrics
 from tailor.eval.report import write_run_report
 from tailor.eval.stats import bootstrap_ci
@@ -116,9 +117,37 @@ class Chunk:
     answered: frozenset[str] = frozenset()
 
 
+USER_SPLITS = ("random", "ood")
+"""Profile-to-PEFT's splits of the training file's users (paper section 4.1): fit on one part, answer the other."""
+
+
 def eval_users(spec: EvalSpec) -> list[User]:
     """The users a run answers, in file order: the seeded subset of the split."""
+    if spec.split in USER_SPLITS:
+        return subset(_user_split(spec.task, spec.data_dir, spec.variant, spec.split, spec.seed)[1], spec.users,
+                      spec.seed)
     return subset(load_users(spec.task, spec.split, spec.data_dir, spec.variant), spec.users, spec.seed)
+
+
+def fit_users(spec: EvalSpec) -> list[User]:
+    """The users a method is fitted on: the training file, less the held-out users of a random or OOD split."""
+    if spec.split in USER_SPLITS:
+        return _user_split(spec.task, spec.data_dir, spec.variant, spec.split, spec.seed)[0]
+    return load_users(spec.task, "train", spec.data_dir, spec.variant)
+
+
+@lru_cache(maxsize=8)
+def _user_split(task: str, data_dir: str | None, variant: str, split: str,
+                seed: int) -> tuple[list[User], list[User]]:
+    """(fit users, held-out users), clustered on an embedding of each user's whole history as the paper clusters
+    profiles; the packaged sentence encoder keeps the split independent of the backbone under test."""
+    from tailor.retrieval.embed import default_embedder
+
+    users = load_users(task, "train", data_dir, variant)
+    definition = get_task(task)
+    texts = ["\n".join(definition.document(item) for item in user.profile) for user in users]
+    splitter = random_split if split == "random" else ood_split
+    return splitter(users, default_embedder()(texts), seed=seed)
 
 
 def pending_chunks(users: Sequence[User], chunk_users: int, answered: set[str]) -> Iterator[Chunk]:
@@ -176,7 +205,7 @@ def fit_for_spec(method: Personalizer, spec: EvalSpec,
                  progress: Callable[[str, int, int], Callable[[int], None]] | None = None) -> float:
     """Fit `method` on the spec's training users (or load the cached fit); returns the seconds it took."""
     started = time.perf_counter()
-    fit_method(method, load_users(spec.task, "train", spec.data_dir, spec.variant), progress)
+    fit_method(method, fit_users(spec), progress)
     return time.perf_counter() - started
 
 

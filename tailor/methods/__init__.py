@@ -27,6 +27,7 @@ REGISTRY: dict[str, str] = {
     "lora-p": "tailor.methods.lora:LoRAP",
     "oppu": "tailor.methods.lora:OPPU",
     "stylevector": "tailor.methods.stylevector:StyleVector",
+    "p2p": "tailor.methods.p2p:P2P",
 }
 
 
