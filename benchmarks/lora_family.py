@@ -8,8 +8,8 @@ paired significance against non-personalized, the per-user cost table, the comma
 
     .venv/bin/python -m benchmarks.lora_family --out runs/bench --report runs/bench/lora_family.md
 
-`--in-process` runs the same specs through `run_eval` in this process instead of the CLI (for methods the CLI does
-not know yet, and for quick checks on a few users).
+`--in-process` runs the same specs through `run_eval` in this process instead of the CLI (quick checks on a few
+users without a process per run).
 """
 
 from __future__ import annotations
@@ -61,20 +61,12 @@ PLAN = [
     Run("StyleVector", "stylevector"),
 ]
 TRAINED = ("lora-p", "oppu")
-METHODS = {"mt-lora": "tailor.methods.lora:MTLoRA", "lora-p": "tailor.methods.lora:LoRAP",
-           "oppu": "tailor.methods.lora:OPPU", "stylevector": "tailor.methods.stylevector:StyleVector"}
-
-
 def config_fields(method: str) -> set[str]:
     from dataclasses import fields
-    from importlib import import_module
 
-    from tailor.methods import REGISTRY, method_class
+    from tailor.methods import method_class
 
-    if method in REGISTRY:
-        return {f.name for f in fields(method_class(method).config_class)}
-    module, _, name = METHODS[method].partition(":")
-    return {f.name for f in fields(getattr(import_module(module), name).config_class)}
+    return {f.name for f in fields(method_class(method).config_class)}
 
 
 def with_overrides(run: Run, overrides: dict[str, Any]) -> Run:
@@ -84,15 +76,10 @@ def with_overrides(run: Run, overrides: dict[str, Any]) -> Run:
 
 
 def build(run: Run, task: str, backbone: Backbone | None):
-    """The method a `tailor eval` of this run builds, also for methods not yet in tailor's registry."""
-    from importlib import import_module
+    """The method a `tailor eval` of this run builds."""
+    from tailor.methods import build_method
 
-    from tailor.methods import REGISTRY, build_method
-
-    if run.method in REGISTRY:
-        return build_method(run.method, get_task(task), backbone, **run.options)
-    module, _, name = METHODS[run.method].partition(":")
-    return getattr(import_module(module), name)(get_task(task), backbone, **run.options)
+    return build_method(run.method, get_task(task), backbone, **run.options)
 
 
 def execute(task: str, run: Run, args: argparse.Namespace, backbone: Callable[[], Backbone]) -> tuple[Path, str]:

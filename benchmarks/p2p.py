@@ -50,6 +50,7 @@ QUALITY_PLAN = [
     ("OPPU", "--method oppu"),
     ("P2P", "--method p2p"),
 ]
+SPLIT_PLAN = ("user prior", "non-personalized", "RAG k=2", "P2P")
 
 
 def ms(values: list[float]) -> str:
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--oppu-set", dest="oppu_set", action="append", default=[], help="OPPU option KEY=VALUE")
     parser.add_argument("--no-oppu", action="store_true", help="skip OPPU (no cost ratio)")
     parser.add_argument("--quality", action="store_true", help="also run P2P and the baselines on the dev users")
+    parser.add_argument("--splits", nargs="*", default=[], choices=["random", "ood"],
+                        help="also run P2P beside the cheap baselines on these held-out-user splits")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
@@ -137,6 +140,13 @@ def main() -> None:
         runs = [run(label, args.task, method_args, args.out, args.model) for label, method_args in QUALITY_PLAN]
         text += "\n" + section(args.task, runs, "non-personalized", args.out / args.model / args.task,
                                f"{task.name}, P2P and baselines")
+    for split in args.splits:
+        # held-out training users: every fitted method is refitted on the rest, so the split plan leaves out the
+        # LoRA baselines whose fits this CPU cannot afford twice more
+        runs = [run(label, args.task, method_args, args.out, args.model, split=split)
+                for label, method_args in QUALITY_PLAN if label in SPLIT_PLAN]
+        text += "\n" + section(args.task, runs, "non-personalized", args.out / args.model / args.task,
+                               f"{task.name}, P2P on the {split} split (held-out training users)")
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(text)

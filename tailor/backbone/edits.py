@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Protocol
 
-import torch
 from torch import Tensor, nn
 
 from tailor.backbone.layers import Site, site_module

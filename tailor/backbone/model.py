@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tailor.backbone.edits import Edit, ForwardContext, HookSet, hooked, last_token, mean_over_tokens
+from tailor.backbone.edits import Edit, HookSet, hooked, last_token, mean_over_tokens
 from tailor.backbone.layers import Site, num_layers
 from tailor.backbone.loading import DEFAULT_MODEL, resolve_model
 
