@@ -71,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", default="lamp2n")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--users", type=int, default=20, help="dev users personalized and timed")
+    parser.add_argument("--users", type=int, default=20, help="dev users personalized, timed and (--quality) evaluated")
     parser.add_argument("--train-users", type=int, default=None, help="training users of the fits (default: all)")
     parser.add_argument("--set", dest="set_", action="append", default=[], help="P2P option KEY=VALUE")
     parser.add_argument("--oppu-set", dest="oppu_set", action="append", default=[], help="OPPU option KEY=VALUE")
@@ -114,7 +114,8 @@ def main() -> None:
     rows += [f"| **total** | {ms(total)} |", f"| total without the summary | {ms(without_summary)} |"]
     lines = ["| P2P part | ms/user mean | ms/user p95 |", "|---|---|---|", *rows, ""]
     lines += ["| quantity | value |", "|---|---|",
-              f"| P2P one-time fit ({len(train)} training users) | {p2p_fit_s:.0f} s |"]
+              f"| P2P one-time fit ({min(len(train), p2p.config.train_users or len(train))} of {len(train)} training users) "
+              f"| {p2p_fit_s:.0f} s |"]
     if not args.no_oppu:
         oppu = OPPU(task, backbone, **parse_set(args.oppu_set))
         oppu_fit_s = fit_seconds(oppu, train)
@@ -137,7 +138,8 @@ def main() -> None:
             f"Machine: {machine()}, torch threads {args.threads}. Options: {p2p.describe()}.\n\n"
             + "\n".join(lines) + f"\n\nCommand:\n\n    {command}\n")
     if args.quality:
-        runs = [run(label, args.task, method_args, args.out, args.model) for label, method_args in QUALITY_PLAN]
+        runs = [run(label, args.task, method_args, args.out, args.model, args.users)
+                for label, method_args in QUALITY_PLAN]
         text += "\n" + section(args.task, runs, "non-personalized", args.out / args.model / args.task,
                                f"{task.name}, P2P and baselines")
     for split in args.splits:
