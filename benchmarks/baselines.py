@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import machine, run, section
+from benchmarks.common import machine, publish, run, section
 from tailor.tasks import get_task
 
 CLASSIFICATION_PLAN = [
@@ -46,10 +46,7 @@ def main() -> None:
                 for label, method_args in plan if not args.only or label in args.only]
         sections.append(section(name, runs, "non-personalized", args.out / args.model / name))
     text = "\n".join(sections)
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(text)
-    print(text)
+    publish(text, args.report)
 
 
 if __name__ == "__main__":

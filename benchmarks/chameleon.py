@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, run, section, slug
+from benchmarks.common import machine, publish, run, section, slug
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.data.splits import subset
@@ -118,10 +118,7 @@ def main() -> None:
         sections.append(section(name, runs, "non-personalized", args.out / args.model / name,
                                 title=f"{get_task(name).name}, CHAMELEON {title}"))
     text = "\n".join(sections)
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(text)
-    print(text)
+    publish(text, args.report)
 
 
 if __name__ == "__main__":

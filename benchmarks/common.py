@@ -45,3 +45,11 @@ def section(task: str, runs: Sequence[tuple[Path, str]], baseline: str, out: Pat
     table = table.split("\n", 1)[1].lstrip() if table.startswith("# ") else table
     listing = "\n".join(f"    {command}" for _, command in runs)
     return f"### {title or get_task(task).name}\n\n{table}\n\nCommands:\n\n{listing}\n"
+
+
+def publish(text: str, report: Path | None) -> None:
+    """Print a benchmark's markdown, and also write it to `report` when one is given."""
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(text)
+    print(text)

@@ -34,7 +34,7 @@ from tailor.eval.runner import EvalSpec, run_eval
 from tailor.store.state import UserState
 from tailor.tasks import get_task
 
-from benchmarks.common import machine, run as run_command, section, slug
+from benchmarks.common import machine, publish, run as run_command, section, slug
 
 
 @dataclass(frozen=True)
@@ -330,10 +330,7 @@ def main() -> None:
     if not args.no_throughput:
         sections.append(f"### Mixed-adapter throughput\n\n{throughput(backbone(), args.throughput_task)}\n")
     text = "\n".join(sections)
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(text)
-    print(text)
+    publish(text, args.report)
 
 
 if __name__ == "__main__":

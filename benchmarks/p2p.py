@@ -39,7 +39,7 @@ from tailor.retrieval.embed import default_embedder
 from tailor.tasks import get_task
 from tailor.textcache import TextCache
 
-from benchmarks.common import machine, run, section
+from benchmarks.common import machine, publish, run, section
 
 QUALITY_PLAN = [
     ("user prior", "--method user-prior"),
@@ -149,10 +149,7 @@ def main() -> None:
                 for label, method_args in QUALITY_PLAN if label in SPLIT_PLAN]
         text += "\n" + section(args.task, runs, "non-personalized", args.out / args.model / args.task,
                                f"{task.name}, P2P on the {split} split (held-out training users)")
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(text)
-    print(text)
+    publish(text, args.report)
 
 
 if __name__ == "__main__":

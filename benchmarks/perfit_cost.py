@@ -32,7 +32,7 @@ from tailor.methods.perfit import PerFit, describe_counts, parameter_counts
 from tailor.methods.prompting import RAG
 from tailor.tasks import get_task
 
-from benchmarks.common import machine
+from benchmarks.common import machine, publish
 
 
 def spread(values: list[float]) -> str:
@@ -132,10 +132,7 @@ Command:
 
     {command}
 """
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(text)
-    print(text)
+    publish(text, args.report)
 
 
 if __name__ == "__main__":

@@ -142,3 +142,18 @@ def write_lamp_dir(root: Path, users: dict[str, int] | None = None, seed: int = 
 @pytest.fixture(scope="session")
 def lamp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_lamp_dir(tmp_path_factory.mktemp("lamp"))
+
+
+@pytest.fixture()
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache folder of the test's own, so that no test reads generations or fits another test cached."""
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared, busy machine lose up to 10x to it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

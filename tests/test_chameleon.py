@@ -17,10 +17,7 @@ from tailor.methods.subspace import ProjectionEdit, ccs_direction, personal_dire
 from tailor.store.state import UserState
 from tailor.tasks import get_task
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,7 @@ from tailor.methods.dpo import TimeConstrainedDPO
 from tailor.tasks import get_task
 from tests.test_chameleon import scripted_answers
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_dpo_trains_within_its_budget_and_predicts(backbone: Backbone, lamp_dir: Path) -> None:

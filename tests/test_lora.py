@@ -20,23 +20,11 @@ from tailor.methods.lora import MTLoRA, OPPU, LoRAP, LoRAPConfig, plan, tokenise
 from tailor.store.state import UserState
 from tailor.tasks import get_task
 
+pytestmark = pytest.mark.usefixtures("private_cache", "one_thread")
+
 PROMPTS = ["which tag does this movie relate to", "the review is great, what is the score", "paraphrase the tweet"]
 LABELS = ["comedy", "action", "dark comedy", "politics"]
 FAST = dict(r=4, alpha=8.0, lr=2e-2, train_batch=4, max_examples=6, history_tokens=48, max_target_tokens=8)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared, busy machine lose up to 10x to it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_stack(backbone: Backbone, users: int, seed: int = 0) -> LoRAStack:

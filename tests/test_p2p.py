@@ -20,21 +20,10 @@ from tailor.methods.p2p import P2P, TrainingSet, plan_steps, sqrt_weights
 from tailor.store.state import UserState
 from tailor.tasks import get_task
 
+pytestmark = pytest.mark.usefixtures("private_cache", "one_thread")
+
 FAST = dict(summary_tokens=8, summary_items=4, summary_history_tokens=64, history_tokens=48, r=4, hidden=32,
             module_dim=8, depth_dim=8, batch=4, later_items=2, max_target_tokens=8, encoder="backbone")
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def users_of(lamp_dir: Path, split: str = "dev", task: str = "lamp2n") -> list[User]:

@@ -11,19 +11,12 @@ from tailor.backbone.model import Backbone
 from tailor.backbone.partial import freeze, layer_types, logits, suffix_hidden, suffix_loss
 from tests.conftest import tiny_backbone
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAMILIES = ["llama", "qwen2", "gemma3", "qwen3", "mistral", "phi3"]
 PROMPTS = ["which tag does this movie relate to", "the review is great and the product is good, what is the score",
            "paraphrase"]
 TARGETS = ["dark comedy", "5", "the user love this tweet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a CPU shared with other jobs more threads mostly wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def full_logits(bb: Backbone, batch) -> torch.Tensor:

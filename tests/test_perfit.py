@@ -18,18 +18,11 @@ from tailor.methods.reft import LowRankIntervention, PerFitEdit, Positions, coun
 from tailor.store.state import UserState
 from tailor.tasks import get_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NEWS = get_task("lamp2n")
 TINY = dict(layers="0,1", positions="f1+l2", rank1=2, rank2=3, lr1=1e-2, lr2=5e-2, epochs1=2, epochs2=3, batch1=4,
             batch2=4, stage1_examples=24, history_tokens=48, max_target_tokens=8, batch_size=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a CPU shared with other jobs more threads mostly wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()

@@ -17,7 +17,6 @@ from typing import Iterator
 
 import httpx
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -34,20 +33,14 @@ from tailor.store.state import StateError, UserState
 from tailor.store.store import Store
 from tailor.tasks import get_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NEWS = get_task("lamp2n")
 SLOW_PERFIT = ["--method", "perfit", "--set", "stages=2", "--set", "layers=0,1", "--set", "positions=f1+l2",
                "--set", "rank2=2", "--set", "epochs2=20", "--set", "batch2=4", "--set", "history_tokens=48",
                "--set", "max_target_tokens=8", "--set", "k=1"]
 """PerFit stage 2 only (no fit needed) with 20 epochs: about 0.2 s per history item on the tiny model, so a user with
 20 items takes seconds to personalize, long enough to kill the server in the middle, and nothing is test-only."""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def free_port() -> int:

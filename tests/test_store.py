@@ -22,6 +22,8 @@ from tailor.store.state import StateError, UserState
 from tailor.store.store import InvalidId, Store, StoreError, TaskMismatch, UnknownUser
 from tailor.tasks import get_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def items(*texts: str) -> list[HistoryItem]:
     return [HistoryItem("", {"text": t, "category": "sports"}) for t in texts]
@@ -29,14 +31,6 @@ def items(*texts: str) -> list[HistoryItem]:
 
 def state_for(user_id: str, n: int, method: str = "rag", version: int = 1) -> UserState:
     return UserState(method, version, user_id, "tiny/2x32", {"n": n}, {"v": torch.arange(n, dtype=torch.float32)})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()

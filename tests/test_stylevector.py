@@ -16,18 +16,7 @@ from tailor.eval.runner import EvalSpec, run_eval
 from tailor.methods.stylevector import Steer, StyleVector
 from tailor.tasks import get_task
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("private_cache", "one_thread")
 
 
 def test_vector_is_the_difference_of_mean_hidden_states(backbone: Backbone, lamp_dir: Path) -> None:
