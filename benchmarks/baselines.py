@@ -25,6 +25,7 @@ CLASSIFICATION_PLAN = [
     ("PAG k=4", "--method pag --k 4"),
     ("full history", "--method full"),
 ]
+BASELINE = "non-personalized"  # every Δ and p-value in a section is against this row
 GENERATION_PLAN = [(label, args) for label, args in CLASSIFICATION_PLAN if "calibrated" not in label]
 
 
@@ -34,7 +35,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--users", type=int, default=None, help="default: every dev user")
-    parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: the whole plan)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="labels to run (default: the whole plan); the baseline row is always included")
     parser.add_argument("--report", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args()
 
@@ -43,8 +45,8 @@ def main() -> None:
     for name in args.tasks:
         plan = CLASSIFICATION_PLAN if get_task(name).family != "generation" else GENERATION_PLAN
         runs = [run(label, name, method_args, args.out, args.model, args.users)
-                for label, method_args in plan if not args.only or label in args.only]
-        sections.append(section(name, runs, "non-personalized", args.out / args.model / name))
+                for label, method_args in plan if not args.only or label in (*args.only, BASELINE)]
+        sections.append(section(name, runs, BASELINE, args.out / args.model / name))
     text = "\n".join(sections)
     publish(text, args.report)
 

@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="grid on 40 training users (never dev users)")
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--cost", action="store_true")
-    parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: the whole plan)")
+    parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: the whole plan); the baseline row is always included")
     parser.add_argument("--report", type=Path, default=None)
     args = parser.parse_args()
     sections = [f"Machine: {machine()}. Model: {args.model}, float32, seed 0.\n"]
@@ -114,7 +114,7 @@ def main() -> None:
             plan = MAIN_PLAN + [("time-constrained DPO", f"--method dpo --set budget_run={per_user}")]
             split, users, title = "dev", args.users, "main"
         runs = [run(label, name, method_args, args.out, args.model, users, split) for label, method_args in plan
-                if not args.only or label in args.only]
+                if not args.only or label in (*args.only, "non-personalized")]
         sections.append(section(name, runs, "non-personalized", args.out / args.model / name,
                                 title=f"{get_task(name).name}, CHAMELEON {title}"))
     text = "\n".join(sections)

@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--users", type=int, default=None, help="default: every dev user")
-    parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: the whole plan)")
+    parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: the whole plan); the baseline row is always included")
     parser.add_argument("--throughput-task", default="lamp2n")
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--in-process", action="store_true", help="run_eval here instead of `tailor eval`")
@@ -316,7 +316,7 @@ def main() -> None:
         task = get_task(name)
         runs, trained = [], {}
         for run in PLAN:
-            if args.only and run.label not in args.only:
+            if args.only and run.label not in (*args.only, "non-personalized"):
                 continue
             run = with_overrides(run, overrides)
             folder, text = execute(name, run, args, backbone)
