@@ -164,11 +164,15 @@ def test_mt_lora_fit_resumes_from_its_checkpoint(backbone: Backbone, lamp_dir: P
     monkeypatch.setattr(lora_module.StackTrainer, "step", dying_step)
     with pytest.raises(Killed):
         MTLoRA(task, backbone, **options).fit(train, workdir=tmp_path)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    saved["seconds"] = 1000.0  # as if the killed process had trained for 1000 s: the fit's time must include it
+    torch.save(saved, tmp_path / "checkpoint.pt")
     monkeypatch.setattr(lora_module.StackTrainer, "step", original)
     resumed = MTLoRA(task, backbone, **options)
     resumed.fit(train, workdir=tmp_path)
     assert full.stack is not None and resumed.stack is not None
     assert resumed.fit_log["steps"] == full.fit_log["steps"] > 3
+    assert resumed.fit_log["resumed"] and 1000.0 < resumed.fit_log["seconds"] < 1000.0 + 600
     for site in full.stack.sites:
         assert torch.allclose(full.stack.B[site], resumed.stack.B[site], atol=1e-6)
 

@@ -138,7 +138,10 @@ def test_fit_resumes_from_its_checkpoint(backbone: Backbone, lamp_dir: Path, tmp
     monkeypatch.setattr(P2P, "train_step", dying_step)
     with pytest.raises(Killed):
         method(backbone, steps=6, lr=1e-2).fit(users, workdir=tmp_path)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 2
+    saved["seconds"] = 1000.0  # as if the killed process had trained for 1000 s: the fit's time must include it
+    torch.save(saved, tmp_path / "checkpoint.pt")
     resumed_steps = {"n": 0}
 
     def counting_step(self, *args):
@@ -149,6 +152,7 @@ def test_fit_resumes_from_its_checkpoint(backbone: Backbone, lamp_dir: Path, tmp
     resumed = method(backbone, steps=6, lr=1e-2)
     resumed.fit(users, workdir=tmp_path)
     assert resumed_steps["n"] == 4  # steps 3..6 only
+    assert resumed.fit_log["resumed"] and 1000.0 < resumed.fit_log["seconds"] < 1000.0 + 600
     assert full.hypernet is not None and resumed.hypernet is not None
     assert full.fit_log["losses"] == pytest.approx(resumed.fit_log["losses"], abs=1e-5)
     for (name, a), (_, b) in zip(full.hypernet.state_dict().items(), resumed.hypernet.state_dict().items()):

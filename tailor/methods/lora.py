@@ -296,10 +296,10 @@ class MTLoRA(LoRAFamily):
         init = LoRAStack.init(self.backbone.model, self.sites, cfg.r, cfg.alpha, [user_seed(cfg.seed, self.task.name)])
         trainer = StackTrainer(self.backbone, init, cfg)
         checkpoint = workdir / "checkpoint.pt" if workdir is not None else None
-        done, losses = 0, []
+        done, losses, spent = 0, [], 0.0  # spent: seconds of earlier, interrupted processes up to their checkpoint
         if checkpoint is not None and checkpoint.exists():
             saved = torch.load(checkpoint, weights_only=False)
-            done, losses = saved["step"], saved["losses"]
+            done, losses, spent = saved["step"], saved["losses"], float(saved.get("seconds", 0.0))
             with torch.no_grad():
                 for param, value in zip(trainer.stack.parameters(), saved["params"]):
                     param.copy_(value)
@@ -310,15 +310,15 @@ class MTLoRA(LoRAFamily):
             for t in range(done, len(batches)):
                 losses.append(float(trainer.step(hooks, [(0, examples[i]) for i in batches[t]])[0]))
                 if checkpoint is not None and ((t + 1) % CHECKPOINT_EVERY == 0 or t + 1 == len(batches)):
-                    _save_checkpoint(checkpoint, t + 1, trainer, losses)
+                    _save_checkpoint(checkpoint, t + 1, trainer, losses, spent + time.perf_counter() - started)
                 if progress:
                     now = len(users) * (t + 1) // len(batches)
                     progress(now - reported)
                     reported = now
         self.stack = trainer.stack.detach()
         self.fit_log = {"users": len(users), "examples": len(examples), "steps": len(batches),
-                        "tokens": sum(len(e.ids) for e in examples), "seconds": round(time.perf_counter() - started, 2),
-                        "loss_first": losses[:5], "loss_last": losses[-5:]}
+                        "tokens": sum(len(e.ids) for e in examples), "seconds": round(spent + time.perf_counter() - started, 2),
+                        "resumed": done > 0, "loss_first": losses[:5], "loss_last": losses[-5:]}
 
     def save_fit(self, folder: Path) -> None:
         assert self.backbone is not None and self.stack is not None
@@ -342,10 +342,12 @@ class MTLoRA(LoRAFamily):
         return self.stack
 
 
-def _save_checkpoint(path: Path, step: int, trainer: StackTrainer, losses: list[float]) -> None:
+def _save_checkpoint(path: Path, step: int, trainer: StackTrainer, losses: list[float], seconds: float) -> None:
+    """`seconds`: the fit's time so far over every process, so a resumed fit reports what the whole fit cost."""
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"step": step, "params": [p.detach() for p in trainer.stack.parameters()],
-                "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state(), "losses": losses}, tmp)
+                "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state(), "losses": losses,
+                "seconds": seconds}, tmp)
     os.replace(tmp, path)
 
 

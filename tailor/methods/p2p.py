@@ -406,17 +406,18 @@ class P2P(LMPersonalizer):
         hypernet = self.new_hypernet()
         optimizer = torch.optim.AdamW(hypernet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         checkpoint = workdir / "checkpoint.pt" if workdir is not None else None
-        done, losses = 0, []
+        done, losses, spent = 0, [], 0.0  # spent: seconds of earlier, interrupted processes up to their checkpoint
         if checkpoint is not None and checkpoint.exists():
             saved = torch.load(checkpoint, weights_only=False)
-            done, losses = saved["step"], saved["losses"]
+            done, losses, spent = saved["step"], saved["losses"], float(saved.get("seconds", 0.0))
             hypernet.load_state_dict(saved["hypernet"])
             optimizer.load_state_dict(saved["optimizer"])
         reported = 0
         for t in range(done, len(plan)):
             losses.append(self.train_step(hypernet, optimizer, data, plan[t]))
             if checkpoint is not None and ((t + 1) % CHECKPOINT_EVERY == 0 or t + 1 == len(plan)):
-                _save_checkpoint(checkpoint, t + 1, hypernet, optimizer, losses)
+                _save_checkpoint(checkpoint, t + 1, hypernet, optimizer, losses,
+                                 spent + time.perf_counter() - started)
             if progress:
                 now = total * (t + 1) // len(plan)
                 progress(now - reported)
@@ -426,7 +427,8 @@ class P2P(LMPersonalizer):
             param.requires_grad_(False)
         self.fit_log = {"users": len(users), "examples": len(data.examples), "steps": len(plan),
                         "tasks": sorted(set(data.tasks)), "prepare_s": round(prepared, 2),
-                        "seconds": round(time.perf_counter() - started, 2), "losses": losses}
+                        "seconds": round(spent + time.perf_counter() - started, 2), "resumed": done > 0,
+                        "losses": losses}
 
     def save_fit(self, folder: Path) -> None:
         hypernet = self._fitted()
@@ -563,10 +565,11 @@ class P2P(LMPersonalizer):
 
 
 def _save_checkpoint(path: Path, step: int, hypernet: LoRAHypernetwork, optimizer: torch.optim.Optimizer,
-                     losses: list[float]) -> None:
+                     losses: list[float], seconds: float) -> None:
+    """`seconds`: the fit's time so far over every process, so a resumed fit reports what the whole fit cost."""
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"step": step, "hypernet": hypernet.state_dict(), "optimizer": optimizer.state_dict(),
-                "losses": losses}, tmp)
+                "losses": losses, "seconds": seconds}, tmp)
     os.replace(tmp, path)
     write_loss_curve(path.with_name("loss.csv"), losses)
 
