@@ -44,7 +44,7 @@ def section(task: str, runs: Sequence[tuple[Path, str]], baseline: str, out: Pat
     table = compare_runs(folders, baseline=baseline, out_dir=chart)
     table = table.split("\n", 1)[1].lstrip() if table.startswith("# ") else table
     listing = "\n".join(f"    {command}" for _, command in runs)
-    return f"### {title or get_task(task).name}\n\n{table}\n\nCommands:\n\n{listing}\n"
+    return f"### {title or get_task(task).name}\n\n{table.strip()}\n\nCommands:\n\n{listing}\n"
 
 
 def publish(text: str, report: Path | None) -> None:
