@@ -46,9 +46,10 @@ ABLATIONS = [
     *[(f"CHAMELEON group of {n} users", f"--method chameleon --set scope=group --set groups=1 --set group_users={n}")
       for n in (20, 50, 100)],
 ]
-TUNING = [(f"tune layers={layers} scale={scale}",
-           f"--method chameleon --set layers={layers} --set scale_p={scale} --set scale_n={scale}")
-          for layers in (1, 3, 5) for scale in (0.5, 1.0, 2.0)]
+TUNING = [("tune no edit", "--method chameleon --set scale_p=0 --set scale_n=0"),
+          *[(f"tune layers={layers} scale={scale}",
+             f"--method chameleon --set layers={layers} --set scale_p={scale} --set scale_n={scale}")
+            for layers in (1, 3, 5) for scale in (0.5, 1.0, 2.0, 4.0, 8.0)]]
 
 
 def cost(task_name: str, model: str, users: int) -> str:
