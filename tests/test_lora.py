@@ -117,6 +117,18 @@ def test_peft_export_loads_in_peft_with_the_same_logits(backbone: Backbone, tmp_
                for s in stack.sites)
 
 
+def test_default_oppu_trains_on_the_default_mt_lora_fit(backbone: Backbone, lamp_dir: Path) -> None:
+    """OPPU's per-user stage has its own batch and steps; its base must still be exactly a default `mt-lora`, so
+    that the two share one cached fit (and OPPU's cost is not a second multi-task fit)."""
+    from tailor.eval.runner import fit_folder
+
+    task = get_task("lamp2n")
+    train = users_of(lamp_dir, "train")[:3]
+    oppu = OPPU(task, backbone)
+    assert oppu.config.train_batch != MTLoRA(task, backbone).config.train_batch  # the per-user stage differs
+    assert fit_folder(oppu.base_method(), train) == fit_folder(MTLoRA(task, backbone), train)
+
+
 def test_oppu_exports_base_plus_user_as_one_peft_adapter(backbone: Backbone, lamp_dir: Path,
                                                          tmp_path: Path) -> None:
     from peft import PeftModel

@@ -103,6 +103,7 @@ class OPPUConfig(LoRAPConfig):
     base_epochs: int = MTLoRAConfig.epochs
     base_max_examples: int = MTLoRAConfig.max_examples
     base_max_total: int = MTLoRAConfig.max_total
+    base_train_batch: int = MTLoRAConfig.train_batch
 
 
 # --- training data ------------------------------------------------------------------------------------------------
@@ -437,7 +438,8 @@ class OPPU(LoRAP):
         names = {f.name for f in fields(LoRAConfig)} - {f.name for f in fields(RAGConfig)} | {"k", "history_tokens"}
         options = {n: getattr(self.config, n) for n in names}
         options.update(lr=self.config.base_lr, epochs=self.config.base_epochs,
-                       max_examples=self.config.base_max_examples, max_total=self.config.base_max_total)
+                       max_examples=self.config.base_max_examples, max_total=self.config.base_max_total,
+                       train_batch=self.config.base_train_batch)
         return MTLoRA(self.task, self.backbone, MTLoRAConfig(**options))
 
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
