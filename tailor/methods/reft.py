@@ -127,11 +127,16 @@ class PerFitEdit:
         self.positions = positions
 
     def __call__(self, hidden: Tensor, ctx: ForwardContext, inputs: Tensor | None = None) -> Tensor:
-        chosen = self.positions.select(ctx)
-        x = hidden.float()
+        # Only the chosen tokens are computed: a handful per row, and none at all in the label-scoring passes that
+        # continue a cached prompt, which made up most of this edit's cost when it ran on every token.
+        batch, token = self.positions.select(ctx).nonzero(as_tuple=True)
+        if batch.numel() == 0:
+            return hidden
+        x = hidden[batch, token].float().unsqueeze(-2)  # (n, 1, d): one "token" per chosen position
         for R, W, b in self.stages:
             if R.dim() == 3:
                 rows = ctx.rows if ctx.rows is not None else torch.zeros(hidden.shape[0], dtype=torch.long)
-                R, W, b = R[rows], W[rows], b[rows]
+                user = rows.to(batch.device)[batch]
+                R, W, b = R[user], W[user], b[user]
             x = loreft(x, R, W, b)
-        return torch.where(chosen[..., None], x.to(hidden.dtype), hidden)
+        return hidden.index_put((batch, token), x.squeeze(-2).to(hidden.dtype))
