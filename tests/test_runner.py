@@ -171,3 +171,18 @@ def test_state_file_names_cannot_escape_the_folder(tmp_path: Path) -> None:
         path = state_path(tmp_path, user_id)
         assert path.parent == tmp_path and not path.name.startswith(".")
     assert state_path(tmp_path, "ok_user-1.2").name == "ok_user-1.2.safetensors"
+
+
+def test_fit_time_survives_a_resume_and_a_rerun(backbone: Backbone, lamp_dir: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import tailor.eval.runner as runner
+
+    spec = EvalSpec(task="lamp3", method="rag", options={"k": 1}, data_dir=str(lamp_dir), users=4)
+    fits = iter([100.0, 5.0])
+    monkeypatch.setattr(runner, "fit_for_spec", lambda *args, **kwargs: next(fits))
+    assert run_eval(spec, tmp_path, backbone)["fit_s"] == 100.0
+    assert run_eval(spec, tmp_path, backbone)["fit_s"] == 100.0  # finished: nothing fitted, the record is kept
+    rows = (tmp_path / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "predictions.jsonl").write_text("".join(rows[:2]))  # as if killed halfway
+    metrics = run_eval(spec, tmp_path, backbone)
+    assert metrics["fit_s"] == 105.0 and metrics["wall_time_s"] >= 105.0

@@ -33,7 +33,7 @@ from tailor.data.lamp import resolve_data_dir
 from tailor.data.schema import User
 from tailor.eval.runner import (Appender, Chunk, EvalSpec, answered_queries, eval_users, finalize, fit_for_spec,
                                 method_identity, open_run, pending_chunks, personalize_with_states, process_chunk,
-                                read_predictions, state_path)
+                                read_predictions, record_fit_time, state_path)
 from tailor.methods.base import Personalizer
 
 Progress = Callable[[str, int, int], Callable[[int], None]] | None
@@ -351,7 +351,6 @@ def ray_eval(spec: EvalSpec, out_dir: str | Path, options: RayOptions | None = N
         answered = answered_queries(out)
         queries = [q.id for u in users for q in u.queries]
         done = sum(q in answered for q in queries)
-        fit_s = 0.0
         if done < len(queries):
             tick = progress(f"{spec.task} {spec.method} (ray, {len(workers.actors)} workers)", done,
                             len(queries)) if progress else None
@@ -359,8 +358,8 @@ def ray_eval(spec: EvalSpec, out_dir: str | Path, options: RayOptions | None = N
             run_chunks(workers.actors, out, out / "predictions.jsonl", pending_chunks(users, chunk_users, answered),
                        lambda actor, chunk: actor.evaluate.remote(chunk.users, chunk.answered, states), tick,
                        options.in_flight)
-            fit_s = workers.fit_s
-    return finalize(out, spec, fit_s)
+            record_fit_time(out, workers.fit_s)
+    return finalize(out, spec)
 
 
 def personalized_users(out: Path) -> set[str]:

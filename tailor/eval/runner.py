@@ -231,9 +231,8 @@ def _run_locked(spec: EvalSpec, out: Path, method: Personalizer, users: Sequence
     task = get_task(spec.task)
     answered = answered_queries(out)
     chunks = list(pending_chunks(users, chunk_users, answered))
-    fit_s = 0.0
     if chunks:
-        fit_s = fit_for_spec(method, spec, progress)
+        record_fit_time(out, fit_for_spec(method, spec, progress))
         queries = [q.id for u in users for q in u.queries]
         tick = progress(f"{task.name} {method.name}", sum(q in answered for q in queries), len(queries)) \
             if progress else None
@@ -246,7 +245,7 @@ def _run_locked(spec: EvalSpec, out: Path, method: Personalizer, users: Sequence
                     tick(len(rows))
         finally:
             appender.close()
-    return finalize(out, spec, fit_s)
+    return finalize(out, spec)
 
 
 def fit_folder(method: Personalizer, users: Sequence[User]) -> Path:
@@ -323,9 +322,19 @@ def process_chunk(method: Personalizer, users: Sequence[User], states_dir: Path,
             for (state, query), prediction in zip(requests, predictions)]
 
 
-def finalize(out: Path, spec: EvalSpec, fit_s: float = 0.0) -> dict:
+def record_fit_time(out: Path, seconds: float) -> None:
+    """Add one process's fit time to the run's fit_time.json: a resumed run, or the same command run again after
+    it finished, keeps the time the first process spent fitting instead of replacing it."""
+    path = out / "fit_time.json"
+    total = float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
+    _write_json(path, {"seconds": round(total + seconds, 3)})
+
+
+def finalize(out: Path, spec: EvalSpec) -> dict:
     """Score the predictions of a finished run, write metrics.json and report.md."""
     task = get_task(spec.task)
+    ledger = out / "fit_time.json"
+    fit_s = float(json.loads(ledger.read_text())["seconds"]) if ledger.exists() else 0.0
     rows = read_predictions(out / "predictions.jsonl")
     expected = {q.id for u in eval_users(spec) for q in u.queries}
     seen = [r["query_id"] for r in rows]
