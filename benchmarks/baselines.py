@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import machine, publish, run, section
+from benchmarks.common import BASELINE, chosen, machine, publish, run, section
 from tailor.tasks import get_task
 
 CLASSIFICATION_PLAN = [
@@ -25,7 +25,6 @@ CLASSIFICATION_PLAN = [
     ("PAG k=4", "--method pag --k 4"),
     ("full history", "--method full"),
 ]
-BASELINE = "non-personalized"  # every Δ and p-value in a section is against this row
 GENERATION_PLAN = [(label, args) for label, args in CLASSIFICATION_PLAN if "calibrated" not in label]
 
 
@@ -45,7 +44,7 @@ def main() -> None:
     for name in args.tasks:
         plan = CLASSIFICATION_PLAN if get_task(name).family != "generation" else GENERATION_PLAN
         runs = [run(label, name, method_args, args.out, args.model, args.users)
-                for label, method_args in plan if not args.only or label in (*args.only, BASELINE)]
+                for label, method_args in plan if chosen(label, args.only)]
         sections.append(section(name, runs, BASELINE, args.out / args.model / name))
     text = "\n".join(sections)
     publish(text, args.report)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, publish, run, section, slug
+from benchmarks.common import BASELINE, chosen, machine, publish, run, section, slug
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.data.splits import subset
@@ -96,7 +96,8 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="grid on 40 training users (never dev users)")
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--cost", action="store_true")
-    parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: the whole plan); the baseline row is always included")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="labels to run (default: the whole plan); the baseline row is always included")
     parser.add_argument("--report", type=Path, default=None)
     args = parser.parse_args()
     sections = [f"Machine: {machine()}. Model: {args.model}, float32, seed 0.\n"]
@@ -115,8 +116,8 @@ def main() -> None:
             plan = MAIN_PLAN + [("time-constrained DPO", f"--method dpo --set budget_run={per_user}")]
             split, users, title = "dev", args.users, "main"
         runs = [run(label, name, method_args, args.out, args.model, users, split) for label, method_args in plan
-                if not args.only or label in (*args.only, "non-personalized")]
-        sections.append(section(name, runs, "non-personalized", args.out / args.model / name,
+                if chosen(label, args.only)]
+        sections.append(section(name, runs, BASELINE, args.out / args.model / name,
                                 title=f"{get_task(name).name}, CHAMELEON {title}"))
     text = "\n".join(sections)
     publish(text, args.report)

@@ -53,3 +53,12 @@ def publish(text: str, report: Path | None) -> None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(text)
     print(text)
+
+
+BASELINE = "non-personalized"
+"""The row every benchmark section compares against (its Δ and p-values)."""
+
+
+def chosen(label: str, only: Sequence[str] | None) -> bool:
+    """Whether `--only` selects a plan row. The baseline row is always kept: the section is measured against it."""
+    return not only or label in only or label == BASELINE

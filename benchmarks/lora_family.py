@@ -34,7 +34,7 @@ from tailor.eval.runner import EvalSpec, run_eval
 from tailor.store.state import UserState
 from tailor.tasks import get_task
 
-from benchmarks.common import machine, publish, run as run_command, section, slug
+from benchmarks.common import BASELINE, chosen, machine, publish, run as run_command, section, slug
 
 
 @dataclass(frozen=True)
@@ -286,7 +286,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--users", type=int, default=None, help="default: every dev user")
-    parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: the whole plan); the baseline row is always included")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="labels to run (default: the whole plan); the baseline row is always included")
     parser.add_argument("--throughput-task", default="lamp2n")
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--in-process", action="store_true", help="run_eval here instead of `tailor eval`")
@@ -316,7 +317,7 @@ def main() -> None:
         task = get_task(name)
         runs, trained = [], {}
         for run in PLAN:
-            if args.only and run.label not in (*args.only, "non-personalized"):
+            if not chosen(run.label, args.only):
                 continue
             run = with_overrides(run, overrides)
             folder, text = execute(name, run, args, backbone)
@@ -324,7 +325,7 @@ def main() -> None:
             if run.method in TRAINED:
                 export_example(name, run, folder, backbone())
                 trained[run.label] = folder
-        text = section(name, runs, "non-personalized", args.out / args.model / name, f"{task.name}, LoRA family")
+        text = section(name, runs, BASELINE, args.out / args.model / name, f"{task.name}, LoRA family")
         costs = f"Per-user training cost ({task.name}):\n\n{cost_table(trained)}\n" if trained else ""
         sections.append(f"{text}\n{costs}")
     if not args.no_throughput:

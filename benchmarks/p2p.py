@@ -114,8 +114,8 @@ def main() -> None:
     rows += [f"| **total** | {ms(total)} |", f"| total without the summary | {ms(without_summary)} |"]
     lines = ["| P2P part | ms/user mean | ms/user p95 |", "|---|---|---|", *rows, ""]
     lines += ["| quantity | value |", "|---|---|",
-              f"| P2P one-time fit ({min(len(train), p2p.config.train_users or len(train))} of {len(train)} training users) "
-              f"| {p2p_fit_s:.0f} s |"]
+              f"| P2P one-time fit ({min(len(train), p2p.config.train_users or len(train))} of {len(train)} "
+              f"training users) | {p2p_fit_s:.0f} s |"]
     if not args.no_oppu:
         oppu = OPPU(task, backbone, **parse_set(args.oppu_set))
         oppu_fit_s = fit_seconds(oppu, train)

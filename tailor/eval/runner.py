@@ -325,16 +325,19 @@ def process_chunk(method: Personalizer, users: Sequence[User], states_dir: Path,
 def record_fit_time(out: Path, seconds: float) -> None:
     """Add one process's fit time to the run's fit_time.json: a resumed run, or the same command run again after
     it finished, keeps the time the first process spent fitting instead of replacing it."""
+    _write_json(out / "fit_time.json", {"seconds": round(recorded_fit_time(out) + seconds, 3)})
+
+
+def recorded_fit_time(out: Path) -> float:
+    """The fit seconds the run's processes have recorded so far (0 for a method that fits nothing)."""
     path = out / "fit_time.json"
-    total = float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
-    _write_json(path, {"seconds": round(total + seconds, 3)})
+    return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
 
 
 def finalize(out: Path, spec: EvalSpec) -> dict:
     """Score the predictions of a finished run, write metrics.json and report.md."""
     task = get_task(spec.task)
-    ledger = out / "fit_time.json"
-    fit_s = float(json.loads(ledger.read_text())["seconds"]) if ledger.exists() else 0.0
+    fit_s = recorded_fit_time(out)
     rows = read_predictions(out / "predictions.jsonl")
     expected = {q.id for u in eval_users(spec) for q in u.queries}
     seen = [r["query_id"] for r in rows]

@@ -318,8 +318,9 @@ class MTLoRA(LoRAFamily):
                     reported = now
         self.stack = trainer.stack.detach()
         self.fit_log = {"users": len(users), "examples": len(examples), "steps": len(batches),
-                        "tokens": sum(len(e.ids) for e in examples), "seconds": round(spent + time.perf_counter() - started, 2),
-                        "resumed": done > 0, "loss_first": losses[:5], "loss_last": losses[-5:]}
+                        "tokens": sum(len(e.ids) for e in examples),
+                        "seconds": round(spent + time.perf_counter() - started, 2), "resumed": done > 0,
+                        "loss_first": losses[:5], "loss_last": losses[-5:]}
 
     def save_fit(self, folder: Path) -> None:
         assert self.backbone is not None and self.stack is not None

@@ -128,7 +128,7 @@ class PerFitEdit:
 
     def __call__(self, hidden: Tensor, ctx: ForwardContext, inputs: Tensor | None = None) -> Tensor:
         # Only the chosen tokens are computed: a handful per row, and none at all in the label-scoring passes that
-        # continue a cached prompt, which made up most of this edit's cost when it ran on every token.
+        # continue a cached prompt.
         batch, token = self.positions.select(ctx).nonzero(as_tuple=True)
         if batch.numel() == 0:
             return hidden
