@@ -4,7 +4,8 @@ that docs/scaling.md's cost model takes as inputs. Output: a markdown section fo
 Each measurement evaluates the same users in a fresh run folder with fresh text and hidden-state caches (so a later
 measurement does not reuse what an earlier one generated), while the converted model and the fitted methods are
 shared: a fit is done once, before any timing, by a warm-up worker. Worker start-up (process, imports, model load)
-is timed apart from the run, which is what a long job amortises.
+is timed apart from the run, which is what a long job amortises. OUT/ray_scaling.json is rewritten after every
+measurement; running the same command again keeps those of the same setting and measures only the rest.
 
     .venv/bin/python -m benchmarks.ray_scaling --task lamp2m --users 100 --out runs/ray-scaling
     .venv/bin/python -m benchmarks.ray_scaling --plan "rag k=4" --plan chameleon --plan perfit --workers 1 2
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, slug
+from benchmarks.common import atomic_write_text, machine, slug
 from tailor.backbone.loading import cache_root
 from tailor.cli import _parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.distributed.ray_runner import RayOptions, WorkerPool, ray_eval, ray_session
@@ -126,21 +127,32 @@ def main() -> None:
     plan = [parse_plan(entry) for entry in args.plan or DEFAULT_PLAN]
     out = args.out.resolve()
     shared_root = cache_root()
-    results, fits = [], {}
+    raw = out / "ray_scaling.json"
+    setting = {"task": args.task, "model": args.model, "dtype": args.dtype, "users": args.users,
+               "chunk_users": args.chunk_users}
+    done = json.loads(raw.read_text()) if raw.exists() else {}
+    if done.get("setting") != setting:  # measurements of another setting are not reused
+        done = {}
+    kept = {(r["method"], r["workers"]): r for r in done.get("results", [])}
+    results, fits = [], dict(done.get("fit_s", {}))
     with ray_session(RayOptions(workers=max(args.workers))):
         for (name, options), entry in zip(plan, args.plan or DEFAULT_PLAN):
             spec = EvalSpec(task=args.task, method=name, options=options, model=args.model, dtype=args.dtype,
                             users=args.users, seed=0, label=entry, data_dir=args.data_dir)
-            fits[entry] = warm_fit(spec, shared_root, out)
+            if entry not in fits or any((entry, w) not in kept for w in args.workers):
+                fits[entry] = warm_fit(spec, shared_root, out)
             for workers in args.workers:
-                result = measure(spec, workers, out, args.chunk_users, shared_root)
+                result = kept.get((entry, workers)) or measure(spec, workers, out, args.chunk_users, shared_root)
                 print(json.dumps({k: v for k, v in result.items() if k != "metrics"}), file=sys.stderr, flush=True)
                 results.append(result)
+                kept[(entry, workers)] = result
+                # after every measurement, so a killed benchmark keeps what it measured and a re-run resumes
+                atomic_write_text(raw, json.dumps({"setting": setting, "results": list(kept.values()),
+                                                   "fit_s": fits}, indent=1))
     spec_line = (f"{args.task} dev, {args.users} users (seed 0), {args.model} {args.dtype}, 1 torch thread per "
                  f"worker, {args.chunk_users} users per chunk; {machine()}.")
     text = report(results, fits, spec_line, command)
-    (out / "ray_scaling.json").write_text(json.dumps({"results": results, "fit_s": fits}, indent=1))
-    (out / "ray_scaling.md").write_text(text)
+    atomic_write_text(out / "ray_scaling.md", text)
     print(text)
 
 
