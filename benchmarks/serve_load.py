@@ -8,7 +8,8 @@ For each method: start a server on 127.0.0.1 with a fresh store, add the users' 
 all (background jobs, timed but not part of the load), send a few warm-up requests, then `--requests` predict calls of
 one (user, query) pair each from `--concurrency` clients, users in a seeded random order so that concurrent calls mix
 users. Reported: errors (any non-200 or transport error), p50/p99 latency, throughput, the server's mean batch size,
-and throughput relative to `none`. Results go to OUT/serve_load.json and OUT/serve_load.md. Only loopback is used,
+and throughput relative to `none`. Results go to OUT/serve_load.json (rewritten after each method, so the same
+command resumes after a kill and measures only the methods it lacks) and OUT/serve_load.md. Only loopback is used,
 and every loop is bounded by a count.
 """
 
@@ -20,6 +21,7 @@ import json
 import os
 import random
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -33,6 +35,8 @@ from tailor.data.lamp import load_users
 from tailor.data.schema import User
 from tailor.store.store import Store
 from tailor.tasks import get_task
+
+from benchmarks.common import atomic_write_text
 
 
 def free_port() -> int:
@@ -86,10 +90,12 @@ class ServerProcess:
                 self.process.wait()
 
 
-def setup_users(api: httpx.Client, users: list[User], personalize_timeout: float) -> float:
-    """Add every user's history, personalize all of them, and return the personalize wall time."""
+def setup_users(api: httpx.Client, users: list[User], personalize_timeout: float,
+                history_items: int | None = None) -> float:
+    """Add every user's history (its last `history_items` items, as the data file lists them, when given),
+    personalize all of them, and return the personalize wall time."""
     for user in users:
-        items = [item.to_json() for item in user.profile]
+        items = [item.to_json() for item in user.profile[-history_items if history_items else 0:]]
         for start in range(0, len(items), 1000):
             api.post(f"/v1/users/{user.id}/history", json={"items": items[start:start + 1000]}).raise_for_status()
     started = time.perf_counter()
@@ -150,8 +156,8 @@ def run_method(spec: str, args: argparse.Namespace, users: list[User]) -> dict:
     folder = args.out / spec.replace(":", "-").replace(",", "-").replace("=", "")
     folder.mkdir(parents=True, exist_ok=True)
     store_dir = folder / "store"
-    if store_dir.exists():
-        raise SystemExit(f"{store_dir} exists: use a new --out (a load test starts from an empty store)")
+    if store_dir.exists():  # a method the test did not finish: a load test starts from an empty store
+        shutil.rmtree(store_dir)
     key = Store(store_dir).create_tenant("load")[1]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -164,7 +170,7 @@ def run_method(spec: str, args: argparse.Namespace, users: list[User]) -> dict:
     try:
         server.wait_ready(url, args.start_timeout)
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=args.timeout) as api:
-            personalize_s = setup_users(api, users, args.personalize_timeout)
+            personalize_s = setup_users(api, users, args.personalize_timeout, args.history_items)
             rng = random.Random(args.seed)
             plan = [(u.id, u.queries[0].input) for u in rng.choices(users, k=args.requests)]
             for user_id, query in plan[:args.warmup]:
@@ -187,7 +193,8 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     base = next((r for r in results if r["method"] == "none"), None)
     lines = [f"{args.requests} predict calls (one (user, query) pair each) from {args.concurrency} concurrent "
              f"clients over {args.users} {get_task(args.task).name} users, {args.model}, loopback, "
-             f"max batch {args.max_batch}, max wait {args.max_wait_ms} ms, server threads {args.threads}.", "",
+             f"max batch {args.max_batch}, max wait {args.max_wait_ms} ms, server threads {args.threads}"
+             + (f", each user's last {args.history_items} history items" if args.history_items else "") + ".", "",
              "| method | errors | p50 ms | p99 ms | throughput req/s | x none | mean batch | personalize all s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
@@ -215,19 +222,29 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per HTTP call")
     parser.add_argument("--start-timeout", type=float, default=1800.0, help="server start, including a first fit")
     parser.add_argument("--personalize-timeout", type=float, default=6 * 3600.0)
+    parser.add_argument("--history-items", type=int, default=None,
+                        help="add only each user's last N history items (default: all); bounds the personalize "
+                             "time of per-user training methods, which is not what this test measures")
     parser.add_argument("--data-dir")
     parser.add_argument("--out", type=Path, default=Path("runs/serve-load"))
     args = parser.parse_args()
     specs = args.method or ["none", "chameleon:history_in_prompt=false", "perfit"]
     users = pool(args.task, args.users, args.data_dir)
-    results = []
+    raw = args.out / "serve_load.json"
+    setting = {k: getattr(args, k) for k in ("model", "task", "users", "requests", "concurrency", "max_batch",
+                                             "max_wait_ms", "threads", "seed", "history_items")}
+    done = json.loads(raw.read_text()) if raw.exists() else {}
+    if done and done.get("setting") != setting:
+        raise SystemExit(f"{raw} holds a load test with other settings ({done.get('setting')}): use a new --out")
+    kept = {r["method"]: r for r in done.get("results", [])}
     for spec in specs:
-        results.append(run_method(spec, args, users))
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve_load.json").write_text(json.dumps(results, indent=2) + "\n")
-    report = markdown(results, args)
-    (args.out / "serve_load.md").write_text(report)
+        if spec not in kept:
+            kept[spec] = run_method(spec, args, users)
+            # after every method, so a killed test keeps what it measured and the same command resumes
+            atomic_write_text(raw, json.dumps({"setting": setting, "results": list(kept.values())}, indent=2))
+        print(json.dumps(kept[spec]), file=sys.stderr, flush=True)
+    report = markdown([kept[spec] for spec in specs], args)
+    atomic_write_text(args.out / "serve_load.md", report)
     print(report)
 
 
