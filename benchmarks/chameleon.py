@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import BASELINE, chosen, machine, publish, run, section, slug
+from benchmarks.common import BASELINE, chosen, fresh_cache, machine, publish, run, section, slug
+from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.data.splits import subset
@@ -52,9 +54,13 @@ TUNING = [("tune no edit", "--method chameleon --set scale_p=0 --set scale_n=0")
             for layers in (1, 3, 5) for scale in (0.5, 1.0, 2.0, 4.0, 8.0)]]
 
 
-def cost(task_name: str, model: str, users: int) -> str:
-    """Per-user seconds by stage, state bytes, and predict throughput at batch 16 with the edit on and off."""
+def cost(task_name: str, model: str, users: int, out: Path) -> str:
+    """Per-user seconds by stage, state bytes, and predict throughput at batch 16 with the edit on and off.
+
+    Generations and hidden states go to a fresh cache (OUT/chameleon-cost-cache), so the stage times are a first
+    run's even after other benchmarks cached these users."""
     torch.set_num_threads(2)
+    os.environ["TAILOR_CACHE"] = str(fresh_cache(out / "chameleon-cost-cache", cache_root()))
     backbone = Backbone.load(model)
     task = get_task(task_name)
     chosen = subset(load_users(task, "dev"), users, seed=1)
@@ -103,7 +109,7 @@ def main() -> None:
     sections = [f"Machine: {machine()}. Model: {args.model}, float32, seed 0.\n"]
     for name in args.tasks:
         if args.cost:
-            sections.append(f"### CHAMELEON cost, {get_task(name).name}\n\n{cost(name, args.model, args.users or 16)}")
+            sections.append(f"### CHAMELEON cost, {get_task(name).name}\n\n{cost(name, args.model, args.users or 16, args.out)}")
             continue
         if args.tune:
             plan, split, users, title = TUNING + [("non-personalized", "--method none")], "train", 40, "tuning"

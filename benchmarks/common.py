@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+SHARED = ("models", "fits")
+"""Cache folders that cold measurements still share: what is converted or fitted once. Text and hidden-state
+caches are not."""
+
+
+def fresh_cache(folder: Path, shared_root: Path) -> Path:
+    """An empty cache folder whose models/ and fits/ are links into the shared cache."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in SHARED:
+        (shared_root / name).mkdir(parents=True, exist_ok=True)
+        (folder / name).symlink_to(shared_root / name, target_is_directory=True)
+    return folder
 
 
 BASELINE = "non-personalized"

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import atomic_write_text, machine, slug
+from benchmarks.common import atomic_write_text, fresh_cache, machine, slug
 from tailor.backbone.loading import cache_root
 from tailor.cli import _parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.distributed.ray_runner import RayOptions, WorkerPool, ray_eval, ray_session
@@ -32,8 +32,6 @@ from tailor.methods import method_class
 DEFAULT_PLAN = ["none", "rag k=4", "chameleon", "perfit"]
 """Prompting (retrieval in the prompt), representation editing (steering directions), trained interventions; the
 non-personalized model is the reference that predict overhead is measured against."""
-SHARED = ("models", "fits")
-"""Cache folders every measurement shares: what is converted or fitted once. Text and hidden-state caches are not."""
 
 
 def parse_plan(entry: str) -> tuple[str, dict]:
@@ -42,16 +40,6 @@ def parse_plan(entry: str) -> tuple[str, dict]:
     options = parse_set(pairs)
     method_class(name)  # an unknown method fails here, before any cluster starts
     return name, options
-
-
-def fresh_cache(folder: Path, shared_root: Path) -> Path:
-    """An empty cache folder whose models/ and fits/ are links into the shared cache."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    for name in SHARED:
-        (shared_root / name).mkdir(parents=True, exist_ok=True)
-        (folder / name).symlink_to(shared_root / name, target_is_directory=True)
-    return folder
 
 
 def measure(spec: EvalSpec, workers: int, out: Path, chunk_users: int, shared_root: Path) -> dict:
