@@ -15,7 +15,7 @@ Inputs come from files that benchmarks wrote, never from the command line alone:
 
 The formulas are docs/scaling.md's section 3: c = t_pers + q * t_pred core-seconds per user,
 C = U * c / (3600 * E2) core-hours, W = ceil(U * c / (3600 * E2 * (T - (t_fit + t_start) / 3600))) workers to finish
-in T hours, S = U * b_state bytes.
+in T hours, S = U * b_state and P = U * q * b_row bytes.
 """
 
 from __future__ import annotations
@@ -40,6 +40,15 @@ class Inputs:
     b_state: float
     e2: float | None
     t_start: float = 0.0
+    b_row: float | None = None
+    """Bytes per line of the run's predictions.jsonl (the predictions' storage, P = U * q * b_row)."""
+
+
+def row_bytes(predictions: Path) -> float | None:
+    if not predictions.exists():
+        return None
+    lines = predictions.read_bytes().count(b"\n")
+    return predictions.stat().st_size / lines if lines else None
 
 
 def from_ray(path: Path) -> dict[str, Inputs]:
@@ -52,7 +61,8 @@ def from_ray(path: Path) -> dict[str, Inputs]:
         m = one["metrics"]
         out[one["method"]] = Inputs(f"{path} ({m['task']}, {one['users']} users)", float(data["fit_s"][one["method"]]),
                                     m["personalize_s_per_user"], m["predict_s_per_query"],
-                                    float(one["state_file_bytes"]), e2, one["startup_s"])
+                                    float(one["state_file_bytes"]), e2, one["startup_s"],
+                                    row_bytes(Path(one["run_dir"]) / "predictions.jsonl"))
     return out
 
 
@@ -61,7 +71,7 @@ def from_run(folder: Path) -> Inputs:
     states = list((folder / "states").glob("*.safetensors"))
     b_state = sum(f.stat().st_size for f in states) / len(states) if states else float(m["state_bytes_per_user"])
     return Inputs(f"{folder} ({m['task']}, {m['n_users']} users)", float(m["fit_s"]), m["personalize_s_per_user"],
-                  m["predict_s_per_query"], b_state, None)
+                  m["predict_s_per_query"], b_state, None, b_row=row_bytes(folder / "predictions.jsonl"))
 
 
 def figures(x: Inputs, users: float, deadline_h: float, queries: float) -> tuple[float, int | None, float]:
@@ -84,20 +94,23 @@ def human_bytes(n: float) -> str:
 
 def report(inputs: dict[str, Inputs], overrides: list[str], deadline_h: float, queries: float,
            command: str) -> str:
-    lines = ["| method | t_fit s | t_start s | t_pers s/user | t_pred s/query | b_state bytes/user | E2 | source |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | t_fit s | t_start s | t_pers s/user | t_pred s/query | b_state bytes/user | b_row bytes | E2 "
+             "| source |", "|---|---|---|---|---|---|---|---|---|"]
     for name, x in inputs.items():
         e2 = f"{x.e2:.2f}" if x.e2 is not None else "not measured (1.0 used)"
+        b_row = f"{x.b_row:.0f}" if x.b_row is not None else "-"
         lines.append(f"| {name} | {x.t_fit:.0f} | {x.t_start:.1f} | {x.t_pers:.3f} | {x.t_pred:.3f} | "
-                     f"{x.b_state:.0f} | {e2} | {x.source} |")
+                     f"{x.b_state:.0f} | {b_row} | {e2} | {x.source} |")
     lines += ["", f"Deadline T = {deadline_h:g} h, q = {queries:g} queries per user.", "",
-              "| method | users | core-hours C | workers for T | state storage S |", "|---|---|---|---|---|"]
+              "| method | users | core-hours C | workers for T | state storage S | predictions P |",
+              "|---|---|---|---|---|---|"]
     for name, x in inputs.items():
         for users in (1e6, 1e8):
             core_hours, workers, storage = figures(x, users, deadline_h, queries)
+            predictions = human_bytes(users * queries * x.b_row) if x.b_row is not None else "-"
             lines.append(f"| {name} | {users:,.0f} | {core_hours:,.0f} | "
                          f"{f'{workers:,}' if workers is not None else 'the fit alone exceeds T'} | "
-                         f"{human_bytes(storage)} |")
+                         f"{human_bytes(storage)} | {predictions} |")
     if overrides:
         lines += ["", "Inputs replaced by `--set`: " + "; ".join(f"`{o}`" for o in overrides) + "."]
     lines += ["", "Command:", "", f"    {command}", ""]

@@ -20,9 +20,11 @@ def test_a_fit_longer_than_the_deadline_has_no_worker_count():
 
 def test_scaling_efficiency_comes_from_the_two_worker_run(tmp_path):
     metrics = {"task": "LaMP-3", "personalize_s_per_user": 2.0, "predict_s_per_query": 1.0}
+    (tmp_path / "predictions.jsonl").write_text('{"a": 1}\n{"a": 22}\n')
     rows = [{"method": "rag", "workers": w, "users": 100, "users_per_s": speed, "startup_s": 5.0,
-             "state_file_bytes": 300, "metrics": metrics} for w, speed in ((1, 0.5), (2, 0.8))]
+             "state_file_bytes": 300, "metrics": metrics, "run_dir": str(tmp_path)} for w, speed in ((1, 0.5), (2, 0.8))]
     path = tmp_path / "ray_scaling.json"
     path.write_text(json.dumps({"results": rows, "fit_s": {"rag": 0.0}}))
     x = from_ray(path)["rag"]
     assert abs(x.e2 - 0.8) < 1e-12 and x.t_start == 5.0 and x.b_state == 300
+    assert x.b_row == 19 / 2  # two lines of 9 and 10 bytes
