@@ -25,6 +25,7 @@ from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.data.splits import subset
 from tailor.methods.chameleon import Chameleon
+from tailor.store.state import UserState
 from tailor.tasks import get_task
 
 MAIN_PLAN = [
@@ -93,6 +94,21 @@ def cost(task_name: str, model: str, users: int, out: Path) -> str:
     return "\n".join(lines) + "\n\n" + json.dumps({"stages": {k: statistics.mean(v) for k, v in stages.items()}})
 
 
+def pair_stats(run_dir: Path) -> str:
+    """How much preference data a CHAMELEON run's users kept (section 3.1 drops pairs whose two answers agree),
+    read from the run's saved states: a user with no kept pair gets no direction and so no edit."""
+    states = [UserState.load(f) for f in sorted((run_dir / "states").glob("*.safetensors"))]
+    if not states:
+        raise SystemExit(f"no states in {run_dir / 'states'}")
+    kept = [s.header["pairs_kept"] for s in states]
+    dropped = [s.header["pairs_dropped"] for s in states]
+    edited = sum(1 for s in states if s.tensors["layers"].numel())
+    return (f"{run_dir}: {len(states)} users; synthetic pairs kept {sum(kept)}, dropped {sum(dropped)} "
+            f"(answers identical); users with at least one kept pair {sum(k > 0 for k in kept)}; users whose state "
+            f"edits any layer {edited}. First user's insights: personalized {states[0].header['insight_p']!r}, "
+            f"neutral {states[0].header['insight_n']!r}.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", nargs="+", default=["lamp2n", "lamp2m", "lamp3", "lamp4", "lamp7"])
@@ -105,7 +121,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None,
                         help="labels to run (default: the whole plan); the baseline row is always included")
     parser.add_argument("--report", type=Path, default=None)
+    parser.add_argument("--pair-stats", type=Path, nargs="+", default=None, metavar="RUN_DIR",
+                        help="instead of running anything: the kept and dropped pairs of finished runs' states")
     args = parser.parse_args()
+    if args.pair_stats:
+        print("\n".join(pair_stats(folder) for folder in args.pair_stats))
+        return
     sections = [f"Machine: {machine()}. Model: {args.model}, float32, seed 0.\n"]
     for name in args.tasks:
         if args.cost:
