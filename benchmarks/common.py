@@ -56,14 +56,6 @@ def publish(text: str, report: Path | None) -> None:
     print(text)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename, so a killed benchmark never leaves half a results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 SHARED = ("models", "fits")
 """Cache folders that cold measurements still share: what is converted or fitted once. Text and hidden-state
 caches are not."""

@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import atomic_write_text, fresh_cache, machine, slug
+from benchmarks.common import fresh_cache, machine, slug
+from tailor.atomic import write_text
 from tailor.backbone.loading import cache_root
 from tailor.cli import _parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.distributed.ray_runner import RayOptions, WorkerPool, ray_eval, ray_session
@@ -135,12 +136,12 @@ def main() -> None:
                 results.append(result)
                 kept[(entry, workers)] = result
                 # after every measurement, so a killed benchmark keeps what it measured and a re-run resumes
-                atomic_write_text(raw, json.dumps({"setting": setting, "results": list(kept.values()),
-                                                   "fit_s": fits}, indent=1))
+                write_text(raw, json.dumps({"setting": setting, "results": list(kept.values()), "fit_s": fits},
+                                           indent=1))
     spec_line = (f"{args.task} dev, {args.users} users (seed 0), {args.model} {args.dtype}, 1 torch thread per "
                  f"worker, {args.chunk_users} users per chunk; {machine()}.")
     text = report(results, fits, spec_line, command)
-    atomic_write_text(out / "ray_scaling.md", text)
+    write_text(out / "ray_scaling.md", text)
     print(text)
 
 

@@ -31,12 +31,11 @@ from pathlib import Path
 
 import httpx
 
+from tailor.atomic import write_text
 from tailor.data.lamp import load_users
 from tailor.data.schema import User
 from tailor.store.store import Store
 from tailor.tasks import get_task
-
-from benchmarks.common import atomic_write_text
 
 
 def free_port() -> int:
@@ -241,10 +240,10 @@ def main() -> None:
         if spec not in kept:
             kept[spec] = run_method(spec, args, users)
             # after every method, so a killed test keeps what it measured and the same command resumes
-            atomic_write_text(raw, json.dumps({"setting": setting, "results": list(kept.values())}, indent=2))
+            write_text(raw, json.dumps({"setting": setting, "results": list(kept.values())}, indent=2))
         print(json.dumps(kept[spec]), file=sys.stderr, flush=True)
     report = markdown([kept[spec] for spec in specs], args)
-    atomic_write_text(args.out / "serve_load.md", report)
+    write_text(args.out / "serve_load.md", report)
     print(report)
 
 

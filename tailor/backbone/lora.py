@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from tailor.atomic import atomic_path
 from tailor.backbone.edits import Edit, ForwardContext
 from tailor.backbone.layers import Site, decoder_layers, site_module
 
@@ -241,9 +241,8 @@ def save_peft(stack: LoRAStack, model: nn.Module, folder: str | Path, user: int 
         prefix = f"base_model.model.{names[site]}"
         tensors[f"{prefix}.lora_A.weight"] = stack.A[site][user].detach().float().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = stack.B[site][user].detach().float().contiguous()
-    tmp = folder / f".{ADAPTER_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / ADAPTER_WEIGHTS)
+    with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     config.save_pretrained(str(folder))
     return folder
 

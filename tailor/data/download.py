@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from tailor.atomic import write_text
 from tailor.data.lamp import SPLITS, VARIANTS, DataError, resolve_task
 from tailor.tasks.lamp import Task
 
@@ -96,21 +97,12 @@ def _load_manifest(path: Path) -> dict[str, dict[str, Any]]:
     return files if isinstance(files, dict) else {}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _record(manifest: Path, key: str, url: str, file: Path) -> None:
     files = _load_manifest(manifest)
     digest, size = _sha256(file)
     files[key] = {"url": url, "sha256": digest, "bytes": size,
                   "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    _write_atomic(manifest, json.dumps({"files": files}, indent=2, sort_keys=True) + "\n")
+    write_text(manifest, json.dumps({"files": files}, indent=2, sort_keys=True) + "\n")
 
 
 def _sha256(path: Path) -> tuple[str, int]:

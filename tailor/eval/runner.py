@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from tailor.atomic import write_json
 from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
@@ -60,12 +61,6 @@ class EvalSpec:
     seed: int = 0
     label: str | None = None
     data_dir: str | None = None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _check_config(path: Path, config: dict) -> None:
@@ -193,7 +188,7 @@ def open_run(spec: EvalSpec, out: Path, identity: dict[str, Any], n_users: int) 
     if config_path.exists():
         _check_config(config_path, config)
     else:
-        _write_json(config_path, config)
+        write_json(config_path, config)
 
 
 def answered_queries(out: Path) -> set[str]:
@@ -325,7 +320,7 @@ def process_chunk(method: Personalizer, users: Sequence[User], states_dir: Path,
 def record_fit_time(out: Path, seconds: float) -> None:
     """Add one process's fit time to the run's fit_time.json: a resumed run, or the same command run again after
     it finished, keeps the time the first process spent fitting instead of replacing it."""
-    _write_json(out / "fit_time.json", {"seconds": round(recorded_fit_time(out) + seconds, 3)})
+    write_json(out / "fit_time.json", {"seconds": round(recorded_fit_time(out) + seconds, 3)})
 
 
 def recorded_fit_time(out: Path) -> float:
@@ -361,6 +356,6 @@ def finalize(out: Path, spec: EvalSpec) -> dict:
         "state_bytes_per_user": round(sum(r["state_bytes"] for r in rows) / max(len(rows), 1)),
         "fit_s": round(fit_s, 3),
     }
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     write_run_report(out)
     return metrics

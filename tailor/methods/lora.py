@@ -21,7 +21,6 @@ user's adapter is the same whether it was trained alone or beside others.
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from abc import abstractmethod
@@ -32,6 +31,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from tailor.atomic import atomic_path
 from tailor.backbone.edits import Edit, HookSet, hooked
 from tailor.backbone.layers import Site
 from tailor.backbone.lora import LoRAStack, combine, load_peft, lora_sites, rank_concat, save_peft, user_seed
@@ -346,11 +346,10 @@ class MTLoRA(LoRAFamily):
 
 def _save_checkpoint(path: Path, step: int, trainer: StackTrainer, losses: list[float], seconds: float) -> None:
     """`seconds`: the fit's time so far over every process, so a resumed fit reports what the whole fit cost."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"step": step, "params": [p.detach() for p in trainer.stack.parameters()],
-                "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state(), "losses": losses,
-                "seconds": seconds}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"step": step, "params": [p.detach() for p in trainer.stack.parameters()],
+                    "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state(), "losses": losses,
+                    "seconds": seconds}, tmp)
 
 
 class LoRAP(LoRAFamily):

@@ -40,7 +40,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from tailor.atomic import atomic_path
 from tailor.backbone.cache import HiddenCache
 from tailor.backbone.edits import Edit, hooked
 from tailor.backbone.layers import Site
@@ -567,18 +567,15 @@ class P2P(LMPersonalizer):
 def _save_checkpoint(path: Path, step: int, hypernet: LoRAHypernetwork, optimizer: torch.optim.Optimizer,
                      losses: list[float], seconds: float) -> None:
     """`seconds`: the fit's time so far over every process, so a resumed fit reports what the whole fit cost."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"step": step, "hypernet": hypernet.state_dict(), "optimizer": optimizer.state_dict(),
-                "losses": losses, "seconds": seconds}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"step": step, "hypernet": hypernet.state_dict(), "optimizer": optimizer.state_dict(),
+                    "losses": losses, "seconds": seconds}, tmp)
     write_loss_curve(path.with_name("loss.csv"), losses)
 
 
 def write_loss_curve(path: Path, losses: Sequence[float]) -> None:
     """step,loss rows, rewritten whole (atomically) so a reader never sees half a curve."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["step", "loss"])
         writer.writerows((i + 1, round(loss, 6)) for i, loss in enumerate(losses))
-    os.replace(tmp, path)

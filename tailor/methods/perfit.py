@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 
+from tailor.atomic import atomic_path
 from tailor.backbone.edits import hooked
 from tailor.backbone.layers import Site, site_module
 from tailor.backbone.loading import cache_root
@@ -328,9 +329,10 @@ class PerFit(RAG):
         for epoch in range(first_epoch, cfg.epochs1):
             losses = [trainer.step(trainer.freeze(self._batch([examples[i] for i in batch]))) for batch in plans[epoch]]
             log.info("PerFit stage 1 epoch %d: mean loss %.4f", epoch + 1, sum(losses) / len(losses))
-            torch.save({"epoch": epoch + 1, "modules": [m.state_dict() for m in trainer.modules],
-                        "optimizer": trainer.optimizer.state_dict(), "schedule": trainer.schedule.state_dict()},
-                       folder / "checkpoint.pt")
+            with atomic_path(folder / "checkpoint.pt") as tmp:  # a fit killed while saving resumes all the same
+                torch.save({"epoch": epoch + 1, "modules": [m.state_dict() for m in trainer.modules],
+                            "optimizer": trainer.optimizer.state_dict(), "schedule": trainer.schedule.state_dict()},
+                           tmp)
             if progress:
                 progress(len(users) * (epoch + 1) // cfg.epochs1 - len(users) * epoch // cfg.epochs1)
         self._set_stage1(stacked(trainer.modules))
