@@ -93,6 +93,8 @@ def eval_command(
     split: Annotated[str, typer.Option(help="dev, train, or Profile-to-PEFT's random / ood split of the training "
                                              "users (fit on the rest)")] = "dev",
     variant: Annotated[str, typer.Option(help="user (LaMP's user-based split) or time")] = "user",
+    histories: Annotated[str, typer.Option(help="own, or swapped: each user answered with another user's history "
+                                                "(a control that must not help)")] = "own",
     k: Annotated[Optional[int], typer.Option(help="retrieved history items (rag, pag)")] = None,
     mode: Annotated[Optional[str], typer.Option(help="scoring or generation (classification tasks)")] = None,
     calibrate: Annotated[bool, typer.Option(help="contextual calibration of label scores")] = False,
@@ -108,11 +110,13 @@ def eval_command(
     worker_threads: WorkerThreads = 1,
 ) -> None:
     """Evaluate one method on one task and write config, predictions, metrics and a report to OUT."""
-    from tailor.eval.runner import EvalSpec, run_eval
+    from tailor.eval.runner import HISTORIES, EvalSpec, run_eval
     from tailor.methods import REGISTRY, method_class
 
     if method not in REGISTRY:
         raise typer.BadParameter(f"unknown method {method!r}; known: {', '.join(REGISTRY)}", param_hint="--method")
+    if histories not in HISTORIES:
+        raise typer.BadParameter(f"{histories!r} is not one of {', '.join(HISTORIES)}", param_hint="--histories")
     needs_model = method_class(method).needs_backbone
     options = _parse_options(set_)
     for name, value in (("k", k), ("mode", mode), ("calibrate", calibrate or None), ("batch_size", batch_size)):
@@ -123,7 +127,7 @@ def eval_command(
     _check_options(method, options)
     spec = EvalSpec(task=task, method=method, options=options, model=model if needs_model else None, dtype=dtype,
                     split=split, variant=variant, users=users, seed=seed, label=label,
-                    data_dir=str(data_dir) if data_dir else None)
+                    data_dir=str(data_dir) if data_dir else None, histories=histories)
     if ray is not None:
         from tailor.distributed.cli import eval_on_ray
 

@@ -14,6 +14,7 @@ import pytest
 
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
+from tailor.data.splits import swap_histories
 from tailor.eval.runner import EvalSpec, RunConflict, read_predictions, run_eval
 from tailor.tasks import get_task
 from tests.conftest import write_lamp_dir
@@ -186,3 +187,32 @@ def test_fit_time_survives_a_resume_and_a_rerun(backbone: Backbone, lamp_dir: Pa
     (tmp_path / "predictions.jsonl").write_text("".join(rows[:2]))  # as if killed halfway
     metrics = run_eval(spec, tmp_path, backbone)
     assert metrics["fit_s"] == 105.0 and metrics["wall_time_s"] >= 105.0
+
+
+def test_swapped_histories_answer_each_user_from_another_users_history(lamp_dir: Path, tmp_path: Path) -> None:
+    own = EvalSpec(task="lamp2n", method="user-prior", model=None, data_dir=str(lamp_dir), seed=3)
+    swapped = EvalSpec(task="lamp2n", method="user-prior", model=None, data_dir=str(lamp_dir), seed=3,
+                       histories="swapped")
+    run_eval(own, tmp_path / "own")
+    run_eval(swapped, tmp_path / "swapped")
+    users = load_users("lamp2n", "dev", str(lamp_dir))
+    donors = {u.id: next(d for d in users if d.profile == s.profile)
+              for u, s in zip(users, swap_histories(users, seed=3))}
+    own_answers, swapped_answers = predictions_by_query(tmp_path / "own"), predictions_by_query(tmp_path / "swapped")
+    for user in users:  # the user prior answers with the history's most frequent label: now the donor's
+        assert donors[user.id].id != user.id
+        assert {swapped_answers[q.id] for q in user.queries} == {own_answers[q.id] for q in donors[user.id].queries}
+    assert swapped_answers != own_answers, "the data gives users different priors, so the swap shows"
+    assert json.loads((tmp_path / "swapped" / "config.json").read_text())["histories"] == "swapped"
+
+
+def test_a_run_made_before_a_spec_field_existed_resumes(lamp_dir: Path, tmp_path: Path) -> None:
+    spec = EvalSpec(task="lamp3", method="global-prior", model=None, data_dir=str(lamp_dir), users=2)
+    run_eval(spec, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["histories"]  # as written before the field was added
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    run_eval(spec, tmp_path)
+    with pytest.raises(RunConflict, match="histories: 'own' -> 'swapped'"):
+        run_eval(EvalSpec(task="lamp3", method="global-prior", model=None, data_dir=str(lamp_dir), users=2,
+                          histories="swapped"), tmp_path)

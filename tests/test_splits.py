@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tailor.data import DataError, HistoryItem, User
-from tailor.data.splits import ood_split, random_split, subset
+from tailor.data.schema import Query
+from tailor.data.splits import ood_split, random_split, subset, swap_histories
 
 
 def _users(n: int) -> list[User]:
@@ -138,3 +139,16 @@ def test_embeddings_are_checked(split) -> None:
         split(users, bad)
     with pytest.raises(ValueError, match="test_size must be between 1 and 9"):
         split(users, np.eye(10), test_size=10)
+
+
+def test_swap_histories_gives_every_user_another_users_history_once() -> None:
+    users = [User(id=f"u{i}", task="LaMP-2N", profile=(HistoryItem(id=f"h{i}", fields={"text": str(i)}),),
+                  queries=(Query(id=f"q{i}", input=f"x{i}"),)) for i in range(7)]
+    swapped = swap_histories(users, seed=4)
+    assert swapped == swap_histories(users, seed=4) and swapped != swap_histories(users, seed=5)
+    assert [u.id for u in swapped] == [u.id for u in users]
+    assert [u.queries for u in swapped] == [u.queries for u in users]
+    assert all(s.profile != u.profile for s, u in zip(swapped, users))
+    assert sorted(s.profile[0].id for s in swapped) == sorted(u.profile[0].id for u in users)
+    with pytest.raises(ValueError, match="at least two"):
+        swap_histories(users[:1], seed=0)

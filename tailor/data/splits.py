@@ -11,6 +11,7 @@ works on direction (cosine geometry), as with sentence embeddings.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any, Sequence
 
@@ -45,6 +46,20 @@ def subset(users: Sequence[User], n: int | None, seed: int) -> list[User]:
         raise ValueError(f"subset size must be >= 0, got {n}")
     chosen = sorted(random.Random(seed).sample(range(len(users)), n))
     return [users[i] for i in chosen]
+
+
+def swap_histories(users: Sequence[User], seed: int) -> list[User]:
+    """Each user with another user's history and their own queries: a seeded derangement (no user keeps their own).
+
+    The control for what a method takes from a user's own history. P2P's ablation (section 6, table 5) feeds the
+    hypernetwork shuffled profiles and finds it hurts; any method can be run this way.
+    """
+    if len(users) < 2:
+        raise ValueError("swapping histories needs at least two users")
+    order = list(range(len(users)))
+    random.Random(seed).shuffle(order)
+    donor = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+    return [dataclasses.replace(user, profile=users[donor[i]].profile) for i, user in enumerate(users)]
 
 
 def random_split(users: Sequence[User], embeddings: Any, test_size: int | None = None,

@@ -21,7 +21,7 @@ import os
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -31,7 +31,7 @@ from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.data.schema import User
-from tailor.data.splits import ood_split, random_split, subset
+from tailor.data.splits import ood_split, random_split, subset, swap_histories
 from tailor.eval.metrics import compute_metrics
 from tailor.eval.report import write_run_report
 from tailor.eval.stats import bootstrap_ci
@@ -61,10 +61,14 @@ class EvalSpec:
     seed: int = 0
     label: str | None = None
     data_dir: str | None = None
+    histories: str = "own"
+    """"own", or "swapped": each user answered with another user's history (a seeded derangement of the run's users;
+    `tailor.data.splits.swap_histories`), the control that must not help."""
 
 
 def _check_config(path: Path, config: dict) -> None:
-    old = json.loads(path.read_text())
+    # a spec field added after a run was made is absent from its config.json: absent means the field's default
+    old = {**{f.name: f.default for f in fields(EvalSpec) if f.default is not MISSING}, **json.loads(path.read_text())}
     volatile = {"data_dir", "label"}
     diffs = [k for k in sorted(set(old) | set(config)) if k not in volatile and old.get(k) != config.get(k)]
     if diffs:
@@ -113,15 +117,20 @@ class Chunk:
 
 
 USER_SPLITS = ("random", "ood")
+HISTORIES = ("own", "swapped")
 """Profile-to-PEFT's splits of the training file's users (paper section 4.1): fit on one part, answer the other."""
 
 
 def eval_users(spec: EvalSpec) -> list[User]:
-    """The users a run answers, in file order: the seeded subset of the split."""
+    """The users a run answers, in file order: the seeded subset of the split (with swapped histories if asked)."""
+    if spec.histories not in HISTORIES:
+        raise ValueError(f"histories must be one of {', '.join(HISTORIES)}, not {spec.histories!r}")
     if spec.split in USER_SPLITS:
-        return subset(_user_split(spec.task, spec.data_dir, spec.variant, spec.split, spec.seed)[1], spec.users,
-                      spec.seed)
-    return subset(load_users(spec.task, spec.split, spec.data_dir, spec.variant), spec.users, spec.seed)
+        users = subset(_user_split(spec.task, spec.data_dir, spec.variant, spec.split, spec.seed)[1], spec.users,
+                       spec.seed)
+    else:
+        users = subset(load_users(spec.task, spec.split, spec.data_dir, spec.variant), spec.users, spec.seed)
+    return swap_histories(users, spec.seed) if spec.histories == "swapped" else users
 
 
 def fit_users(spec: EvalSpec) -> list[User]:
