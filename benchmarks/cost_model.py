@@ -2,7 +2,7 @@
 storage for 1 M and 100 M users, per method.
 
 Inputs come from files that benchmarks wrote, never from the command line alone:
-- `--ray runs/ray-scaling/ray_scaling.json`: per method, the 1-worker run's personalize s/user, predict s/query,
+- `--ray runs/ray-scaling/ray_scaling.json` (repeatable): per method, the 1-worker run's personalize s/user, predict s/query,
   state file bytes and fit s, the worker start-up, and the scaling efficiency E2 of its 2-worker run;
 - `--run LABEL=RUN_DIR`: a `tailor eval` run folder's metrics.json (personalize s/user, predict s/query, fit s as
   that run recorded it: 0 when the fit came from the fit cache) and its state files; E2 is not measured for these,
@@ -119,7 +119,8 @@ def report(inputs: dict[str, Inputs], overrides: list[str], deadline_h: float, q
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ray", type=Path, help="ray_scaling.json of benchmarks.ray_scaling")
+    parser.add_argument("--ray", type=Path, action="append", default=[],
+                        help="ray_scaling.json of benchmarks.ray_scaling (repeatable)")
     parser.add_argument("--run", action="append", default=[], help="LABEL=RUN_DIR of a `tailor eval` run")
     parser.add_argument("--set", dest="set_", action="append", default=[],
                         help="LABEL:KEY=VALUE, KEY one of t_fit, t_start, t_pers, t_pred, b_state, e2")
@@ -128,11 +129,18 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=None)
     args = parser.parse_args()
 
-    inputs: dict[str, Inputs] = from_ray(args.ray) if args.ray else {}
+    inputs: dict[str, Inputs] = {}
+    for path in args.ray:
+        for label, measured in from_ray(path).items():
+            if label in inputs:
+                parser.error(f"{label!r} is measured in two --ray files; keep one")
+            inputs[label] = measured
     for entry in args.run:
         label, sep, folder = entry.partition("=")
         if not sep:
             parser.error(f"--run takes LABEL=RUN_DIR, got {entry!r}")
+        if label in inputs:
+            parser.error(f"the label {label!r} is used twice")
         inputs[label] = from_run(Path(folder))
     for entry in args.set_:
         label, _, assignment = entry.partition(":")
