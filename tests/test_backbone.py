@@ -100,6 +100,18 @@ def test_sft_batch_labels_cover_only_the_target(backbone: Backbone) -> None:
         assert labelled == target + backbone.eos_ids[:1]
 
 
+def test_sft_loss_equals_the_loss_over_full_logits(backbone: Backbone) -> None:
+    batch = backbone.sft_batch(["a prompt", "a much longer prompt with more words in it"], ["comedy film", "5"])
+    assert batch.labels is not None
+    with torch.no_grad():
+        logits = backbone.model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions).logits
+        target = batch.labels[:, 1:]
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                               reduction="none").view(target.shape)
+        expected = loss.sum(-1) / (target != -100).sum(-1)
+        assert torch.allclose(backbone.sft_loss(batch, reduction="per_row"), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3"])
 def test_layer_resolver_and_edits_on_every_family(family: str) -> None:
     bb = tiny_backbone(family)

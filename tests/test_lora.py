@@ -16,7 +16,8 @@ from tailor.backbone.lora import LoRAStack, load_peft, lora_sites, save_peft, us
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.eval.runner import EvalSpec, run_eval, state_path
-from tailor.methods.lora import MTLoRA, OPPU, LoRAP, LoRAPConfig, plan, tokenise, train_users
+from tailor.methods.lora import (MTLoRA, OPPU, LoRAP, LoRAPConfig, StackTrainer, plan, token_groups, tokenise,
+                                 train_users)
 from tailor.store.state import UserState
 from tailor.tasks import get_task
 
@@ -78,6 +79,37 @@ def test_users_trained_together_get_the_adapters_they_get_alone(backbone: Backbo
     diff = max((alone_a.tensors[n] - alone_b.tensors[n]).abs().max().item() for n in alone_a.tensors)
     assert diff > 1e-3  # two users really get different adapters
     assert together[0].header["steps"] == 4 and together[0].header["train_s"] > 0
+
+
+def test_token_groups_bound_the_padded_size_and_keep_the_order() -> None:
+    assert token_groups([3, 5, 2, 9, 1], budget=10) == [[0, 1], [2], [3], [4]]
+    assert token_groups([3, 3, 3], budget=9) == [[0, 1, 2]]
+    assert token_groups([], budget=9) == []
+
+
+def test_a_step_in_token_groups_equals_one_forward(backbone: Backbone, lamp_dir: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    method = LoRAP(get_task("lamp2n"), backbone, **FAST)
+    a, b = users_of(lamp_dir)[:2]
+    rows = [(0, e) for e in tokenise(backbone, method.training_pairs(a, 3), 8)] + \
+        [(1, e) for e in tokenise(backbone, method.training_pairs(b, 3), 8)]
+    init = LoRAStack.init(backbone.model, method.sites, 4, 8.0, [1, 2])
+    init = LoRAStack({s: t for s, t in init.A.items()}, {s: torch.randn_like(t) * 0.1 for s, t in init.B.items()},
+                     init.alpha)
+    results = []
+    for budget in (10_000, 1):  # everything in one forward; every row in a forward of its own
+        monkeypatch.setattr("tailor.methods.lora.TRAIN_TOKENS", budget)
+        trainer = StackTrainer(backbone, init, method.config)
+        with hooked(backbone.model, trainer.edits()) as hooks:
+            losses = trainer.step(hooks, rows)
+        results.append((losses, trainer.stack.detach()))
+    (one, stack_one), (groups, stack_groups) = results
+    assert len(token_groups([len(e.ids) for _, e in rows], 1)) == len(rows)
+    assert torch.allclose(one, groups, atol=1e-5)
+    for site in stack_one.sites:
+        assert torch.allclose(stack_one.A[site], stack_groups.A[site], atol=1e-6)
+        assert torch.allclose(stack_one.B[site], stack_groups.B[site], atol=1e-6)
+    assert any((stack_one.B[s] - init.B[s]).abs().max() > 1e-4 for s in init.sites), "the step moved the adapters"
 
 
 def test_mixed_adapter_batch_equals_each_row_alone(backbone: Backbone) -> None:

@@ -103,11 +103,11 @@ def test_a_few_steps_lower_the_loss(backbone: Backbone, lamp_dir: Path, tmp_path
     users = users_of(lamp_dir, "train")
     data = p2p.training_set(users)
     rows = list(range(len(data.examples)))
-    before = p2p.batch_loss(p2p.new_hypernet(), data, rows).item()
+    before = p2p.batch_loss(p2p.new_hypernet(), data, rows)
     p2p.fit(users, workdir=tmp_path)
     assert p2p.hypernet is not None
     with torch.no_grad():
-        after = p2p.batch_loss(p2p.hypernet, data, rows).item()
+        after = p2p.batch_loss(p2p.hypernet, data, rows)
     assert after < before - 0.1
     assert all(not p.requires_grad for p in backbone.model.parameters())
     curve = (tmp_path / "loss.csv").read_text().splitlines()

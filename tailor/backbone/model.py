@@ -307,11 +307,19 @@ class Backbone:
 
     def sft_loss(self, batch: Batch, hooks: HookSet | None = None, rows: Tensor | None = None,
                  reduction: Literal["mean", "per_row"] = "mean") -> Tensor:
-        """Next-token cross-entropy on the labelled (target) tokens; gradients flow into whatever the edits hold."""
-        out = self._forward(hooks, batch.ids, batch.mask, batch.positions, rows, batch.prompt_lengths)
+        """Next-token cross-entropy on the labelled (target) tokens; gradients flow into whatever the edits hold.
+
+        Rows are left-padded, so the targets sit in the last columns: only the positions from the first labelled
+        column on go through the LM head (at 2,048 prompt tokens, the full logits of a batch of 8 take 3 GB).
+        """
         assert batch.labels is not None
+        width = batch.labels.shape[1]
+        labelled = (batch.labels != -100).any(0).nonzero()
+        keep = min(width - int(labelled[0]) + 1, width) if len(labelled) else 1
+        out = self._forward(hooks, batch.ids, batch.mask, batch.positions, rows, batch.prompt_lengths,
+                            logits_to_keep=keep)
         logits = out.logits[:, :-1].float()
-        target = batch.labels[:, 1:]
+        target = batch.labels[:, width - keep + 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
                                reduction="none").view(target.shape)
         counts = (target != -100).sum(-1).clamp(min=1)

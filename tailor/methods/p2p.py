@@ -58,7 +58,7 @@ from tailor.backbone.lora import LoRAStack, lora_sites, projection, save_peft
 from tailor.data.schema import HistoryItem, Query, User
 from tailor.data.splits import subset
 from tailor.methods.base import LMConfig, LMPersonalizer, Prediction, Progress, Request
-from tailor.methods.lora import Example, tokenise
+from tailor.methods.lora import Example, token_groups, tokenise
 from tailor.methods.profile import ProfileSummarizer, format_history
 from tailor.methods.prompting import bm25_of, history_of, profile_header
 from tailor.retrieval.bm25 import BM25Index
@@ -373,26 +373,36 @@ class P2P(LMPersonalizer):
         dim = self.embedding_dim()
         return TrainingSet(examples, torch.cat(embeddings) if embeddings else torch.zeros(0, dim), owners, tasks)
 
-    def batch_loss(self, hypernet: LoRAHypernetwork, data: TrainingSet, rows: Sequence[int]) -> Tensor:
-        """Mean over rows of each row's token-averaged SFT loss, row r through the LoRA written for its profile."""
+    def row_losses(self, hypernet: LoRAHypernetwork, data: TrainingSet, rows: Sequence[int]) -> Tensor:
+        """Each row's token-averaged SFT loss, row r through the LoRA written for its profile, in one forward."""
         assert self.backbone is not None
         examples = [data.examples[i] for i in rows]
         batch = self.backbone.batch([e.ids for e in examples], [e.prompt_length for e in examples],
                                     [e.labels for e in examples])
         stack = self.generate(data.embeddings[list(rows)], hypernet)
         with hooked(self.backbone.model, stack.edits()) as hooks:
-            per_row = self.backbone.sft_loss(batch, hooks, torch.arange(len(rows)), reduction="per_row")
-        return per_row.mean()
+            return self.backbone.sft_loss(batch, hooks, torch.arange(len(rows)), reduction="per_row")
+
+    def batch_loss(self, hypernet: LoRAHypernetwork, data: TrainingSet, rows: Sequence[int],
+                   backward: bool = False) -> float:
+        """Mean over rows of each row's loss, computed in groups of rows within TRAIN_TOKENS; with `backward`, each
+        group's share is backpropagated as it is computed (the gradient of the mean, in bounded memory)."""
+        total = 0.0
+        for group in token_groups([len(data.examples[rows[i]].ids) for i in range(len(rows))]):
+            share = self.row_losses(hypernet, data, [rows[i] for i in group]).sum() / len(rows)
+            if backward:
+                share.backward()
+            total += float(share.detach())
+        return total
 
     def train_step(self, hypernet: LoRAHypernetwork, optimizer: torch.optim.Optimizer, data: TrainingSet,
                    rows: Sequence[int]) -> float:
-        loss = self.batch_loss(hypernet, data, rows)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self.batch_loss(hypernet, data, rows, backward=True)
         if self.config.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(hypernet.parameters(), self.config.max_grad_norm)
         optimizer.step()
-        return float(loss.detach())
+        return loss
 
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
         """Train the hypernetwork end to end on the training users (resuming from `workdir`'s checkpoint)."""
