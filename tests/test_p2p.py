@@ -228,3 +228,19 @@ def test_task_mixing_uses_square_root_weights() -> None:
     assert counts["big"] > counts["small"] > counts["tiny"] > 0
     firsts = [plan[s][0] for s in range(len(plan))]
     assert len({users[i] for i in firsts}) > 3  # rows come from many users
+
+
+def test_a_step_in_token_groups_has_the_gradient_of_one_forward(backbone: Backbone, lamp_dir: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    p2p = method(backbone)
+    data = p2p.training_set(users_of(lamp_dir, "train")[:3])
+    rows = list(range(min(len(data.examples), 6)))
+    grads, losses = [], []
+    for budget in (100_000, 1):  # one forward; one forward per row
+        monkeypatch.setattr("tailor.methods.lora.TRAIN_TOKENS", budget)
+        hypernet = p2p.new_hypernet()
+        losses.append(p2p.batch_loss(hypernet, data, rows, backward=True))
+        grads.append([p.grad.clone() for p in hypernet.parameters() if p.grad is not None])
+    assert len(rows) > 1 and losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
