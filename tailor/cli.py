@@ -19,7 +19,7 @@ from rich.table import Table
 from tailor.distributed.cli import RayAddress, WorkerThreads, Workers, ray_argv, register
 
 app = typer.Typer(help="Personalize a language model for each of its users.", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)
+                  pretty_exceptions_enable=False)  # main() prints user errors in one line; bugs get Python's traceback
 data_app = typer.Typer(help="LaMP data: inspect it, download the official files.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 register(app)
@@ -74,6 +74,10 @@ def _check_options(method: str, options: dict[str, object]) -> None:
     unknown = sorted(set(options) - fields)
     if unknown:
         raise typer.BadParameter(f"{method} has no option {', '.join(unknown)}; it has {', '.join(sorted(fields))}")
+    try:
+        cls.config_class(**options)  # a config that checks its values says what is wrong before anything loads
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--set") from None
 
 
 def _load_backbone(model: str, dtype: str):
@@ -118,12 +122,13 @@ def eval_command(
     if histories not in HISTORIES:
         raise typer.BadParameter(f"{histories!r} is not one of {', '.join(HISTORIES)}", param_hint="--histories")
     needs_model = method_class(method).needs_backbone
-    options = _parse_options(set_)
+    explicit = _parse_options(set_)
+    options = dict(explicit)
     for name, value in (("k", k), ("mode", mode), ("calibrate", calibrate or None), ("batch_size", batch_size)):
         if value is not None:
             options[name] = value
-    if not needs_model:
-        options = {key: v for key, v in options.items() if key == "batch_size"}
+    if not needs_model:  # --k, --mode, --calibrate are for LM methods; a prior takes only its own --set options
+        options = {key: v for key, v in options.items() if key in explicit or key == "batch_size"}
     _check_options(method, options)
     spec = EvalSpec(task=task, method=method, options=options, model=model if needs_model else None, dtype=dtype,
                     split=split, variant=variant, users=users, seed=seed, label=label,
@@ -237,6 +242,11 @@ def data_download(
         console.print(f"{name}: files in {folder} (use --data-dir {folder})")
 
 
+# Recent typer ships its own copy of click, whose errors are not click's classes: catch both kinds.
+CLICK_ERRORS = tuple({click.ClickException, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
+ABORTS = tuple({click.exceptions.Abort, typer.Abort})
+
+
 def main() -> None:
     """Entry point: user errors (bad data, a conflicting run folder, an unknown model) print one line, exit 2."""
     from tailor.backbone.loading import ModelNotFound
@@ -254,10 +264,10 @@ def main() -> None:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
-    except click.exceptions.Abort:
+    except ABORTS:
         raise SystemExit(130) from None
-    except click.ClickException as error:
-        error.show()
+    except CLICK_ERRORS as error:
+        error.show()  # type: ignore[attr-defined]
         raise SystemExit(error.exit_code) from None
 
 

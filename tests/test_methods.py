@@ -48,6 +48,21 @@ def test_user_prior_for_scores_and_generation() -> None:
     assert prior.predict([(prior.personalize(user), query)])[0].text == "stuck in traffic again"
 
 
+def test_rating_priors_answer_with_the_median_when_asked() -> None:
+    review = get_task("lamp3")
+    user = User("r", review.name, tuple(HistoryItem(str(i), {"text": "t", "score": s}) for i, s in
+                                        enumerate(["5", "5", "1"])), (Query("rq", "review: x", "5"),))
+    others = [User(f"o{i}", review.name, (), (Query(f"q{i}", "review: y", g),)) for i, g in enumerate("55512")]
+    for center, user_answer, global_answer in (("mean", "3.6667", "3.6"), ("median", "5", "5")):
+        prior = build_method("user-prior", review, center=center)
+        assert prior.predict([(prior.personalize(user), Query("q", "review: x"))])[0].text == user_answer
+        fitted = build_method("global-prior", review, center=center)
+        fitted.fit(others)
+        assert fitted.predict([(fitted.personalize(user), Query("q", "review: x"))])[0].text == global_answer
+    with pytest.raises(ValueError, match="mean or median"):
+        build_method("user-prior", review, center="middle")
+
+
 def test_global_prior_needs_fit_and_uses_training_golds(lamp_dir: Path) -> None:
     prior = build_method("global-prior", NEWS)
     users = load_users(NEWS, "dev", lamp_dir)

@@ -148,6 +148,13 @@ def test_cli_reports_bad_data_in_one_line(tmp_path: Path) -> None:
     assert "dev_questions.json" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_cli_reports_a_bad_method_option_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "tailor.cli", "eval", "--task", "lamp3", "--method", "global-prior",
+                             "--set", "center=middle", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "center must be mean or median, not 'middle'" in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_saved_states_are_reused_on_resume(backbone: Backbone, lamp_dir: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from tailor.methods import build_method

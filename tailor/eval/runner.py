@@ -35,7 +35,7 @@ from tailor.data.splits import ood_split, random_split, subset, swap_histories
 from tailor.eval.metrics import compute_metrics
 from tailor.eval.report import write_run_report
 from tailor.eval.stats import bootstrap_ci
-from tailor.methods import build_method
+from tailor.methods import REGISTRY, build_method, method_class
 from tailor.methods.base import Personalizer
 from tailor.store.state import UserState
 from tailor.tasks.lamp import get_task
@@ -66,9 +66,15 @@ class EvalSpec:
     `tailor.data.splits.swap_histories`), the control that must not help."""
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
 def _check_config(path: Path, config: dict) -> None:
-    # a spec field added after a run was made is absent from its config.json: absent means the field's default
-    old = {**{f.name: f.default for f in fields(EvalSpec) if f.default is not MISSING}, **json.loads(path.read_text())}
+    # A spec field or method option added after a run was made is absent from its config.json: absent means default.
+    old = {**_defaults(EvalSpec), **json.loads(path.read_text())}
+    if isinstance(old.get("method_config"), dict) and old.get("method") in REGISTRY:
+        old["method_config"] = {**_defaults(method_class(old["method"]).config_class), **old["method_config"]}
     volatile = {"data_dir", "label"}
     diffs = [k for k in sorted(set(old) | set(config)) if k not in volatile and old.get(k) != config.get(k)]
     if diffs:
