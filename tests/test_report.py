@@ -100,6 +100,14 @@ def test_compare_runs_table(three_runs: list[Path]) -> None:
     assert _p(good["Δ f1 vs baseline (p)"]) < 0.01
     assert same["Δ accuracy vs baseline (p)"] == "+0.0000 (p=1.000)"
     assert "1000 resamples" in text
+    for row, path in zip((base, good, same), three_runs):  # a run answering one label for everyone shows it
+        answers = [json.loads(line)["prediction"] for line in (path / "predictions.jsonl").read_text().splitlines()]
+        answer, count = re.fullmatch(r"(.*) \((\d+)/\d+\)", row["most frequent answer"]).groups()
+        assert answers.count(answer) == int(count) == max(answers.count(a) for a in answers)
+    golds = [json.loads(line)["gold"] for line in (three_runs[0] / "predictions.jsonl").read_text().splitlines()]
+    answer, count, total = re.search(r"most frequent gold answer of the baseline's queries: (.*) \((\d+)/(\d+)\)",
+                                     text).groups()
+    assert golds.count(answer) == int(count) == max(golds.count(g) for g in golds) and int(total) == len(golds)
 
 
 def test_delta_is_measured_on_shared_queries_only(tmp_path: Path) -> None:
@@ -148,6 +156,7 @@ def test_generation_runs_compare(tmp_path: Path) -> None:
         make_run(tmp_path, "noise", ["completely unrelated words"] * N_QUERIES, task="LaMP-4", golds=golds),
     ]
     rows = parse_table(compare_runs(runs, n_resamples=200))
+    assert "most frequent answer" not in rows[0]  # generated text: no label to count
     assert rows[0]["rouge1 ↑"].startswith("1.0000")
     assert rows[1]["Δ rougeL vs baseline (p)"].startswith("-1.0000")
 

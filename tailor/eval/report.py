@@ -12,6 +12,7 @@ cover different users, and a difference between unpaired sets would mix the meth
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -229,10 +230,21 @@ def _delta_cell(result: PairedResult) -> str:
     return f"{result.delta:+.4f} (p={result.p_value:.3f})"
 
 
-def _comparison_table(runs: Sequence[Run], metrics: Sequence[str], pairings: Sequence[Pairing | None]) -> str:
-    """One row per run; `pairings` holds each run's comparison with the baseline, None for the baseline itself."""
-    header = ["run", "mode", "queries", *(_metric_header(m) for m in metrics),
-              *(f"Δ {m} vs baseline (p)" for m in metrics), "paired queries", "wall time"]
+def _top_answer(answers: Sequence[str]) -> str:
+    """The most frequent answer and how often it is given: a run that answers one label for everyone shows it."""
+    if not answers:
+        return "—"
+    answer, count = Counter(answers).most_common(1)[0]
+    return f"{_cell(answer)} ({count}/{len(answers)})"
+
+
+def _comparison_table(runs: Sequence[Run], metrics: Sequence[str], pairings: Sequence[Pairing | None],
+                      answers: bool) -> str:
+    """One row per run; `pairings` holds each run's comparison with the baseline, None for the baseline itself.
+    With `answers` (labels and scores, not generated text), a column shows each run's most frequent answer."""
+    header = ["run", "mode", "queries", *(["most frequent answer"] if answers else []),
+              *(_metric_header(m) for m in metrics), *(f"Δ {m} vs baseline (p)" for m in metrics), "paired queries",
+              "wall time"]
     rows = []
     for run, label, pairing in zip(runs, _display_labels(runs), pairings):
         values = [_value_with_ci(run, m) for m in metrics]
@@ -241,7 +253,8 @@ def _comparison_table(runs: Sequence[Run], metrics: Sequence[str], pairings: Seq
         else:
             name, paired = label, pairing.n_queries
             deltas = [_delta_cell(pairing.results[m]) for m in metrics]
-        rows.append([name, run.mode, len(run.predictions), *values, *deltas, paired, _wall_time(run)])
+        top = [_top_answer([str(r["prediction"]) for r in run.predictions])] if answers else []
+        rows.append([name, run.mode, len(run.predictions), *top, *values, *deltas, paired, _wall_time(run)])
     return _table(header, rows)
 
 
@@ -293,12 +306,16 @@ def compare_runs(
     base = _pick_baseline(runs, baseline)
     metrics = metric_names(task)
     pairings = [None if run is base else _pair(task, run, base, n_resamples, seed) for run in runs]
+    answers = task.family != "generation"
+    golds = [str(r["gold"]) for r in base.predictions if r.get("gold") is not None]
     text = (
         f"# {task.name}: comparison against {base.label}\n\n"
-        + _comparison_table(runs, metrics, pairings)
+        + _comparison_table(runs, metrics, pairings, answers)
         + f"\n\nMetric values are each run's own, with its recorded CI. Δ is run − baseline on the queries both "
         f"runs answered (\"paired queries\"), with a two-sided paired bootstrap p-value over users ({n_resamples} "
         f"resamples, seed {seed}).\n"
+        + (f"The most frequent gold answer of the baseline's queries: {_top_answer(golds)}.\n"
+           if answers and golds else "")
     )
     if out_dir is not None:
         out = Path(out_dir)
