@@ -148,11 +148,15 @@ def test_cli_reports_bad_data_in_one_line(tmp_path: Path) -> None:
     assert "dev_questions.json" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_cli_reports_a_bad_method_option_in_one_line(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "tailor.cli", "eval", "--task", "lamp3", "--method", "global-prior",
-                             "--set", "center=middle", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+@pytest.mark.parametrize(("method", "option", "message"), [
+    ("global-prior", "center=middle", "center must be mean or median, not 'middle'"),
+    ("perfit", "stages=3", "stages must be 1+2, 1 or 2, not 3"),
+])
+def test_cli_reports_a_bad_method_option_in_one_line(tmp_path: Path, method: str, option: str, message: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "tailor.cli", "eval", "--task", "lamp3", "--method", method,
+                             "--set", option, "--out", str(tmp_path / "run")], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "center must be mean or median, not 'middle'" in result.stderr and not (tmp_path / "run").exists()
+    assert message in result.stderr and not (tmp_path / "run").exists()
 
 
 def test_saved_states_are_reused_on_resume(backbone: Backbone, lamp_dir: Path, tmp_path: Path,

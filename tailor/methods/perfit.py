@@ -90,6 +90,13 @@ class PerFitConfig(RAGConfig):
     max_target_tokens: int = 48
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Bad values fail here, before a model is loaded (`tailor eval` checks the config first)."""
+        if str(self.stages) not in ("1+2", "1", "2"):  # `--set stages=1` arrives as an int
+            raise ValueError(f"stages must be 1+2, 1 or 2, not {self.stages!r}")
+        parse_layers(self.layers)
+        Positions.parse(self.positions)
+
 
 def parse_layers(text: str | int) -> list[int]:
     layers = sorted({int(part) for part in str(text).split(",") if part.strip()})
@@ -237,9 +244,7 @@ class PerFit(RAG):
         super().__init__(*args, **kwargs)
         self.layers = parse_layers(self.config.layers)
         self.positions = Positions.parse(self.config.positions)
-        self.stages = str(self.config.stages)  # `--set stages=1` arrives as an int
-        if self.stages not in ("1+2", "1", "2"):
-            raise ValueError(f"stages must be 1+2, 1 or 2, not {self.config.stages!r}")
+        self.stages = str(self.config.stages)  # checked by the config
         assert self.backbone is not None
         if self.layers[-1] >= self.backbone.n_layers:
             raise ValueError(f"layers {self.layers} beyond the backbone's {self.backbone.n_layers} layers")
