@@ -2,8 +2,8 @@
 storage for 1 M and 100 M users, per method.
 
 Inputs come from files that benchmarks wrote, never from the command line alone:
-- `--ray runs/ray-scaling/ray_scaling.json` (repeatable): per method, the 1-worker run's personalize s/user, predict s/query,
-  state file bytes and fit s, the worker start-up, and the scaling efficiency E2 of its 2-worker run;
+- `--ray runs/ray-scaling/ray_scaling.json` (repeatable): per method, the 1-worker run's personalize s/user,
+  predict s/query, state file bytes and fit s, the worker start-up, and the scaling efficiency E2 of its 2-worker run;
 - `--run LABEL=RUN_DIR`: a `tailor eval` run folder's metrics.json (personalize s/user, predict s/query, fit s as
   that run recorded it: 0 when the fit came from the fit cache) and its state files; E2 is not measured for these,
   and the table says so and takes 1.0;

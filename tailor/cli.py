@@ -243,7 +243,8 @@ def data_download(
 
 
 # Recent typer ships its own copy of click, whose errors are not click's classes: catch both kinds.
-CLICK_ERRORS = tuple({click.ClickException, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
+CLICK_ERRORS = tuple({click.ClickException,
+                      *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
 ABORTS = tuple({click.exceptions.Abort, typer.Abort})
 
 

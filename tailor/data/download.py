@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from tailor.atomic import write_text
+from tailor.atomic import write_json
 from tailor.data.lamp import SPLITS, VARIANTS, DataError, resolve_task
 from tailor.tasks.lamp import Task
 
@@ -102,7 +102,7 @@ def _record(manifest: Path, key: str, url: str, file: Path) -> None:
     digest, size = _sha256(file)
     files[key] = {"url": url, "sha256": digest, "bytes": size,
                   "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_text(manifest, json.dumps({"files": files}, indent=2, sort_keys=True) + "\n")
+    write_json(manifest, {"files": files})
 
 
 def _sha256(path: Path) -> tuple[str, int]:

@@ -123,8 +123,9 @@ class Chunk:
 
 
 USER_SPLITS = ("random", "ood")
-HISTORIES = ("own", "swapped")
 """Profile-to-PEFT's splits of the training file's users (paper section 4.1): fit on one part, answer the other."""
+HISTORIES = ("own", "swapped")
+"""Whose history a run's users are answered with (EvalSpec.histories)."""
 
 
 def eval_users(spec: EvalSpec) -> list[User]:
