@@ -1,4 +1,5 @@
-"""Reading LaMP files: our shared data, the official layouts, and one test per kind of bad input."""
+"""Reading LaMP files: our shared data, the official layouts, and one test per kind of bad input, for both the
+whole-file reader and the streaming one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 
 from tailor.data import DataError, HistoryItem, User, available_tasks, load_users, resolve_data_dir
 from tailor.data import lamp as lamp_module
+from tailor.data.lamp import iter_users, question_ids
+from tailor.data.splits import subset, subset_positions
 from tailor.tasks import get_task
 
 # (train, dev) users per task, from /work/shared/lamp/README.md.
@@ -202,8 +205,14 @@ def test_reload_sees_a_changed_file(tmp_path: Path) -> None:
 
 # --- bad input: one DataError naming file, id and field ------------------------------------------------------------
 
-def _load_bad(tmp_path: Path, questions: object, outputs: object | None = None, raw: str | None = None) -> str:
-    """Write a dev split of LaMP-2N and return the message of the DataError that loading it raises."""
+def _stream(task: str, split: str, data_dir: Path) -> list[User]:
+    return list(iter_users(question_ids(task, split, data_dir)))
+
+
+def _load_bad(tmp_path: Path, questions: object, outputs: object | None = None, raw: str | None = None,
+              same_when_streamed: bool = True) -> str:
+    """Write a dev split of LaMP-2N and return the message of the DataError that loading it raises; streaming it
+    must raise the same message (unless the JSON itself is broken, which the two parsers word differently)."""
     path = tmp_path / "LaMP_2N" / "dev_questions.json"
     if raw is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,14 +225,21 @@ def _load_bad(tmp_path: Path, questions: object, outputs: object | None = None, 
     _write(tmp_path / "LaMP_2N" / "dev_outputs.json", outputs)
     with pytest.raises(DataError) as err:
         load_users("LaMP-2N", "dev", tmp_path)
+    if same_when_streamed:
+        with pytest.raises(DataError) as streamed:
+            _stream("LaMP-2N", "dev", tmp_path)
+        assert str(streamed.value) == str(err.value)
     return str(err.value)
 
 
 def test_truncated_json(tmp_path: Path) -> None:
     text = json.dumps([_news_question("2100148")])
-    message = _load_bad(tmp_path, None, outputs=_outputs("LaMP_2N", {}), raw=text[: len(text) // 2])
+    message = _load_bad(tmp_path, None, outputs=_outputs("LaMP_2N", {}), raw=text[: len(text) // 2],
+                        same_when_streamed=False)
     assert "dev_questions.json" in message and "invalid JSON at line 1 column" in message
     assert "truncated" in message
+    with pytest.raises(DataError, match=r"dev_questions.json: invalid JSON \(parse error: premature EOF.*truncated"):
+        question_ids("LaMP-2N", "dev", tmp_path)
 
 
 def test_missing_item_field(tmp_path: Path) -> None:
@@ -273,8 +289,11 @@ def test_wrong_types(tmp_path: Path) -> None:
     question = _news_question("2100148")
     question["input"] = ["not", "text"]
     assert _load_bad(tmp_path, [question]).endswith("question 2100148: field 'input' must be a string, got array")
-    assert _load_bad(tmp_path, {"questions": []}).endswith(
+    assert _load_bad(tmp_path, {"questions": []}, same_when_streamed=False).endswith(
         "dev_questions.json: top level must be an array of questions, got object")
+    with pytest.raises(DataError, match="dev_questions.json: top level must be an array of questions, but the file "
+                                        "starts with '{'"):
+        question_ids("LaMP-2N", "dev", tmp_path)
     message = _load_bad(tmp_path, [_news_question(True)], outputs=_outputs("LaMP_2N", {}))
     assert message.endswith("question #0: field 'id' must be a string or an integer, got boolean")
     message = _load_bad(tmp_path, [_news_question("1")], outputs={"task": "LaMP_2N", "golds": {"1": "x"}})
@@ -296,3 +315,39 @@ def test_missing_outputs_file(tmp_path: Path) -> None:
     _flat_task(tmp_path, "LaMP_2N", "train", [_news_question("1")], None)
     with pytest.raises(DataError, match="train_outputs.json: is missing"):
         load_users("LaMP-2N", "train", tmp_path)
+
+
+# --- streaming -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", sorted(SHARED_COUNTS))
+def test_streamed_users_equal_loaded_users(task: str) -> None:
+    data_dir = _shared_dir()
+    loaded = load_users(task, "dev", data_dir)
+    index = question_ids(task, "dev", data_dir)
+    assert index.ids == tuple(u.id for u in loaded)
+    assert list(iter_users(index)) == loaded
+    positions = subset_positions(len(index.ids), 7, seed=3)
+    assert list(iter_users(index, frozenset(positions))) == subset(loaded, 7, seed=3)
+
+
+def test_streaming_holds_one_question_at_a_time(tmp_path: Path) -> None:
+    """The reader yields a user before it has read the rest of the file: the file is cut after the first question,
+    and the first user still comes out before the parser reaches the cut."""
+    path = _flat_task(tmp_path, "LaMP_2N", "dev", [_news_question(str(i), n_items=50) for i in range(40)],
+                      _outputs("LaMP_2N", {str(i): "politics" for i in range(40)}))
+    index = question_ids("LaMP-2N", "dev", tmp_path)
+    text = path.read_text()
+    path.write_text(text[: text.index('{"id": "1"')])  # the file now ends inside the array
+    users = iter_users(index)
+    assert next(users).id == "0"
+    with pytest.raises(DataError, match="invalid JSON"):
+        next(users)
+
+
+def test_a_file_changed_after_indexing_is_refused(tmp_path: Path) -> None:
+    path = _flat_task(tmp_path, "LaMP_2N", "dev", [_news_question("1"), _news_question("2")],
+                      _outputs("LaMP_2N", {"1": "politics", "2": "politics"}))
+    index = question_ids("LaMP-2N", "dev", tmp_path)
+    _write(path, [_news_question("1"), _news_question("3")])
+    with pytest.raises(DataError, match="question 3: has changed since it was indexed"):
+        list(iter_users(index))

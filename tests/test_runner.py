@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,39 @@ def test_a_run_made_before_a_spec_field_existed_resumes(lamp_dir: Path, tmp_path
     with pytest.raises(RunConflict, match="histories: 'own' -> 'swapped'"):
         run_eval(EvalSpec(task="lamp3", method="global-prior", model=None, data_dir=str(lamp_dir), users=2,
                           histories="swapped"), tmp_path)
+
+
+def test_a_run_streams_its_users_instead_of_loading_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run over many users never holds all of them: the dev file is never loaded whole, and at most two chunks of
+    users (the one being answered and the one being read) are alive at any moment."""
+    from tailor.data import lamp as lamp_module
+    from tailor.eval import runner
+
+    data_dir = write_lamp_dir(tmp_path / "lamp", {"train": 6, "dev": 40})
+    whole_file = runner.load_users
+
+    def train_only(task: str, split: str, *args: object) -> list:
+        assert split == "train", "the run loaded its whole dev file"
+        return whole_file(task, split, *args)
+
+    train_ids = {u.id for u in whole_file("lamp3", "train", str(data_dir))}
+    alive, peak, made = set(), [0], [0]
+
+    class Counted(lamp_module.User):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            if self.id in train_ids:  # the fit's users: loaded whole, as a fit needs them
+                return
+            alive.add(id(self))
+            made[0] += 1
+            peak[0] = max(peak[0], len(alive))
+            weakref.finalize(self, alive.discard, id(self))
+
+    monkeypatch.setattr(runner, "load_users", train_only)
+    monkeypatch.setattr(lamp_module, "User", Counted)
+    spec = EvalSpec(task="lamp3", method="user-prior", data_dir=str(data_dir), seed=0)
+    metrics = runner.run_eval(spec, tmp_path / "run", chunk_users=3)
+    assert metrics["n_users"] == 40 and made[0] == 40
+    assert 3 <= peak[0] <= 2 * 3
+    monkeypatch.setattr(lamp_module, "User", runner.User)
+    assert set(predictions_by_query(tmp_path / "run")) == {u.id for u in whole_file("lamp3", "dev", str(data_dir))}

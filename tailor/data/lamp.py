@@ -8,15 +8,22 @@ Two layouts are read: ours (`<dir>/<TASKDIR>/<split>_questions.json`) and the of
 (`<dir>/<TASKDIR>/<split>/<split>_questions.json`); the time-based split sits below `<dir>/time/` in both. The
 official files call both LaMP-2 tasks `LaMP_2`, so a `LaMP_2` directory is told apart by its profile fields.
 This module only reads: it writes nothing anywhere.
+
+`load_users` parses a whole file into a list. `question_ids` and `iter_users` read a questions file as a stream (ijson),
+holding one question at a time, so a run over more users than fit in memory never holds every profile: one pass
+collects and checks the ids, and each later pass yields the users it is asked for.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Container, Iterator
+
+import ijson
 
 from tailor.data.schema import HistoryItem, Query, User
 from tailor.tasks.lamp import TASKS, Task, get_task
@@ -289,6 +296,29 @@ def _variant_root(data_dir: str | Path | None, variant: str) -> Path:
     return root / "time" if variant == "time" else root
 
 
+def _locate(task: Task, split: str, data_dir: str | Path | None, variant: str) -> tuple[Path, Path | None]:
+    """The questions file of a task's split and its outputs file (None for a test split without one)."""
+    _check_choice(split, SPLITS, "split")
+    _check_choice(variant, VARIANTS, "variant")
+    questions_file, tried = _find_questions(_variant_root(data_dir, variant), task, split)
+    if questions_file is None:
+        looked = ", ".join(str(p) for p in tried)
+        raise DataError(f"no {split} questions for {task.name} ({variant}-based split); looked for {looked}. Point "
+                        f"--data-dir or ${DATA_ENV} at a folder that has them, or run `tailor data download`.")
+    outputs_file = questions_file.with_name(f"{split}_outputs.json")
+    if outputs_file.is_file():
+        return questions_file, outputs_file
+    if split != "test":
+        raise DataError(f"is missing: {split} questions need their outputs file ({questions_file.name} is there)",
+                        file=outputs_file)
+    return questions_file, None
+
+
+def _users(questions: list[tuple[str, str, tuple[HistoryItem, ...]]], golds: dict[str, str], task: Task) -> list[User]:
+    return [User(id=qid, task=task.name, profile=profile, queries=(Query(id=qid, input=text, gold=golds.get(qid)),))
+            for qid, text, profile in questions]
+
+
 def load_users(task: str | Task, split: str, data_dir: str | Path | None = None, variant: str = "user") -> list[User]:
     """All users of one task and split, one per LaMP question, in file order.
 
@@ -297,25 +327,85 @@ def load_users(task: str | Task, split: str, data_dir: str | Path | None = None,
     split. Raises DataError on anything missing, malformed or inconsistent.
     """
     task = resolve_task(task)
-    _check_choice(split, SPLITS, "split")
-    _check_choice(variant, VARIANTS, "variant")
-    questions_file, tried = _find_questions(_variant_root(data_dir, variant), task, split)
-    if questions_file is None:
-        looked = ", ".join(str(p) for p in tried)
-        raise DataError(f"no {split} questions for {task.name} ({variant}-based split); looked for {looked}. Point "
-                        f"--data-dir or ${DATA_ENV} at a folder that has them, or run `tailor data download`.")
+    questions_file, outputs_file = _locate(task, split, data_dir, variant)
     questions = _questions(_read_json(questions_file), task, questions_file)
-    outputs_file = questions_file.with_name(f"{split}_outputs.json")
-    if outputs_file.is_file():
-        golds = _golds(_read_json(outputs_file), task, outputs_file)
+    golds = {} if outputs_file is None else _golds(_read_json(outputs_file), task, outputs_file)
+    if outputs_file is not None:
         _check_same_ids([qid for qid, _, _ in questions], golds, questions_file, outputs_file)
-    elif split != "test":
-        raise DataError(f"is missing: {split} questions need their outputs file ({questions_file.name} is there)",
-                        file=outputs_file)
-    else:
-        golds = {}
-    return [User(id=qid, task=task.name, profile=profile, queries=(Query(id=qid, input=text, gold=golds.get(qid)),))
-            for qid, text, profile in questions]
+    return _users(questions, golds, task)
+
+
+# --- streaming ---------------------------------------------------------------------------------------------------
+
+def _stream_array(path: Path) -> Iterator[Any]:
+    """The elements of the JSON array in `path`, parsed one at a time (memory holds one element, not the file)."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.read(1)
+            while first in (b" ", b"\t", b"\n", b"\r"):
+                first = handle.read(1)
+            if first != b"[":
+                found = "nothing" if not first else f"{first.decode('utf-8', 'replace')!r}"
+                raise DataError(f"top level must be an array of questions, but the file starts with {found}",
+                                file=path)
+            handle.seek(0)
+            yield from ijson.items(handle, "item", use_float=True)
+    except ijson.JSONError as err:
+        detail = " ".join(str(err).split())
+        raise DataError(f"invalid JSON ({detail}); the file may be truncated or not a LaMP file", file=path) from None
+
+
+@dataclass(frozen=True)
+class QuestionIndex:
+    """What one streamed pass over a split learns without keeping any profile: the question ids in file order (each
+    LaMP question is one user, and its query has the same id), checked unique and matched one to one with the
+    golds, which are small and kept by id."""
+
+    task: Task
+    questions_file: Path
+    ids: tuple[str, ...]
+    golds: dict[str, str]
+
+
+def question_ids(task: str | Task, split: str, data_dir: str | Path | None = None,
+                 variant: str = "user") -> QuestionIndex:
+    """Stream a split once and return its question ids and golds; raises DataError as `load_users` does for a
+    malformed id, a duplicate, a gold without a question or a question without a gold."""
+    task = resolve_task(task)
+    questions_file, outputs_file = _locate(task, split, data_dir, variant)
+    ids: list[str] = []
+    seen: set[str] = set()
+    for position, raw in enumerate(_stream_array(questions_file)):
+        if not isinstance(raw, dict):
+            raise DataError(f"must be an object, got {_json_type(raw)}", file=questions_file,
+                            question=f"#{position}")
+        qid = _id(_require(raw, "id", file=questions_file, question=f"#{position}"), file=questions_file,
+                  question=f"#{position}")
+        if qid in seen:
+            raise DataError("is duplicated: each question (user) must appear once", file=questions_file,
+                            question=qid, field="id")
+        seen.add(qid)
+        ids.append(qid)
+    golds = {} if outputs_file is None else _golds(_read_json(outputs_file), task, outputs_file)
+    if outputs_file is not None:
+        _check_same_ids(ids, golds, questions_file, outputs_file)
+    return QuestionIndex(task, questions_file, tuple(ids), golds)
+
+
+def iter_users(index: QuestionIndex, positions: Container[int] | None = None) -> Iterator[User]:
+    """The users of an indexed split, streamed in file order: every one, or those at `positions` (0-based file
+    positions). Each yielded user is validated as `load_users` validates it; none is kept after it is yielded."""
+    task, path = index.task, index.questions_file
+    for position, raw in enumerate(_stream_array(path)):
+        if position >= len(index.ids):
+            raise DataError(f"has changed since it was indexed (more than {len(index.ids)} questions)", file=path)
+        if positions is not None and position not in positions:
+            continue
+        qid, text, profile = _question(raw, position, task, path)
+        if qid != index.ids[position]:
+            raise DataError(f"has changed since it was indexed (question #{position} was {index.ids[position]})",
+                            file=path, question=qid)
+        yield from _users([(qid, text, profile)], index.golds, task)
 
 
 def available_tasks(data_dir: str | Path | None = None, variant: str = "user") -> list[str]:

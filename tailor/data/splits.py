@@ -38,14 +38,19 @@ KMEANS_RESTARTS = 4
 SINGLE_THREAD_LIMIT = 1_000_000
 
 
-def subset(users: Sequence[User], n: int | None, seed: int) -> list[User]:
-    """A seeded sample of `n` users, kept in their original order; all users when n is None or not smaller."""
-    if n is None or n >= len(users):
-        return list(users)
+def subset_positions(count: int, n: int | None, seed: int) -> list[int]:
+    """The positions, in order, of a seeded sample of `n` of `count` users; all of them when n is None or not
+    smaller. A streamed run picks its users by position with this before it reads any profile."""
+    if n is None or n >= count:
+        return list(range(count))
     if n < 0:
         raise ValueError(f"subset size must be >= 0, got {n}")
-    chosen = sorted(random.Random(seed).sample(range(len(users)), n))
-    return [users[i] for i in chosen]
+    return sorted(random.Random(seed).sample(range(count), n))
+
+
+def subset(users: Sequence[User], n: int | None, seed: int) -> list[User]:
+    """A seeded sample of `n` users, kept in their original order (the same users `subset_positions` picks)."""
+    return [users[i] for i in subset_positions(len(users), n, seed)]
 
 
 def swap_histories(users: Sequence[User], seed: int) -> list[User]:

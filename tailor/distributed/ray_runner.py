@@ -2,7 +2,8 @@
 
 A `WorkerPool` is a set of Ray actors that each load the backbone and the fitted method once (actor 0 fits, or loads
 the cached fit; the others only load it) and then run many chunks. The driver draws chunks lazily from
-`pending_chunks` (the same boundaries as the local path), keeps at most `in_flight` chunks queued per worker, and is
+`pending_chunks` (the same boundaries as the local path) over users streamed from the data file (`run_users`), keeps
+at most `in_flight` chunks queued per worker, so the driver holds a few chunks of users, never every profile; it is
 the only writer of the run folder's jsonl files: each returned chunk is appended and fsynced exactly as the local
 runner does, so a killed driver resumes like a killed local run. Workers write each user's state into the run
 folder's states/ (the same files the local path writes), which on a multi-node cluster must be on a filesystem all
@@ -31,9 +32,9 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from tailor.backbone.loading import resolve_model
 from tailor.data.lamp import resolve_data_dir
 from tailor.data.schema import User
-from tailor.eval.runner import (Appender, Chunk, EvalSpec, answered_queries, eval_users, finalize, fit_for_spec,
-                                method_identity, open_run, pending_chunks, personalize_with_states, process_chunk,
-                                read_predictions, record_fit_time, state_path)
+from tailor.eval.runner import (Appender, Chunk, EvalSpec, answered_queries, finalize, fit_for_spec, method_identity,
+                                open_run, pending_chunks, personalize_with_states, process_chunk, read_predictions,
+                                record_fit_time, run_users, state_path, user_groups)
 from tailor.methods.base import Personalizer
 
 Progress = Callable[[str, int, int], Callable[[int], None]] | None
@@ -345,21 +346,20 @@ def ray_eval(spec: EvalSpec, out_dir: str | Path, options: RayOptions | None = N
     """
     options = options or RayOptions()
     out = Path(out_dir).resolve()
-    users = eval_users(spec)
+    users = run_users(spec)
     with _pool(spec, options, pool) as workers:
         open_run(spec, out, workers.identity, len(users))
         answered = answered_queries(out)
-        queries = [q.id for u in users for q in u.queries]
-        done = sum(q in answered for q in queries)
-        if done < len(queries):
+        done = sum(q in answered for q in users.query_ids)
+        if done < len(users.query_ids):
             tick = progress(f"{spec.task} {spec.method} (ray, {len(workers.actors)} workers)", done,
-                            len(queries)) if progress else None
+                            len(users.query_ids)) if progress else None
             states = str(out / "states")
             run_chunks(workers.actors, out, out / "predictions.jsonl", pending_chunks(users, chunk_users, answered),
                        lambda actor, chunk: actor.evaluate.remote(chunk.users, chunk.answered, states), tick,
                        options.in_flight)
             record_fit_time(out, workers.fit_s)
-    return finalize(out, spec)
+    return finalize(out, spec, users.query_ids)
 
 
 def personalized_users(out: Path) -> set[str]:
@@ -367,12 +367,10 @@ def personalized_users(out: Path) -> set[str]:
     return {row["user_id"] for row in read_predictions(out / PERSONALIZED)}
 
 
-def personalize_chunks(users: Sequence[User], chunk_users: int, done: set[str]) -> Iterator[Chunk]:
-    """Chunks of users without a recorded state, with the boundaries of the evaluation chunks."""
-    if chunk_users < 1:
-        raise ValueError(f"chunk_users must be >= 1, got {chunk_users}")
-    for index, start in enumerate(range(0, len(users), chunk_users)):
-        todo = tuple(u for u in users[start:start + chunk_users] if u.id not in done)
+def personalize_chunks(users: Iterable[User], chunk_users: int, done: set[str]) -> Iterator[Chunk]:
+    """Chunks of users without a recorded state, with the boundaries of the evaluation chunks (made lazily)."""
+    for index, group in user_groups(users, chunk_users):
+        todo = tuple(u for u in group if u.id not in done)
         if todo:
             yield Chunk(index, todo)
 
@@ -385,16 +383,16 @@ def personalize_run(spec: EvalSpec, out_dir: str | Path, method: Personalizer, c
     predicts. Returns a summary (users, bytes and seconds per user).
     """
     out = Path(out_dir)
-    users = eval_users(spec)
+    users = run_users(spec)
     open_run(spec, out, method_identity(method), len(users))
     done = personalized_users(out)
-    chunks = list(personalize_chunks(users, chunk_users, done))
-    if chunks:
+    finished = sum(u in done for u in users.ids)
+    if finished < len(users):
         fit_for_spec(method, spec, progress)
-        tick = progress(f"personalize {spec.task} {spec.method}", len(done), len(users)) if progress else None
+        tick = progress(f"personalize {spec.task} {spec.method}", finished, len(users)) if progress else None
         appender = Appender(out / PERSONALIZED)
         try:
-            for chunk in chunks:
+            for chunk in personalize_chunks(users, chunk_users, done):
                 rows = personalize_rows(method, chunk.users, out / "states")
                 appender.write(rows)
                 if tick:
@@ -409,12 +407,12 @@ def ray_personalize(spec: EvalSpec, out_dir: str | Path, options: RayOptions | N
     """`personalize_run` on a Ray cluster (same folder, same states); raises UsersFailed if some users failed."""
     options = options or RayOptions()
     out = Path(out_dir).resolve()
-    users = eval_users(spec)
+    users = run_users(spec)
     with _pool(spec, options, pool) as workers:
         open_run(spec, out, workers.identity, len(users))
         done = personalized_users(out)
-        tick = progress(f"personalize {spec.task} {spec.method} (ray, {len(workers.actors)} workers)", len(done),
-                        len(users)) if progress else None
+        tick = progress(f"personalize {spec.task} {spec.method} (ray, {len(workers.actors)} workers)",
+                        sum(u in done for u in users.ids), len(users)) if progress else None
         states = str(out / "states")
         run_chunks(workers.actors, out, out / PERSONALIZED, personalize_chunks(users, chunk_users, done),
                    lambda actor, chunk: actor.personalize.remote(chunk.users, states), tick, options.in_flight)

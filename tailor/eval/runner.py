@@ -10,6 +10,10 @@ The work is cut into chunks of users fixed by the user list and `chunk_users` al
 `process_chunk`. The local path calls it here, in-process; tailor.distributed calls the same function inside Ray
 workers and writes the rows through the same `Appender`. So both paths batch identically and give the same
 predictions, and a resumed run re-forms the chunks it had started with instead of shifting every later boundary.
+
+Users are streamed, not loaded: a run knows its users' ids from one pass over the data file's ids (`RunUsers`), and
+the chunks draw the users themselves from a second, streamed pass, so memory holds the chunks being worked on, not
+every profile of a run over more users than fit in memory.
 """
 
 from __future__ import annotations
@@ -24,14 +28,15 @@ from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from itertools import count, islice
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tailor.atomic import write_json
 from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
-from tailor.data.lamp import load_users
+from tailor.data.lamp import iter_users, load_users, question_ids
 from tailor.data.schema import User
-from tailor.data.splits import ood_split, random_split, subset, swap_histories
+from tailor.data.splits import ood_split, random_split, subset, subset_positions, swap_histories
 from tailor.eval.metrics import compute_metrics
 from tailor.eval.report import write_run_report
 from tailor.eval.stats import bootstrap_ci
@@ -128,10 +133,53 @@ HISTORIES = ("own", "swapped")
 """Whose history a run's users are answered with (EvalSpec.histories)."""
 
 
-def eval_users(spec: EvalSpec) -> list[User]:
-    """The users a run answers, in file order: the seeded subset of the split (with swapped histories if asked)."""
+@dataclass(frozen=True)
+class RunUsers:
+    """The users of a run, in run order, without their profiles: the ids are known up front and every iteration
+    streams the users again from the data file.
+
+    LaMP gives each user one query with the user's id, so `query_ids` equals `ids` for streamed users. Runs that need
+    every profile at once anyway hold a list (`RunUsers.of`): P2P's random and OOD splits cluster all training
+    profiles, and swapped histories take each user's history from another user.
+    """
+
+    ids: tuple[str, ...]
+    query_ids: tuple[str, ...]
+    stream: Callable[[], Iterator[User]]
+
+    def __iter__(self) -> Iterator[User]:
+        return self.stream()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def of(cls, users: Sequence[User]) -> "RunUsers":
+        held = list(users)
+        return cls(tuple(u.id for u in held), tuple(q.id for u in held for q in u.queries), lambda: iter(held))
+
+
+def run_users(spec: EvalSpec) -> RunUsers:
+    """The users a run answers (the same users, in the same order, as `eval_users`), streamed where they can be."""
+    _check_histories(spec)
+    if spec.split in USER_SPLITS or spec.histories == "swapped":
+        return RunUsers.of(eval_users(spec))
+    index = question_ids(spec.task, spec.split, spec.data_dir, spec.variant)
+    positions = subset_positions(len(index.ids), spec.users, spec.seed)
+    chosen = frozenset(positions)
+    ids = tuple(index.ids[i] for i in positions)
+    return RunUsers(ids, ids, lambda: iter_users(index, chosen))
+
+
+def _check_histories(spec: EvalSpec) -> None:
     if spec.histories not in HISTORIES:
         raise ValueError(f"histories must be one of {', '.join(HISTORIES)}, not {spec.histories!r}")
+
+
+def eval_users(spec: EvalSpec) -> list[User]:
+    """The users a run answers, in file order, all in memory: the seeded subset of the split (with swapped histories
+    if asked). Runs use `run_users`, which streams them."""
+    _check_histories(spec)
     if spec.split in USER_SPLITS:
         users = subset(_user_split(spec.task, spec.data_dir, spec.variant, spec.split, spec.seed)[1], spec.users,
                        spec.seed)
@@ -161,16 +209,25 @@ def _user_split(task: str, data_dir: str | None, variant: str, split: str,
     return splitter(users, default_embedder()(texts), seed=seed)
 
 
-def pending_chunks(users: Sequence[User], chunk_users: int, answered: set[str]) -> Iterator[Chunk]:
+def user_groups(users: Iterable[User], chunk_users: int) -> Iterator[tuple[int, tuple[User, ...]]]:
+    """(index, users) for consecutive groups of `chunk_users`, read from `users` only as each group is asked for."""
+    if chunk_users < 1:
+        raise ValueError(f"chunk_users must be >= 1, got {chunk_users}")
+    stream = iter(users)
+    for index in count():
+        group = tuple(islice(stream, chunk_users))
+        if not group:
+            return
+        yield index, group
+
+
+def pending_chunks(users: Iterable[User], chunk_users: int, answered: set[str]) -> Iterator[Chunk]:
     """The chunks that still have unanswered queries, made lazily (a driver draws them as workers free up).
 
     Chunk boundaries depend only on `users` and `chunk_users`, never on how many workers run them or on what a
     previous run finished, so every chunk's batches, and hence its predictions, are the same on every path.
     """
-    if chunk_users < 1:
-        raise ValueError(f"chunk_users must be >= 1, got {chunk_users}")
-    for index, start in enumerate(range(0, len(users), chunk_users)):
-        group = users[start:start + chunk_users]
+    for index, group in user_groups(users, chunk_users):
         todo = tuple(u for u in group if any(q.id not in answered for q in u.queries))
         if todo:
             yield Chunk(index, todo, frozenset(q.id for u in todo for q in u.queries if q.id in answered))
@@ -229,7 +286,7 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, backbone: Backbone | None = No
     """
     out = Path(out_dir)
     task = get_task(spec.task)
-    users = eval_users(spec)
+    users = run_users(spec)
     if method is None:
         method = build_method(spec.method, task, backbone, **spec.options)
     with run_lock(out):
@@ -237,26 +294,24 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, backbone: Backbone | None = No
         return _run_locked(spec, out, method, users, chunk_users, progress)
 
 
-def _run_locked(spec: EvalSpec, out: Path, method: Personalizer, users: Sequence[User], chunk_users: int,
+def _run_locked(spec: EvalSpec, out: Path, method: Personalizer, users: RunUsers, chunk_users: int,
                 progress: Callable[[str, int, int], Callable[[int], None]] | None) -> dict:
     task = get_task(spec.task)
     answered = answered_queries(out)
-    chunks = list(pending_chunks(users, chunk_users, answered))
-    if chunks:
+    done = sum(q in answered for q in users.query_ids)
+    if done < len(users.query_ids):
         record_fit_time(out, fit_for_spec(method, spec, progress))
-        queries = [q.id for u in users for q in u.queries]
-        tick = progress(f"{task.name} {method.name}", sum(q in answered for q in queries), len(queries)) \
-            if progress else None
+        tick = progress(f"{task.name} {method.name}", done, len(users.query_ids)) if progress else None
         appender = Appender(out / "predictions.jsonl")
         try:
-            for chunk in chunks:
+            for chunk in pending_chunks(users, chunk_users, answered):
                 rows = process_chunk(method, chunk.users, out / "states", chunk.answered)
                 appender.write(rows)
                 if tick:
                     tick(len(rows))
         finally:
             appender.close()
-    return finalize(out, spec)
+    return finalize(out, spec, users.query_ids)
 
 
 def fit_folder(method: Personalizer, users: Sequence[User]) -> Path:
@@ -345,12 +400,13 @@ def recorded_fit_time(out: Path) -> float:
     return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
 
 
-def finalize(out: Path, spec: EvalSpec) -> dict:
-    """Score the predictions of a finished run, write metrics.json and report.md."""
+def finalize(out: Path, spec: EvalSpec, query_ids: Iterable[str] | None = None) -> dict:
+    """Score the predictions of a finished run (its `query_ids`, by default read from the data), write metrics.json
+    and report.md."""
     task = get_task(spec.task)
     fit_s = recorded_fit_time(out)
     rows = read_predictions(out / "predictions.jsonl")
-    expected = {q.id for u in eval_users(spec) for q in u.queries}
+    expected = set(run_users(spec).query_ids if query_ids is None else query_ids)
     seen = [r["query_id"] for r in rows]
     if len(seen) != len(set(seen)):
         raise RuntimeError(f"{out}/predictions.jsonl has duplicate query ids")
