@@ -264,3 +264,13 @@ def test_a_run_streams_its_users_instead_of_loading_them(tmp_path: Path, monkeyp
     assert 3 <= peak[0] <= 2 * 3
     monkeypatch.setattr(lamp_module, "User", runner.User)
     assert set(predictions_by_query(tmp_path / "run")) == {u.id for u in whole_file("lamp3", "dev", str(data_dir))}
+
+
+def test_a_torn_line_longer_than_a_read_block_is_cut(tmp_path: Path) -> None:
+    path = tmp_path / "predictions.jsonl"
+    complete = '{"query_id": "1"}\n{"query_id": "2"}\n'
+    path.write_text(complete + '{"query_id": "3", "prediction": "' + "x" * 200_000)
+    assert [r["query_id"] for r in read_predictions(path)] == ["1", "2"]
+    assert path.read_text() == complete
+    path.write_text("x" * 70_000)  # no complete line at all
+    assert read_predictions(path) == [] and path.read_text() == ""

@@ -101,8 +101,10 @@ def _require(data: dict[str, Any], keys: Sequence[str], path: Path) -> None:
         raise RunDirError(f"{path}: missing {', '.join(missing)}")
 
 
-def load_run(run_dir: str | Path) -> Run:
-    """Read a run dir, naming the offending file when it is missing or malformed."""
+def load_run(run_dir: str | Path, predictions: bool = True) -> Run:
+    """Read a run dir, naming the offending file when it is missing or malformed. Without `predictions` the run's
+    predictions list is left empty: a one-run report needs only the config and the metrics, and a run of many users
+    has many prediction lines."""
     path = Path(run_dir)
     if not path.is_dir():
         raise RunDirError(f"{path}: run dir does not exist")
@@ -116,7 +118,8 @@ def load_run(run_dir: str | Path) -> Run:
     _require(metrics, ("metrics",), path / "metrics.json")
     if not isinstance(metrics["metrics"], dict):
         raise RunDirError(f"{path / 'metrics.json'}: \"metrics\" must map metric names to {{value, ci}}")
-    return Run(path=path, config=config, predictions=_read_predictions(path / "predictions.jsonl"), metrics=metrics)
+    rows = _read_predictions(path / "predictions.jsonl") if predictions else []
+    return Run(path=path, config=config, predictions=rows, metrics=metrics)
 
 
 # --- formatting -------------------------------------------------------------------------------------------------------
@@ -150,7 +153,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 # --- one run ----------------------------------------------------------------------------------------------------------
 def write_run_report(run_dir: str | Path) -> Path:
     """Write run_dir/report.md (configuration, metrics with CIs, size and wall time) and return its path."""
-    run = load_run(run_dir)
+    run = load_run(run_dir, predictions=False)
     settings = [(key, json.dumps(value) if isinstance(value, (dict, list)) else value)
                 for key, value in run.config.items()]
     sizes = [("users", run.metrics.get("n_users", "n/a")), ("queries", run.metrics.get("n_queries", "n/a")),

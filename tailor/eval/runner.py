@@ -87,16 +87,32 @@ def _check_config(path: Path, config: dict) -> None:
         raise RunConflict(f"{path.parent} holds a run with another configuration ({detail}); use a new --out")
 
 
-def read_predictions(path: Path) -> list[dict]:
-    """The complete lines of a predictions file; a torn last line (from a kill) is cut off the file."""
+def iter_predictions(path: Path) -> Iterator[dict]:
+    """The complete lines of a jsonl file, one at a time; a torn last line (from a kill) is first cut off the file."""
     if not path.exists():
-        return []
-    raw = path.read_bytes()
-    good = raw.rfind(b"\n") + 1
-    if good < len(raw):
-        with path.open("r+b") as handle:
+        return
+    with path.open("r+b") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        good = end
+        while good > 0:  # back to the last newline, a block at a time
+            start = max(0, good - 65536)
+            handle.seek(start)
+            block = handle.read(good - start)
+            if b"\n" in block:
+                good = start + block.rindex(b"\n") + 1
+                break
+            good = start
+        if good < end:
             handle.truncate(good)
-    return [json.loads(line) for line in raw[:good].splitlines() if line.strip()]
+    with path.open("rb") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """The complete lines of a predictions file as a list (see `iter_predictions`)."""
+    return list(iter_predictions(path))
 
 
 class Appender:
@@ -266,7 +282,7 @@ def open_run(spec: EvalSpec, out: Path, identity: dict[str, Any], n_users: int) 
 
 def answered_queries(out: Path) -> set[str]:
     """Query ids already in the run's predictions.jsonl (cutting a torn last line)."""
-    return {row["query_id"] for row in read_predictions(out / "predictions.jsonl")}
+    return {row["query_id"] for row in iter_predictions(out / "predictions.jsonl")}
 
 
 def fit_for_spec(method: Personalizer, spec: EvalSpec,
@@ -405,27 +421,40 @@ def finalize(out: Path, spec: EvalSpec, query_ids: Iterable[str] | None = None) 
     and report.md."""
     task = get_task(spec.task)
     fit_s = recorded_fit_time(out)
-    rows = read_predictions(out / "predictions.jsonl")
     expected = set(run_users(spec).query_ids if query_ids is None else query_ids)
-    seen = [r["query_id"] for r in rows]
-    if len(seen) != len(set(seen)):
-        raise RuntimeError(f"{out}/predictions.jsonl has duplicate query ids")
-    missing = expected - set(seen)
+    # Only what scoring needs is kept per row, so scoring a run of many users holds a few strings per query.
+    seen: set[str] = set()
+    preds, golds, user_ids = [], [], []
+    predict_s = personalize_s = state_bytes = 0.0
+    mode: str | None = None
+    for row in iter_predictions(out / "predictions.jsonl"):
+        if row["query_id"] in seen:
+            raise RuntimeError(f"{out}/predictions.jsonl has duplicate query ids")
+        seen.add(row["query_id"])
+        if row["query_id"] not in expected:
+            continue
+        preds.append(row["prediction"])
+        golds.append(row["gold"])
+        user_ids.append(row["user_id"])
+        predict_s += row["predict_s"]
+        personalize_s += row["personalize_s"]
+        state_bytes += row["state_bytes"]
+        mode = row["mode"]
+    missing = expected - seen
     if missing:
         raise RuntimeError(f"{out}: {len(missing)} queries have no prediction yet; run the same command again")
-    rows = [r for r in rows if r["query_id"] in expected]
-    preds, golds, user_ids = [r["prediction"] for r in rows], [r["gold"] for r in rows], [r["user_id"] for r in rows]
     values = compute_metrics(task, preds, golds)
     cis = bootstrap_ci(task, preds, golds, user_ids, seed=spec.seed)
     n_users = len(set(user_ids))
+    n_rows = len(preds)
     metrics = {
         "task": task.name, "method": spec.method, "label": spec.label or spec.method,
-        "mode": rows[0]["mode"] if rows else None, "n_users": n_users, "n_queries": len(rows),
+        "mode": mode, "n_users": n_users, "n_queries": n_rows,
         "metrics": {k: {"value": v, "ci": list(cis[k])} for k, v in values.items()},
-        "wall_time_s": round(sum(r["predict_s"] + r["personalize_s"] for r in rows) + fit_s, 3),
-        "predict_s_per_query": round(sum(r["predict_s"] for r in rows) / max(len(rows), 1), 5),
-        "personalize_s_per_user": round(sum(r["personalize_s"] for r in rows) / max(n_users, 1), 5),
-        "state_bytes_per_user": round(sum(r["state_bytes"] for r in rows) / max(len(rows), 1)),
+        "wall_time_s": round(predict_s + personalize_s + fit_s, 3),
+        "predict_s_per_query": round(predict_s / max(n_rows, 1), 5),
+        "personalize_s_per_user": round(personalize_s / max(n_users, 1), 5),
+        "state_bytes_per_user": round(state_bytes / max(n_rows, 1)),
         "fit_s": round(fit_s, 3),
     }
     write_json(out / "metrics.json", metrics)
