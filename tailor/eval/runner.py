@@ -27,8 +27,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import lru_cache
-from pathlib import Path
 from itertools import count, islice
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tailor.atomic import write_json
