@@ -219,11 +219,14 @@ def _questions(doc: Any, task: Task, file: Path) -> list[tuple[str, str, tuple[H
     questions = [_question(raw, i, task, file) for i, raw in enumerate(doc)]
     seen: set[str] = set()
     for qid, _, _ in questions:
-        if qid in seen:
-            raise DataError("is duplicated: each question (user) must appear once", file=file, question=qid,
-                            field="id")
-        seen.add(qid)
+        _add_unique(qid, seen, file)
     return questions
+
+
+def _add_unique(qid: str, seen: set[str], file: Path) -> None:
+    if qid in seen:
+        raise DataError("is duplicated: each question (user) must appear once", file=file, question=qid, field="id")
+    seen.add(qid)
 
 
 def _task_field_matches(value: str, task: Task) -> bool:
@@ -314,9 +317,8 @@ def _locate(task: Task, split: str, data_dir: str | Path | None, variant: str) -
     return questions_file, None
 
 
-def _users(questions: list[tuple[str, str, tuple[HistoryItem, ...]]], golds: dict[str, str], task: Task) -> list[User]:
-    return [User(id=qid, task=task.name, profile=profile, queries=(Query(id=qid, input=text, gold=golds.get(qid)),))
-            for qid, text, profile in questions]
+def _user(qid: str, text: str, profile: tuple[HistoryItem, ...], golds: dict[str, str], task: Task) -> User:
+    return User(id=qid, task=task.name, profile=profile, queries=(Query(id=qid, input=text, gold=golds.get(qid)),))
 
 
 def load_users(task: str | Task, split: str, data_dir: str | Path | None = None, variant: str = "user") -> list[User]:
@@ -332,7 +334,7 @@ def load_users(task: str | Task, split: str, data_dir: str | Path | None = None,
     golds = {} if outputs_file is None else _golds(_read_json(outputs_file), task, outputs_file)
     if outputs_file is not None:
         _check_same_ids([qid for qid, _, _ in questions], golds, questions_file, outputs_file)
-    return _users(questions, golds, task)
+    return [_user(qid, text, profile, golds, task) for qid, text, profile in questions]
 
 
 # --- streaming ---------------------------------------------------------------------------------------------------
@@ -381,10 +383,7 @@ def question_ids(task: str | Task, split: str, data_dir: str | Path | None = Non
                             question=f"#{position}")
         qid = _id(_require(raw, "id", file=questions_file, question=f"#{position}"), file=questions_file,
                   question=f"#{position}")
-        if qid in seen:
-            raise DataError("is duplicated: each question (user) must appear once", file=questions_file,
-                            question=qid, field="id")
-        seen.add(qid)
+        _add_unique(qid, seen, questions_file)
         ids.append(qid)
     golds = {} if outputs_file is None else _golds(_read_json(outputs_file), task, outputs_file)
     if outputs_file is not None:
@@ -405,7 +404,7 @@ def iter_users(index: QuestionIndex, positions: Container[int] | None = None) ->
         if qid != index.ids[position]:
             raise DataError(f"has changed since it was indexed (question #{position} was {index.ids[position]})",
                             file=path, question=qid)
-        yield from _users([(qid, text, profile)], index.golds, task)
+        yield _user(qid, text, profile, index.golds, task)
 
 
 def available_tasks(data_dir: str | Path | None = None, variant: str = "user") -> list[str]:

@@ -33,8 +33,8 @@ from tailor.backbone.loading import resolve_model
 from tailor.data.lamp import resolve_data_dir
 from tailor.data.schema import User
 from tailor.eval.runner import (Appender, Chunk, EvalSpec, answered_queries, finalize, fit_for_spec, method_identity,
-                                open_run, pending_chunks, personalize_with_states, process_chunk, read_predictions,
-                                record_fit_time, run_users, state_path, user_groups)
+                                iter_predictions, open_run, pending_chunks, personalize_with_states, process_chunk,
+                                read_predictions, record_fit_time, run_users, state_path, user_groups)
 from tailor.methods.base import Personalizer
 
 Progress = Callable[[str, int, int], Callable[[int], None]] | None
@@ -364,7 +364,7 @@ def ray_eval(spec: EvalSpec, out_dir: str | Path, options: RayOptions | None = N
 
 def personalized_users(out: Path) -> set[str]:
     """Users whose state a personalize run has already recorded in personalized.jsonl."""
-    return {row["user_id"] for row in read_predictions(out / PERSONALIZED)}
+    return {row["user_id"] for row in iter_predictions(out / PERSONALIZED)}
 
 
 def personalize_chunks(users: Iterable[User], chunk_users: int, done: set[str]) -> Iterator[Chunk]:
