@@ -94,19 +94,31 @@ def cost(task_name: str, model: str, users: int, out: Path) -> str:
     return "\n".join(lines) + "\n\n" + json.dumps({"stages": {k: statistics.mean(v) for k, v in stages.items()}})
 
 
-def pair_stats(run_dir: Path) -> str:
-    """How much preference data a CHAMELEON run's users kept (section 3.1 drops pairs whose two answers agree),
-    read from the run's saved states: a user with no kept pair gets no direction and so no edit."""
-    states = [UserState.load(f) for f in sorted((run_dir / "states").glob("*.safetensors"))]
+def pair_stats(folder: Path) -> str:
+    """How much preference data CHAMELEON's users kept (section 3.1 drops pairs whose two answers agree), and how
+    many states edit anything, read from the saved states of a run (RUN/states) or of a `tailor serve` store. A user
+    with no kept pair gets no direction and so no edit; a group or unseen user inherits its group's directions."""
+    files = sorted((folder / "states").glob("*.safetensors")) or sorted(folder.glob("tenants/*/users/*/state-*"))
+    states = [UserState.load(f, method="chameleon") for f in files]
     if not states:
-        raise SystemExit(f"no states in {run_dir / 'states'}")
-    kept = [s.header["pairs_kept"] for s in states]
-    dropped = [s.header["pairs_dropped"] for s in states]
+        raise SystemExit(f"no CHAMELEON states in {folder / 'states'} or in a store at {folder}")
     edited = sum(1 for s in states if s.tensors["layers"].numel())
-    return (f"{run_dir}: {len(states)} users; synthetic pairs kept {sum(kept)}, dropped {sum(dropped)} "
-            f"(answers identical); users with at least one kept pair {sum(k > 0 for k in kept)}; users whose state "
-            f"edits any layer {edited}. First user's insights: personalized {states[0].header['insight_p']!r}, "
-            f"neutral {states[0].header['insight_n']!r}.")
+    text = f"{folder}: {len(states)} users; "
+    if "pairs_kept" in states[0].header:  # per-user scope: the user's own pairs
+        kept = [s.header["pairs_kept"] for s in states]
+        text += (f"synthetic pairs kept {sum(kept)}, dropped {sum(s.header['pairs_dropped'] for s in states)} "
+                 f"(answers identical); users with at least one kept pair {sum(k > 0 for k in kept)}; ")
+    text += f"users whose state edits any layer {edited}"
+    if "group" in states[0].header:  # group and unseen scopes: the group's pooled pairs
+        groups: dict[int, list[int]] = {}
+        for s in states:
+            groups.setdefault(s.header["group"], []).append(s.tensors["layers"].numel())
+        text += "; users per group (edited layers): " + ", ".join(
+            f"group {g}: {len(v)} ({v[0]})" for g, v in sorted(groups.items()))
+    if "insight_p" in states[0].header:
+        text += (f". First user's insights: personalized {states[0].header['insight_p']!r}, "
+                 f"neutral {states[0].header['insight_n']!r}")
+    return text + "."
 
 
 def main() -> None:
@@ -121,8 +133,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None,
                         help="labels to run (default: the whole plan); the baseline row is always included")
     parser.add_argument("--report", type=Path, default=None)
-    parser.add_argument("--pair-stats", type=Path, nargs="+", default=None, metavar="RUN_DIR",
-                        help="instead of running anything: the kept and dropped pairs of finished runs' states")
+    parser.add_argument("--pair-stats", type=Path, nargs="+", default=None, metavar="FOLDER",
+                        help="instead of running anything: kept pairs and edited users of finished runs' states "
+                             "(RUN_DIR) or of a serve store (STORE_DIR)")
     args = parser.parse_args()
     if args.pair_stats:
         print("\n".join(pair_stats(folder) for folder in args.pair_stats))
