@@ -138,6 +138,10 @@ def test_edit_acts_only_on_the_chosen_layers_and_rows(backbone: Backbone) -> Non
     base = backbone.score_labels(prompts[:1], task.labels)
     assert np.allclose(mixed[1], base[0], atol=1e-4)  # the user without an edit is untouched in the mixed batch
     assert not np.allclose(mixed[0], base[0], atol=1e-3)
+    off = UserState("chameleon", 1, "c", backbone.model_id, {"gain_p": 0.0, "gain_n": 0.0, "history": []},
+                    dict(edited.tensors))
+    assert method.edits([off, plain]) is None  # zero gains: the control runs no hook at all
+    assert set(method.edits([off, edited])) == {Site("mlp", 1)}
 
 
 def test_group_and_unseen_scopes(backbone: Backbone, lamp_dir: Path, tmp_path: Path,

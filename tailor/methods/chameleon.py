@@ -448,10 +448,13 @@ class Chameleon(LMPersonalizer):
         return self.task.join_history(state.header.get("history", []), query_input)
 
     def edits(self, states: Sequence[UserState]) -> Mapping[Site, ProjectionEdit] | None:
-        """One ProjectionEdit per layer any user in the batch edits; users who do not edit a layer get zero gains."""
+        """One ProjectionEdit per layer any user in the batch edits; users who do not edit a layer get zero gains.
+
+        A state whose gains are both zero (the "no edit" control) edits nothing, so its rows cost no hook at all."""
         assert self.backbone is not None
         d = self.backbone.hidden_size
-        layers = sorted({int(layer) for s in states for layer in s.tensors["layers"].tolist()})
+        layers = sorted({int(layer) for s in states if s.header["gain_p"] or s.header["gain_n"]
+                         for layer in s.tensors["layers"].tolist()})
         if not layers:
             return None
         edits = {}
