@@ -98,9 +98,9 @@ def cost(task_name: str, model: str, users: int, out: Path) -> str:
         for _ in range(3):
             m.predict(reqs)
         timings[name] = 3 * len(reqs) / (time.perf_counter() - started)
-    lines.append(f"\nPredict throughput at batch 16 ({method.config.mode}), every row edited ({len(edited)} distinct users "
-                 f"cycled): edit on {timings['edit on']:.2f} queries/s, edit off {timings['edit off']:.2f} queries/s, "
-                 f"ratio {timings['edit on'] / timings['edit off']:.2f}.")
+    lines.append(f"\nPredict throughput at batch 16 ({method.config.mode}), every row edited ({len(edited)} "
+                 f"distinct users cycled): edit on {timings['edit on']:.2f} queries/s, "
+                 f"edit off {timings['edit off']:.2f} queries/s, ratio {timings['edit on'] / timings['edit off']:.2f}.")
     return "\n".join(lines) + "\n\n" + json.dumps({"stages": {k: statistics.mean(v) for k, v in stages.items()}})
 
 
