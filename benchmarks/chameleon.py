@@ -26,6 +26,7 @@ from tailor.data.lamp import load_users
 from tailor.data.splits import subset
 from tailor.methods.chameleon import Chameleon
 from tailor.store.state import UserState
+from tailor.store.store import Store
 from tailor.tasks import get_task
 
 MAIN_PLAN = [
@@ -87,18 +88,19 @@ def cost(task_name: str, model: str, users: int, out: Path) -> str:
     if not edited:
         lines.append("\nNo user kept a pair, so no row carries an edit: the edit's throughput is not measured.")
         return "\n".join(lines) + "\n"
-    rows = [edited[i % len(edited)] for i in range(16)]
     plain = Chameleon(task, backbone, scale_p=0.0, scale_n=0.0)
+    queries = [user.queries[0] for _, user in edited]
+    off = plain.personalize_many([user for _, user in edited])  # generations and hidden states from the cache
     timings = {}
-    for name, m in (("edit off", plain), ("edit on", method)):
+    for name, m, user_states in (("edit off", plain, off), ("edit on", method, [state for state, _ in edited])):
         m.config.batch_size = 16
-        reqs = [(m.personalize_many([user])[0] if m is plain else state, user.queries[0]) for state, user in rows]
+        reqs = [(user_states[i % len(edited)], queries[i % len(edited)]) for i in range(16)]
         m.predict(reqs)
         started = time.perf_counter()
         for _ in range(3):
             m.predict(reqs)
         timings[name] = 3 * len(reqs) / (time.perf_counter() - started)
-    lines.append(f"\nPredict throughput at batch 16 ({method.config.mode}), every row edited ({len(edited)} "
+    lines.append(f"\nPredict throughput at batch 16 ({method.mode}), every row edited ({len(edited)} "
                  f"distinct users cycled): edit on {timings['edit on']:.2f} queries/s, "
                  f"edit off {timings['edit off']:.2f} queries/s, ratio {timings['edit on'] / timings['edit off']:.2f}.")
     return "\n".join(lines) + "\n\n" + json.dumps({"stages": {k: statistics.mean(v) for k, v in stages.items()}})
@@ -108,8 +110,12 @@ def pair_stats(folder: Path) -> str:
     """How much preference data CHAMELEON's users kept (section 3.1 drops pairs whose two answers agree), and how
     many states edit anything, read from the saved states of a run (RUN/states) or of a `tailor serve` store. A user
     with no kept pair gets no direction and so no edit; a group or unseen user inherits its group's directions."""
-    files = sorted((folder / "states").glob("*.safetensors")) or sorted(folder.glob("tenants/*/users/*/state-*"))
-    states = [UserState.load(f, method="chameleon") for f in files]
+    if (folder / "index.sqlite").exists():  # a store: its index says which file is each user's current state
+        store = Store(folder)
+        states = [store.load_state(t["id"], r.user_id, "chameleon", record=r) for t in store.tenants()
+                  for r in store.users(t["id"]) if r.has_state]
+    else:
+        states = [UserState.load(f, method="chameleon") for f in sorted((folder / "states").glob("*.safetensors"))]
     if not states:
         raise SystemExit(f"no CHAMELEON states in {folder / 'states'} or in a store at {folder}")
     edited = sum(1 for s in states if s.tensors["layers"].numel())
