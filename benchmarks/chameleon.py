@@ -24,6 +24,7 @@ from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.data.splits import subset
+from tailor.methods.base import unique_states
 from tailor.methods.chameleon import Chameleon
 from tailor.store.state import UserState
 from tailor.store.store import Store
@@ -95,15 +96,41 @@ def cost(task_name: str, model: str, users: int, out: Path) -> str:
     for name, m, user_states in (("edit off", plain, off), ("edit on", method, [state for state, _ in edited])):
         m.config.batch_size = 16
         reqs = [(user_states[i % len(edited)], queries[i % len(edited)]) for i in range(16)]
-        m.predict(reqs)
-        started = time.perf_counter()
-        for _ in range(3):
-            m.predict(reqs)
-        timings[name] = 3 * len(reqs) / (time.perf_counter() - started)
-    lines.append(f"\nPredict throughput at batch 16 ({method.mode}), every row edited ({len(edited)} "
-                 f"distinct users cycled): edit on {timings['edit on']:.2f} queries/s, "
-                 f"edit off {timings['edit off']:.2f} queries/s, ratio {timings['edit on'] / timings['edit off']:.2f}.")
+        timings[name] = _throughput(m, reqs)
+    unit = "queries/s" if method.scoring else "generated tokens/s"
+    how = "" if method.scoring else (f", every row decoding {_answer_tokens(method)} tokens whatever it says, so "
+                                     "that a different answer length does not count as the edit's cost")
+    lines.append(f"\nPredict throughput at batch 16 ({method.mode}{how}), every row edited ({len(edited)} "
+                 f"distinct users cycled): edit on {timings['edit on']:.2f} {unit}, "
+                 f"edit off {timings['edit off']:.2f} {unit}, ratio {timings['edit on'] / timings['edit off']:.2f}.")
     return "\n".join(lines) + "\n\n" + json.dumps({"stages": {k: statistics.mean(v) for k, v in stages.items()}})
+
+
+def _answer_tokens(method: Chameleon) -> int:
+    return method.config.max_new_tokens or method.task.max_new_tokens
+
+
+def _throughput(method: Chameleon, requests: list, repeats: int = 3) -> float:
+    """Queries per second of label scoring, or generated tokens per second of decoding with EOS ignored; one
+    untimed warm-up call first."""
+    if method.scoring:
+        method.predict(requests)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            method.predict(requests)
+        return repeats * len(requests) / (time.perf_counter() - started)
+    states, rows = unique_states([state for state, _ in requests])
+    prompts = [method.prompt(state, query.input) for state, query in requests]
+    tokens = _answer_tokens(method)
+
+    def decode() -> None:
+        method.backbone.generate(prompts, tokens, len(prompts), method.edits(states), rows, stop_at_eos=False)
+
+    decode()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        decode()
+    return repeats * len(prompts) * tokens / (time.perf_counter() - started)
 
 
 def pair_stats(folder: Path) -> str:
@@ -159,7 +186,8 @@ def main() -> None:
     sections = [f"Machine: {machine()}. Model: {args.model}, float32, seed 0.\n"]
     for name in args.tasks:
         if args.cost:
-            sections.append(f"### CHAMELEON cost, {get_task(name).name}\n\n{cost(name, args.model, args.users or 16, args.out)}")
+            measured = cost(name, args.model, args.users or 16, args.out)
+            sections.append(f"### CHAMELEON cost, {get_task(name).name}\n\n{measured}")
             continue
         if args.tune:
             plan, split, users, title = TUNING + [("non-personalized", "--method none")], "train", 40, "tuning"

@@ -35,6 +35,25 @@ def test_batched_generation_equals_one_by_one(backbone: Backbone) -> None:
     assert any(together)
 
 
+def test_decoding_past_eos_does_the_full_work_and_keeps_the_text(backbone: Backbone,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    with torch.no_grad():  # each prompt's greedy first token, made an end of sequence
+        first = {int(backbone.model(torch.tensor([backbone.encode(backbone.render(p))])).logits[0, -1].argmax())
+                 for p in PROMPTS}
+    monkeypatch.setattr(backbone, "eos_ids", sorted(first))
+    calls = []
+    handle = backbone.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        stopped = backbone.generate(PROMPTS, 5, batch_size=3)
+        n_stopped = len(calls)
+        calls.clear()
+        full = backbone.generate(PROMPTS, 5, batch_size=3, stop_at_eos=False)
+    finally:
+        handle.remove()
+    assert n_stopped == 1 and len(calls) == 5  # the prefill alone, against the prefill and four decode steps
+    assert full == stopped == ["", "", ""]
+
+
 def test_label_scores_equal_full_forward(backbone: Backbone) -> None:
     scores = backbone.score_labels(PROMPTS, LABELS, batch_size=2)
     assert scores.shape == (len(PROMPTS), len(LABELS))

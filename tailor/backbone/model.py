@@ -174,8 +174,12 @@ class Backbone:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8,
                  edits: Mapping[Site, Edit] | None = None, rows: Sequence[int] | Tensor | None = None,
-                 on_batch: Callable[[int], None] | None = None) -> list[str]:
-        """Greedy decoding, batched with left padding; each row may carry its own edit through `rows`."""
+                 on_batch: Callable[[int], None] | None = None, stop_at_eos: bool = True) -> list[str]:
+        """Greedy decoding, batched with left padding; each row may carry its own edit through `rows`.
+
+        `stop_at_eos=False` decodes max_new_tokens for every row whatever it says (the text is still cut at the
+        first EOS): a throughput measurement then does the same work with and without an edit, which it would not
+        if the edit changed how long the answers are."""
         encoded = self.prompt_ids(prompts, room=max_new_tokens)
         outputs: list[str] = [""] * len(prompts)
         eos = torch.tensor(self.eos_ids)
@@ -194,7 +198,7 @@ class Backbone:
                     nxt = torch.where(finished, torch.tensor(self.tokenizer.pad_token_id), nxt)
                     tokens.append(nxt)
                     finished |= torch.isin(nxt, eos)
-                    if bool(finished.all()) or len(tokens) == max_new_tokens:
+                    if (stop_at_eos and bool(finished.all())) or len(tokens) == max_new_tokens:
                         break
                     mask = torch.cat([mask, torch.ones(len(index), 1, dtype=mask.dtype)], dim=1)
                     out = self._forward(hooks, nxt[:, None], mask, next_pos[:, None], row_ids,

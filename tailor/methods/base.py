@@ -155,7 +155,7 @@ class LMPersonalizer(Personalizer):
         assert self.backbone is not None
         if not requests:
             return []
-        states, rows = _unique_states([s for s, _ in requests])
+        states, rows = unique_states([s for s, _ in requests])
         edits = self.edits(states)
         row_ids = rows if edits else None
         prompts = [self.prompt(s, q.input) for s, q in requests]
@@ -192,7 +192,7 @@ def _log_normalise(scores: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def _unique_states(states: Sequence[UserState]) -> tuple[list[UserState], list[int]]:
+def unique_states(states: Sequence[UserState]) -> tuple[list[UserState], list[int]]:
     """Distinct states in first-seen order and, per request, the index of its state among them."""
     index: dict[int, int] = {}
     unique: list[UserState] = []
