@@ -123,8 +123,9 @@ def _throughput(method: Chameleon, requests: list, repeats: int = 3) -> float:
     prompts = [method.prompt(state, query.input) for state, query in requests]
     tokens = _answer_tokens(method)
 
-    def decode() -> None:
-        method.backbone.generate(prompts, tokens, len(prompts), method.edits(states), rows, stop_at_eos=False)
+    def decode() -> None:  # as LMPersonalizer.predict does, but past EOS
+        edits = method.edits(states)
+        method.backbone.generate(prompts, tokens, len(prompts), edits, rows if edits else None, stop_at_eos=False)
 
     decode()
     started = time.perf_counter()
