@@ -24,7 +24,6 @@ from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.data.splits import subset
-from tailor.methods.base import unique_states
 from tailor.methods.chameleon import Chameleon
 from tailor.store.state import UserState
 from tailor.store.store import Store
@@ -98,16 +97,12 @@ def cost(task_name: str, model: str, users: int, out: Path) -> str:
         reqs = [(user_states[i % len(edited)], queries[i % len(edited)]) for i in range(16)]
         timings[name] = _throughput(m, reqs)
     unit = "queries/s" if method.scoring else "generated tokens/s"
-    how = "" if method.scoring else (f", every row decoding {_answer_tokens(method)} tokens whatever it says, so "
+    how = "" if method.scoring else (f", every row decoding {method.max_new_tokens} tokens whatever it says, so "
                                      "that a different answer length does not count as the edit's cost")
     lines.append(f"\nPredict throughput at batch 16 ({method.mode}{how}), every row edited ({len(edited)} "
                  f"distinct users cycled): edit on {timings['edit on']:.2f} {unit}, "
                  f"edit off {timings['edit off']:.2f} {unit}, ratio {timings['edit on'] / timings['edit off']:.2f}.")
     return "\n".join(lines) + "\n\n" + json.dumps({"stages": {k: statistics.mean(v) for k, v in stages.items()}})
-
-
-def _answer_tokens(method: Chameleon) -> int:
-    return method.config.max_new_tokens or method.task.max_new_tokens
 
 
 def _throughput(method: Chameleon, requests: list, repeats: int = 3) -> float:
@@ -119,19 +114,17 @@ def _throughput(method: Chameleon, requests: list, repeats: int = 3) -> float:
         for _ in range(repeats):
             method.predict(requests)
         return repeats * len(requests) / (time.perf_counter() - started)
-    states, rows = unique_states([state for state, _ in requests])
-    prompts = [method.prompt(state, query.input) for state, query in requests]
-    tokens = _answer_tokens(method)
+    tokens = method.max_new_tokens
 
     def decode() -> None:  # as LMPersonalizer.predict does, but past EOS
-        edits = method.edits(states)
-        method.backbone.generate(prompts, tokens, len(prompts), edits, rows if edits else None, stop_at_eos=False)
+        prompts, edits, rows = method.forward_inputs(requests)
+        method.backbone.generate(prompts, tokens, len(prompts), edits, rows, stop_at_eos=False)
 
     decode()
     started = time.perf_counter()
     for _ in range(repeats):
         decode()
-    return repeats * len(prompts) * tokens / (time.perf_counter() - started)
+    return repeats * len(requests) * tokens / (time.perf_counter() - started)
 
 
 def pair_stats(folder: Path) -> str:

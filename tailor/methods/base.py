@@ -151,17 +151,25 @@ class LMPersonalizer(Personalizer):
             return "generation"
         return "scoring-calibrated" if self.config.calibrate else "scoring"
 
+    @property
+    def max_new_tokens(self) -> int:
+        return self.config.max_new_tokens or self.task.max_new_tokens
+
+    def forward_inputs(self, requests: Sequence[Request]
+                       ) -> tuple[list[str], Mapping[Site, Edit] | None, list[int] | None]:
+        """Each request's prompt, the batch's edits, and each row's index into them (None when nothing edits)."""
+        states, rows = _unique_states([s for s, _ in requests])
+        edits = self.edits(states)
+        return [self.prompt(s, q.input) for s, q in requests], edits, rows if edits else None
+
     def predict(self, requests: Sequence[Request], progress: Progress = None) -> list[Prediction]:
         assert self.backbone is not None
         if not requests:
             return []
-        states, rows = unique_states([s for s, _ in requests])
-        edits = self.edits(states)
-        row_ids = rows if edits else None
-        prompts = [self.prompt(s, q.input) for s, q in requests]
+        prompts, edits, row_ids = self.forward_inputs(requests)
         if not self.scoring:
-            max_new = self.config.max_new_tokens or self.task.max_new_tokens
-            texts = self.backbone.generate(prompts, max_new, self.config.batch_size, edits, row_ids, progress)
+            texts = self.backbone.generate(prompts, self.max_new_tokens, self.config.batch_size, edits, row_ids,
+                                           progress)
             return [Prediction(self.task.parse(t), self.mode) for t in texts]
         labels = self.task.labels
         scores = self.backbone.score_labels(prompts, labels, self.config.batch_size, edits, row_ids, progress)
@@ -192,7 +200,7 @@ def _log_normalise(scores: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def unique_states(states: Sequence[UserState]) -> tuple[list[UserState], list[int]]:
+def _unique_states(states: Sequence[UserState]) -> tuple[list[UserState], list[int]]:
     """Distinct states in first-seen order and, per request, the index of its state among them."""
     index: dict[int, int] = {}
     unique: list[UserState] = []
