@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--report", type=Path, default=None)
     args = parser.parse_args()
+    if args.batch < 1:
+        parser.error("--batch must be at least 1")
 
     torch.set_num_threads(args.threads)
     task = get_task(args.task)
