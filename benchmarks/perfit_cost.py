@@ -14,6 +14,7 @@ would cost); classification tasks are timed in label scoring, generation tasks i
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import statistics
 import sys
@@ -35,8 +36,11 @@ from tailor.tasks import get_task
 from benchmarks.common import machine, publish
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
+def spread(values: list[float], digits: int = 2) -> str:
+    """Mean / median / p95 (nearest rank) / max."""
+    ranked = sorted(values)
+    p95 = ranked[min(len(ranked) - 1, math.ceil(0.95 * len(ranked)) - 1)]
+    return " / ".join(f"{v:,.{digits}f}" for v in (statistics.mean(values), statistics.median(values), p95, ranked[-1]))
 
 
 def throughput(method: RAG, requests: list, repeats: int) -> float:
@@ -77,11 +81,12 @@ def main() -> None:
     fit_s = time.perf_counter() - started
 
     users = subset(load_users(task, "dev", args.data_dir), args.users, 0)
-    seconds, states, sizes = [], [], []
+    seconds, states, sizes, phases = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for user in users:
             started = time.perf_counter()
-            state = method.personalize(user)
+            phases.append({})
+            state = method.personalize(user, phases=phases[-1])
             seconds.append(time.perf_counter() - started)
             states.append(state)
             sizes.append(state.save(Path(tmp) / f"{len(sizes)}.safetensors").stat().st_size)
@@ -101,6 +106,14 @@ def main() -> None:
     with_edits = throughput(method, requests, args.repeats)
     without = throughput(plain, plain_requests, args.repeats)
 
+    trained = [p for p in phases if p]  # users with no history train nothing
+    split = " / ".join(f"{statistics.mean(p[k] for p in trained):.2f}" for k in ("examples", "frozen_pass", "steps")) \
+        if trained else "no user trained"
+    prompt_tokens = [p["prompt_tokens"] for p in trained] or [0.0]
+    tokens = statistics.mean(p["tokens"] for p in trained) if trained else 0.0
+    step_line = (f"{statistics.mean(p['optimiser_steps'] for p in trained):.1f} "
+                 f"({sum(p['steps'] for p in trained) / sum(p['optimiser_steps'] for p in trained):.3f})"
+                 if trained else "no user trained")
     command = "python -m benchmarks.perfit_cost " + shlex.join(sys.argv[1:])
     items = [len(u.profile) for u in users]
     tensor_bytes = statistics.mean(s.nbytes for s in states)
@@ -122,7 +135,11 @@ Machine: {machine()}, torch threads {args.threads}. Options: {method.describe()}
 | state tensors per user (R, W, b, float32) | {tensor_bytes:,.0f} B (OPPU's LoRA in float32: {lora_bytes:,} B) |
 | state file per user (with the history the prompt retrieves from) | {statistics.mean(sizes):,.0f} B |
 | stage-1 fit (or cache read) | {fit_s:.1f} s |
-| stage-2 s per user: mean / median / max | {spread(seconds)} |
+| stage-2 s per user: mean / median / p95 / max | {spread(seconds)} |
+| of which, mean s per user: examples (retrieval, tokens) / frozen pass / optimiser steps | {split} |
+| prompt tokens in the frozen pass per user: mean / median / p95 / max (with the answers: mean {tokens:,.0f}) | {spread(prompt_tokens, 0)} |
+| frozen-pass speed (prompt tokens per s, all users) | {sum(prompt_tokens) / max(sum(p.get("frozen_pass", 0) for p in phases), 1e-9):,.0f} |
+| optimiser steps per user: mean (s per step) | {step_line} |
 | history items per user: mean / max | {statistics.mean(items):.1f} / {max(items)} |
 | stage 2 without the frozen pass, same {len(uncached)} users: s per user (vs with it) | {comparison} |
 | throughput at batch 16, {mode}, with interventions | {with_edits:.2f} queries/s |

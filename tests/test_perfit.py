@@ -105,7 +105,13 @@ def test_frozen_training_equals_training_through_the_whole_network(backbone: Bac
         expected = backbone.sft_loss(batch, hooks).item()
     assert trainer.step(frozen) == pytest.approx(expected, abs=1e-5)
     user = load_users(NEWS, "dev", lamp_dir)[2]
-    cached = method.stage2(user)
+    phases: dict[str, float] = {}
+    cached = method.stage2(user, phases=phases)
+    examples = history_examples(NEWS, backbone, user, method.config.k, method.config.history_tokens)
+    prompts = backbone.sft_batch([q for q, _ in examples], [a for _, a in examples]).prompt_lengths
+    assert phases["prompt_tokens"] == int(prompts.sum())  # the frozen pass's floor, as the cost benchmark reports it
+    assert phases["optimiser_steps"] == method.config.epochs2 * -(-len(examples) // method.config.batch2)
+    assert min(phases[k] for k in ("examples", "frozen_pass", "steps")) > 0
     torch.rand(7)  # a user's phi_2 must not depend on the global RNG (torch's orthogonal completion draws from it)
     uncached = method.stage2(user, cached=False)
     assert all(torch.allclose(cached[k], uncached[k], atol=1e-5) for k in "RWb")

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -381,18 +382,26 @@ class PerFit(RAG):
     def _user_seed(self, user: User) -> int:
         return self.config.seed * 1_000_003 + int(hashlib.sha256(user.id.encode()).hexdigest()[:8], 16)
 
-    def personalize(self, user: User) -> UserState:
-        """Train phi_2 on the user's history on top of the frozen phi_1 (section 3, stage 2)."""
+    def personalize(self, user: User, phases: dict[str, float] | None = None) -> UserState:
+        """Train phi_2 on the user's history on top of the frozen phi_1 (section 3, stage 2); `phases` as in
+        `stage2`."""
         header = self._header(user)
         if not self.uses_stage2:
             return self.new_state(user, header)
-        return self.new_state(user, header, self.stage2(user))
+        return self.new_state(user, header, self.stage2(user, phases=phases))
 
-    def stage2(self, user: User, cached: bool = True) -> dict[str, torch.Tensor]:
+    def stage2(self, user: User, cached: bool = True,
+               phases: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
         """phi_2's (R, W, b) for one user. What no edit changes is computed once per example (`freeze`) unless
-        `cached=False`, which runs every step through the whole network (benchmarks/perfit_cost.py times both)."""
+        `cached=False`, which runs every step through the whole network (benchmarks/perfit_cost.py times both).
+
+        `phases`, when given, receives where the time went (seconds building examples with their retrieval and
+        tokens, in the frozen pass, in the optimiser steps) and the prompt and answer tokens trained on: the frozen
+        pass is one forward over every prompt token, so a user's prompt tokens set the floor of stage 2's cost.
+        """
         assert self.backbone is not None
         cfg = self.config
+        started = time.perf_counter()
         examples = history_examples(self.task, self.backbone, user, cfg.k, cfg.history_tokens)
         if not examples:  # nothing to learn from: phi_2 = identity (R = W = 0, b = 0)
             shape = (len(self.layers), cfg.rank2, self.backbone.hidden_size)
@@ -403,10 +412,16 @@ class PerFit(RAG):
         rng = random.Random(self._user_seed(user))
         plan = length_grouped([len(p) + len(a) for p, a in examples], cfg.batch2, rng)
         batches = [self._batch([examples[i] for i in batch]) for batch in plan]
+        built = time.perf_counter()
         prepared: list[FrozenBatch | Batch] = [trainer.freeze(b) for b in batches] if cached else list(batches)
+        frozen = time.perf_counter()
         for _ in range(cfg.epochs2):
             for index in rng.sample(range(len(prepared)), len(prepared)):
                 trainer.step(prepared[index])
+        if phases is not None:
+            phases.update(examples=built - started, frozen_pass=frozen - built, steps=time.perf_counter() - frozen,
+                          prompt_tokens=float(sum(int(b.prompt_lengths.sum()) for b in batches)),
+                          tokens=float(sum(int(b.mask.sum()) for b in batches)), optimiser_steps=float(steps))
         return stacked(trainer.modules)
 
     # --- inference -------------------------------------------------------------------------------------------------
