@@ -112,6 +112,16 @@ def test_frozen_training_equals_training_through_the_whole_network(backbone: Bac
     assert phases["prompt_tokens"] == int(prompts.sum())  # the frozen pass's floor, as the cost benchmark reports it
     assert phases["optimiser_steps"] == method.config.epochs2 * -(-len(examples) // method.config.batch2)
     assert min(phases[k] for k in ("examples", "frozen_pass", "steps")) > 0
+    assert len(user.profile) > 2
+    capped = PerFit(NEWS, backbone, **{**TINY, "stages": "2", "positions": "l2", "stage2_examples": 2})
+    capped_phases: dict[str, float] = {}
+    capped_state = capped.stage2(user, phases=capped_phases)
+    recent = history_examples(NEWS, backbone, user, method.config.k, method.config.history_tokens,
+                              range(len(user.profile) - 2, len(user.profile)))
+    assert recent == examples[-2:]  # the most recent items, each with the history retrieved from all before it
+    recent_prompts = backbone.sft_batch([q for q, _ in recent], [a for _, a in recent]).prompt_lengths
+    assert capped_phases["prompt_tokens"] == int(recent_prompts.sum())
+    assert not torch.allclose(capped_state["W"], cached["W"])
     torch.rand(7)  # a user's phi_2 must not depend on the global RNG (torch's orthogonal completion draws from it)
     uncached = method.stage2(user, cached=False)
     assert all(torch.allclose(cached[k], uncached[k], atol=1e-5) for k in "RWb")

@@ -152,6 +152,7 @@ def test_cli_reports_bad_data_in_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("method", "option", "message"), [
     ("global-prior", "center=middle", "center must be mean or median, not 'middle'"),
     ("perfit", "stages=3", "stages must be 1+2, 1 or 2, not 3"),
+    ("perfit", "stage2_examples=-1", "stage2_examples must be 0 (all) or positive, not -1"),
 ])
 def test_cli_reports_a_bad_method_option_in_one_line(tmp_path: Path, method: str, option: str, message: str) -> None:
     result = subprocess.run([sys.executable, "-m", "tailor.cli", "eval", "--task", "lamp3", "--method", method,

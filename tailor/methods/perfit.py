@@ -86,6 +86,9 @@ class PerFitConfig(RAGConfig):
     max_grad_norm: float = 0.3
     stage1_examples: int = 1024
     """Stage-1 examples sampled from all training users' history (0 = all of them)."""
+    stage2_examples: int = 0
+    """Stage 2 trains on the user's most recent items only, at most this many (0 = all, the paper's recipe). Stage
+    2's cost grows with the user's prompt tokens (one frozen forward over each), so this bounds the cost per user."""
     stage2_init: Literal["identity", "loreft"] = "identity"
     """Stage 2 starts as phi_2(h) = h, or from LoReFT's random W, b."""
     max_target_tokens: int = 48
@@ -97,6 +100,8 @@ class PerFitConfig(RAGConfig):
             raise ValueError(f"stages must be 1+2, 1 or 2, not {self.stages!r}")
         parse_layers(self.layers)
         Positions.parse(self.positions)
+        if self.stage2_examples < 0:
+            raise ValueError(f"stage2_examples must be 0 (all) or positive, not {self.stage2_examples}")
 
 
 def parse_layers(text: str | int) -> list[int]:
@@ -402,7 +407,9 @@ class PerFit(RAG):
         assert self.backbone is not None
         cfg = self.config
         started = time.perf_counter()
-        examples = history_examples(self.task, self.backbone, user, cfg.k, cfg.history_tokens)
+        recent = range(max(0, len(user.profile) - cfg.stage2_examples) if cfg.stage2_examples > 0 else 0,
+                       len(user.profile))
+        examples = history_examples(self.task, self.backbone, user, cfg.k, cfg.history_tokens, recent)
         if not examples:  # nothing to learn from: phi_2 = identity (R = W = 0, b = 0)
             shape = (len(self.layers), cfg.rank2, self.backbone.hidden_size)
             return {"R": torch.zeros(shape), "W": torch.zeros(shape), "b": torch.zeros(shape[:2])}
