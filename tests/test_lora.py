@@ -238,20 +238,20 @@ def test_interrupted_multi_user_run_keeps_finished_users(backbone: Backbone, lam
             return super().personalize_many(users, progress)
 
     config = LoRAPConfig(**FAST, steps=2, group=2)
-    with pytest.raises(Interrupted):
-        run_eval(spec, tmp_path / "run", backbone=backbone, method=Counting(task, backbone, config), chunk_users=2)
+    with pytest.raises(Interrupted):  # killed in the middle of the run's one chunk of 4 users
+        run_eval(spec, tmp_path / "run", backbone=backbone, method=Counting(task, backbone, config), chunk_users=4)
     states_dir = tmp_path / "run" / "states"
     finished = {p.name: p.read_bytes() for p in states_dir.glob("*.safetensors")}
     assert len(finished) == 2
     first = list(trained)
     metrics = run_eval(spec, tmp_path / "run", backbone=backbone, method=LoRAP(task, backbone, config),
-                       chunk_users=2)
+                       chunk_users=4)
     assert metrics["n_users"] == 4
     for name, content in finished.items():
         assert (states_dir / name).read_bytes() == content  # kept, not trained again
     again = Counting(task, backbone, config)
     trained.clear()
-    run_eval(spec, tmp_path / "run", backbone=backbone, method=again, chunk_users=2)
+    run_eval(spec, tmp_path / "run", backbone=backbone, method=again, chunk_users=4)
     assert trained == []  # every user is done: nothing is personalized again
     state = UserState.load(state_path(states_dir, first[0]), method="lora-p")
     assert state.header["steps"] == 2 and any(k.endswith(".lora_B") for k in state.tensors)

@@ -362,7 +362,8 @@ def state_path(folder: Path, user_id: str) -> Path:
 
 
 def personalize_with_states(method: Personalizer, users: Sequence[User], folder: Path) -> list[UserState]:
-    """States for users, reusing those saved in `folder` by an earlier (perhaps killed) run and saving new ones.
+    """States for users, reusing those saved in `folder` by an earlier (perhaps killed) run and saving new ones as
+    each group of `method.personalize_group` users is done.
 
     Each new state records its own personalize time in its header, so wall time survives a resume.
     """
@@ -373,11 +374,13 @@ def personalize_with_states(method: Personalizer, users: Sequence[User], folder:
             states[user.id] = UserState.load(path, method=method.name, version=method.version,
                                              model_id=method.model_id)
     missing = [u for u in users if u.id not in states]
-    if missing:
+    size = method.personalize_group or max(len(missing), 1)
+    for start in range(0, len(missing), size):
+        group = missing[start:start + size]
         started = time.perf_counter()
-        fresh = method.personalize_many(missing)
-        per_user = (time.perf_counter() - started) / len(missing)
-        for user, state in zip(missing, fresh):
+        fresh = method.personalize_many(group)
+        per_user = (time.perf_counter() - started) / len(group)
+        for user, state in zip(group, fresh):
             state.header["personalize_s"] = round(per_user, 5)
             state.save(state_path(folder, user.id))
             states[user.id] = state

@@ -110,6 +110,13 @@ class Personalizer(ABC):
                 progress(1)
         return states
 
+    @property
+    def personalize_group(self) -> int | None:
+        """How many users `personalize_many` works on together. The runner hands it users in groups of this size
+        and saves their states after each, so a killed run keeps every user finished before the kill. None: all
+        the users at once (methods whose `personalize_many` batches across users)."""
+        return 1 if type(self).personalize_many is Personalizer.personalize_many else None
+
     @abstractmethod
     def predict(self, requests: Sequence[Request], progress: Progress = None) -> list[Prediction]:
         """Answer (state, query) pairs; the pairs may belong to different users."""

@@ -400,6 +400,10 @@ class LoRAP(LoRAFamily):
     def personalize(self, user: User) -> UserState:
         return self.personalize_many([user])[0]
 
+    @property
+    def personalize_group(self) -> int | None:
+        return self.config.group
+
     def personalize_many(self, users: Sequence[User], progress: Progress = None) -> list[UserState]:
         states = []
         for start in range(0, len(users), self.config.group):
