@@ -14,7 +14,6 @@ would cost); classification tasks are timed in label scoring, generation tasks i
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import statistics
 import sys
@@ -22,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tailor.backbone.model import Backbone
@@ -38,9 +38,8 @@ from benchmarks.common import machine, publish
 
 def spread(values: list[float], digits: int = 2) -> str:
     """Mean / median / p95 (nearest rank) / max."""
-    ranked = sorted(values)
-    p95 = ranked[min(len(ranked) - 1, math.ceil(0.95 * len(ranked)) - 1)]
-    return " / ".join(f"{v:,.{digits}f}" for v in (statistics.mean(values), statistics.median(values), p95, ranked[-1]))
+    p95 = float(np.percentile(values, 95, method="inverted_cdf"))
+    return " / ".join(f"{v:,.{digits}f}" for v in (statistics.mean(values), statistics.median(values), p95, max(values)))
 
 
 def throughput(method: RAG, requests: list, repeats: int) -> float:

@@ -407,9 +407,9 @@ class PerFit(RAG):
         assert self.backbone is not None
         cfg = self.config
         started = time.perf_counter()
-        recent = range(max(0, len(user.profile) - cfg.stage2_examples) if cfg.stage2_examples > 0 else 0,
-                       len(user.profile))
-        examples = history_examples(self.task, self.backbone, user, cfg.k, cfg.history_tokens, recent)
+        first = max(0, len(user.profile) - cfg.stage2_examples) if cfg.stage2_examples else 0
+        examples = history_examples(self.task, self.backbone, user, cfg.k, cfg.history_tokens,
+                                    range(first, len(user.profile)))
         if not examples:  # nothing to learn from: phi_2 = identity (R = W = 0, b = 0)
             shape = (len(self.layers), cfg.rank2, self.backbone.hidden_size)
             return {"R": torch.zeros(shape), "W": torch.zeros(shape), "b": torch.zeros(shape[:2])}
