@@ -8,7 +8,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Iterator, Optional
 
 import click
 import typer
@@ -17,6 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tailor.distributed.cli import RayAddress, WorkerThreads, Workers, ray_argv, register
+
+if TYPE_CHECKING:  # the runner imports torch; `tailor --help` should not
+    from tailor.eval.runner import EvalSpec
 
 app = typer.Typer(help="Personalize a language model for each of its users.", no_args_is_help=True,
                   pretty_exceptions_enable=False)  # main() prints user errors in one line; bugs get Python's traceback
@@ -80,6 +83,18 @@ def _check_options(method: str, options: dict[str, object]) -> None:
         raise typer.BadParameter(str(error), param_hint="--set") from None
 
 
+def _check_spec(spec: EvalSpec) -> None:
+    """A bad task, split, user count or data folder fails in one line before the model loads."""
+    from tailor.data.lamp import DataError
+
+    try:
+        spec.check()
+    except DataError:
+        raise  # main() prints it in one line, as for bad data found later
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
 def _load_backbone(model: str, dtype: str):
     from tailor.backbone.model import Backbone
 
@@ -90,7 +105,8 @@ def _load_backbone(model: str, dtype: str):
 @app.command("eval")
 def eval_command(
     task: Annotated[str, typer.Option(help="lamp1, lamp2n, lamp2m, lamp3, lamp4, lamp5, lamp7")],
-    method: Annotated[str, typer.Option(help="global-prior, user-prior, none, rag, pag, full")],
+    method: Annotated[str, typer.Option(help="global-prior, user-prior, none, rag, pag, full, chameleon, perfit, "
+                                             "p2p, mt-lora, lora-p, oppu, stylevector, dpo")],
     out: Annotated[Path, typer.Option(help="run folder; rerunning the same command there resumes")],
     users: Annotated[Optional[int], typer.Option(help="a seeded sample of this many users (default: all)")] = None,
     seed: int = 0,
@@ -114,13 +130,11 @@ def eval_command(
     worker_threads: WorkerThreads = 1,
 ) -> None:
     """Evaluate one method on one task and write config, predictions, metrics and a report to OUT."""
-    from tailor.eval.runner import HISTORIES, EvalSpec, run_eval
+    from tailor.eval.runner import EvalSpec, run_eval
     from tailor.methods import REGISTRY, method_class
 
     if method not in REGISTRY:
         raise typer.BadParameter(f"unknown method {method!r}; known: {', '.join(REGISTRY)}", param_hint="--method")
-    if histories not in HISTORIES:
-        raise typer.BadParameter(f"{histories!r} is not one of {', '.join(HISTORIES)}", param_hint="--histories")
     needs_model = method_class(method).needs_backbone
     explicit = _parse_options(set_)
     options = dict(explicit)
@@ -133,6 +147,7 @@ def eval_command(
     spec = EvalSpec(task=task, method=method, options=options, model=model if needs_model else None, dtype=dtype,
                     split=split, variant=variant, users=users, seed=seed, label=label,
                     data_dir=str(data_dir) if data_dir else None, histories=histories)
+    _check_spec(spec)
     if ray is not None:
         from tailor.distributed.cli import eval_on_ray
 
@@ -187,16 +202,18 @@ def demo(
     from tailor.eval.report import compare_runs
     from tailor.eval.runner import EvalSpec, run_eval
 
+    plan = [("user-prior", {}), ("global-prior", {}), ("none", {}), ("rag", {"k": 4})]
+    specs = [EvalSpec(task=task, method=method, options=options,
+                      model=model if method not in ("user-prior", "global-prior") else None,
+                      users=users, seed=seed, data_dir=str(data_dir) if data_dir else None)
+             for method, options in plan]
+    _check_spec(specs[0])
     _threads()
     backbone = _load_backbone(model, "float32")
-    plan = [("user-prior", {}), ("global-prior", {}), ("none", {}), ("rag", {"k": 4})]
     folders = []
     with _progress() as progress:
-        for method, options in plan:
-            spec = EvalSpec(task=task, method=method, options=options,
-                            model=model if method not in ("user-prior", "global-prior") else None,
-                            users=users, seed=seed, data_dir=str(data_dir) if data_dir else None)
-            folder = out / method
+        for spec in specs:
+            folder = out / spec.method
             run_eval(spec, folder, backbone=backbone, progress=progress)
             folders.append(folder)
     print(compare_runs(folders, baseline="none", out_dir=out))

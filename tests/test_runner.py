@@ -152,13 +152,51 @@ def test_cli_reports_bad_data_in_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("method", "option", "message"), [
     ("global-prior", "center=middle", "center must be mean or median, not 'middle'"),
     ("perfit", "stages=3", "stages must be 1+2, 1 or 2, not 3"),
-    ("perfit", "stage2_examples=-1", "stage2_examples must be 0 (all) or positive, not -1"),
+    ("perfit", "stage2_examples=-1", "stage2_examples must be >= 0, not -1"),
+    ("rag", "k=-1", "k must be >= 0, not -1"),
+    ("chameleon", "history=-3", "history must be >= 0, not -3"),
 ])
 def test_cli_reports_a_bad_method_option_in_one_line(tmp_path: Path, method: str, option: str, message: str) -> None:
     result = subprocess.run([sys.executable, "-m", "tailor.cli", "eval", "--task", "lamp3", "--method", method,
                              "--set", option, "--out", str(tmp_path / "run")], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--task", "lamp9"], "unknown task 'lamp9'"),
+    (["--task", "lamp3", "--split", "weird"], "unknown split 'weird'; expected one of train, dev, test, random, ood"),
+    (["--task", "lamp3", "--variant", "month"], "unknown variant 'month'"),
+    (["--task", "lamp3", "--users", "0"], "users must be at least 1"),
+    (["--task", "lamp3", "--histories", "borrowed"], "'borrowed' is not one of own, swapped"),
+])
+def test_cli_reports_a_bad_run_in_one_line_before_loading_anything(tmp_path: Path, args: list[str],
+                                                                   message: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "tailor.cli", "eval", *args, "--method", "none",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr and "Loading weights" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["personalize", "demo"])
+def test_personalize_and_demo_check_the_run_before_loading_anything(tmp_path: Path, command: str) -> None:
+    method = ["--method", "none"] if command == "personalize" else []
+    result = subprocess.run([sys.executable, "-m", "tailor.cli", command, "--task", "lamp3", *method, "--users", "0",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "users must be at least 1" in result.stderr and "Loading weights" not in result.stderr
+
+
+def test_a_method_config_rejects_negative_counts_but_not_signed_scales() -> None:
+    from tailor.methods import method_class
+
+    config_class = method_class("chameleon").config_class
+    assert config_class(scale_p=-1.0, scale_n=-0.5).scale_p == -1.0
+    with pytest.raises(ValueError, match="layers must be >= 0"):
+        config_class(layers=-1)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        config_class(batch_size=0)
 
 
 def test_saved_states_are_reused_on_resume(backbone: Backbone, lamp_dir: Path, tmp_path: Path,

@@ -97,7 +97,7 @@ def personalize_command(
 
     OUT has an evaluation's config.json, so `tailor eval` with the same options and --out only predicts.
     """
-    from tailor.cli import _check_options, _load_backbone, _parse_options, _progress, _threads, console
+    from tailor.cli import _check_options, _check_spec, _load_backbone, _parse_options, _progress, _threads, console
     from tailor.distributed.ray_runner import personalize_run, ray_personalize
     from tailor.eval.runner import EvalSpec
     from tailor.methods import REGISTRY, build_method, method_class
@@ -111,6 +111,7 @@ def personalize_command(
     spec = EvalSpec(task=task, method=method, options=options, model=model if needs_model else None, dtype=dtype,
                     split=split, variant=variant, users=users, seed=seed,
                     data_dir=str(data_dir) if data_dir else None)
+    _check_spec(spec)
     with _progress() as progress:
         if ray is not None:
             with _one_line_errors():

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from tailor.atomic import write_json
 from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
-from tailor.data.lamp import iter_users, load_users, question_ids
+from tailor.data.lamp import SPLITS, VARIANTS, iter_users, load_users, question_ids, resolve_data_dir
 from tailor.data.schema import User
 from tailor.data.splits import ood_split, random_split, subset, subset_positions, swap_histories
 from tailor.eval.metrics import compute_metrics
@@ -49,6 +49,12 @@ from tailor.textcache import text_key
 
 class RunConflict(ValueError):
     """The output folder holds a run with a different configuration."""
+
+
+USER_SPLITS = ("random", "ood")
+"""Profile-to-PEFT's splits of the training file's users (paper section 4.1): fit on one part, answer the other."""
+HISTORIES = ("own", "swapped")
+"""Whose history a run's users are answered with (EvalSpec.histories)."""
 
 
 @dataclass
@@ -69,6 +75,22 @@ class EvalSpec:
     histories: str = "own"
     """"own", or "swapped": each user answered with another user's history (a seeded derangement of the run's users;
     `tailor.data.splits.swap_histories`), the control that must not help."""
+
+    def check(self) -> None:
+        """Fail on a bad task, split, variant, user count or data folder before a model loads or a folder is made.
+
+        An unknown task raises KeyError and a missing data folder DataError (both name what exists); the rest
+        raise ValueError."""
+        get_task(self.task)
+        if self.split not in SPLITS + USER_SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; expected one of {', '.join(SPLITS + USER_SPLITS)}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
+        if self.histories not in HISTORIES:
+            raise ValueError(f"{self.histories!r} is not one of {', '.join(HISTORIES)}")
+        if self.users is not None and self.users < 1:
+            raise ValueError(f"users must be at least 1 (or unset for all users), not {self.users}")
+        resolve_data_dir(self.data_dir)
 
 
 def _defaults(cls: type) -> dict[str, Any]:
@@ -141,12 +163,6 @@ class Chunk:
     index: int
     users: tuple[User, ...]
     answered: frozenset[str] = frozenset()
-
-
-USER_SPLITS = ("random", "ood")
-"""Profile-to-PEFT's splits of the training file's users (paper section 4.1): fit on one part, answer the other."""
-HISTORIES = ("own", "swapped")
-"""Whose history a run's users are answered with (EvalSpec.histories)."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +316,7 @@ def run_eval(spec: EvalSpec, out_dir: str | Path, backbone: Backbone | None = No
 
     `progress(description, done, total)` may return a callback that is told how many queries finished.
     """
+    spec.check()
     out = Path(out_dir)
     task = get_task(spec.task)
     users = run_users(spec)

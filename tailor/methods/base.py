@@ -45,7 +45,21 @@ class Prediction:
 class MethodConfig:
     """Options shared by every method; each method extends this with its own fields."""
 
+    signed: ClassVar[frozenset[str]] = frozenset({"seed", "scale", "scale_p", "scale_n"})
+    """Numeric options that may be negative; every other count, budget, rate and rank must be >= 0."""
+
     batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        """A negative count or a zero batch fails here, before a model loads (`tailor eval` builds the config first).
+        Subclasses that check more call this first."""
+        for option in dataclasses.fields(self):
+            value = getattr(self, option.name)
+            if (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
+                    and option.name not in self.signed):
+                raise ValueError(f"{option.name} must be >= 0, not {value}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {self.batch_size}")
 
 
 @dataclass

@@ -96,12 +96,11 @@ class PerFitConfig(RAGConfig):
 
     def __post_init__(self) -> None:
         """Bad values fail here, before a model is loaded (`tailor eval` checks the config first)."""
+        super().__post_init__()
         if str(self.stages) not in ("1+2", "1", "2"):  # `--set stages=1` arrives as an int
             raise ValueError(f"stages must be 1+2, 1 or 2, not {self.stages!r}")
         parse_layers(self.layers)
         Positions.parse(self.positions)
-        if self.stage2_examples < 0:
-            raise ValueError(f"stage2_examples must be 0 (all) or positive, not {self.stage2_examples}")
 
 
 def parse_layers(text: str | int) -> list[int]:

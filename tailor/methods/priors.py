@@ -37,6 +37,7 @@ class PriorConfig(MethodConfig):
     """How a rating prior summarises scores (classification and generation ignore it)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.center not in ("mean", "median"):
             raise ValueError(f"center must be mean or median, not {self.center!r}")
 
