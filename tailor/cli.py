@@ -270,7 +270,7 @@ def main() -> None:
     from tailor.backbone.loading import ModelNotFound
     from tailor.data.download import DownloadError
     from tailor.data.lamp import DataError
-    from tailor.eval.report import RunDirError
+    from tailor.eval.report import CompareError, RunDirError
     from tailor.eval.runner import RunConflict
     from tailor.store.state import StateError
     from tailor.store.store import StoreError
@@ -278,7 +278,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         app(args=ray_argv(sys.argv[1:]), standalone_mode=False)
-    except (DataError, DownloadError, RunConflict, RunDirError, StateError, StoreError, ModelNotFound, KeyError) as error:
+    except (DataError, DownloadError, RunConflict, RunDirError, CompareError, StateError, StoreError, ModelNotFound,
+            KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tailor.eval.metrics import compute_metrics
-from tailor.eval.report import RunDirError, compare_runs, load_run, write_run_report
+from tailor.eval.report import CompareError, RunDirError, compare_runs, load_run, write_run_report
 from tailor.eval.stats import bootstrap_ci
 from tailor.tasks.lamp import NEWS_CATEGORIES
 
@@ -125,13 +127,13 @@ def test_baseline_choice(three_runs: list[Path]) -> None:
     assert by_label[0]["Δ accuracy vs baseline (p)"].startswith("-")
     by_method = parse_table(compare_runs(three_runs, baseline="rag", n_resamples=50))
     assert by_method[1]["run"] == "RAG k=4 (baseline)"
-    with pytest.raises(ValueError, match="no run matches baseline 'bm25'"):
+    with pytest.raises(CompareError, match="no run matches baseline 'bm25'"):
         compare_runs(three_runs, baseline="bm25")
 
 
 def test_ambiguous_baseline_and_duplicate_labels(tmp_path: Path) -> None:
     runs = [make_run(tmp_path, name, _predictions(0.5, seed=i), method="rag") for i, name in enumerate(["r1", "r2"])]
-    with pytest.raises(ValueError, match="ambiguous"):
+    with pytest.raises(CompareError, match="ambiguous"):
         compare_runs(runs, baseline="rag")
     rows = parse_table(compare_runs(runs, baseline="r2", n_resamples=50))
     assert [row["run"] for row in rows] == ["rag (r1)", "rag (r2) (baseline)"]
@@ -165,7 +167,7 @@ def test_runs_of_different_tasks_are_refused(tmp_path: Path) -> None:
     scores = [str(1 + i % 5) for i in range(N_QUERIES)]
     runs = [make_run(tmp_path, "news", _predictions(0.5, seed=1)),
             make_run(tmp_path, "reviews", scores, task="LaMP-3", golds=scores)]
-    with pytest.raises(ValueError, match="different tasks"):
+    with pytest.raises(CompareError, match="different tasks"):
         compare_runs(runs)
 
 
@@ -173,7 +175,7 @@ def test_runs_without_shared_queries_are_refused(tmp_path: Path) -> None:
     predictions = _predictions(0.5, seed=1)
     runs = [make_run(tmp_path, "even", predictions, queries=range(0, N_QUERIES, 2)),
             make_run(tmp_path, "odd", predictions, queries=range(1, N_QUERIES, 2))]
-    with pytest.raises(ValueError, match="share no query_id"):
+    with pytest.raises(CompareError, match="share no query_id"):
         compare_runs(runs)
 
 
@@ -181,16 +183,33 @@ def test_disagreeing_golds_are_refused(tmp_path: Path) -> None:
     predictions = _predictions(0.5, seed=1)
     other_golds = ["crime"] + GOLDS[1:]
     runs = [make_run(tmp_path, "a", predictions), make_run(tmp_path, "b", predictions, golds=other_golds)]
-    with pytest.raises(ValueError, match="different user or gold"):
+    with pytest.raises(CompareError, match="different user or gold"):
         compare_runs(runs)
 
 
-@pytest.mark.parametrize("missing", ["config.json", "predictions.jsonl", "metrics.json"])
+@pytest.mark.parametrize("missing", ["config.json", "predictions.jsonl"])
 def test_missing_file_is_named(tmp_path: Path, missing: str) -> None:
     run = make_run(tmp_path, "run", _predictions(0.5, seed=1))
     (run / missing).unlink()
     with pytest.raises(RunDirError, match=re.escape(f"{missing}: file is missing")):
         load_run(run)
+
+
+def test_an_unfinished_run_is_called_unfinished(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "run", _predictions(0.5, seed=1))
+    (run / "metrics.json").unlink()  # what a run still being written, or killed, looks like
+    with pytest.raises(RunDirError, match=re.escape("the run is not finished (no metrics.json yet)")):
+        load_run(run)
+
+
+def test_the_cli_reports_runs_it_cannot_compare_in_one_line(tmp_path: Path) -> None:
+    scores = [str(1 + i % 5) for i in range(N_QUERIES)]
+    runs = [make_run(tmp_path, "news", _predictions(0.5, seed=1)),
+            make_run(tmp_path, "reviews", scores, task="LaMP-3", golds=scores)]
+    result = subprocess.run([sys.executable, "-m", "tailor.cli", "report", *map(str, runs)], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: cannot compare runs of different tasks" in result.stderr
 
 
 def test_corrupt_files_are_named(tmp_path: Path) -> None:

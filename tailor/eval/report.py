@@ -28,6 +28,10 @@ class RunDirError(ValueError):
     """A run dir is missing a file, or one of its files is not what the eval runner writes."""
 
 
+class CompareError(ValueError):
+    """The runs given cannot be compared as asked (different tasks, no shared queries, no such baseline)."""
+
+
 @dataclass(frozen=True)
 class Run:
     """One evaluation run dir, loaded."""
@@ -114,6 +118,9 @@ def load_run(run_dir: str | Path, predictions: bool = True) -> Run:
         resolve_task(config["task"])
     except KeyError as err:
         raise RunDirError(f"{path / 'config.json'}: {err.args[0]}") from None
+    if not (path / "metrics.json").is_file():
+        raise RunDirError(f"{path}: the run is not finished (no metrics.json yet); rerun its `tailor eval` command, "
+                          "which resumes it, or wait for the process writing it")
     metrics = _read_json(path / "metrics.json")
     _require(metrics, ("metrics",), path / "metrics.json")
     if not isinstance(metrics["metrics"], dict):
@@ -183,7 +190,7 @@ def _common_task(runs: Sequence[Run]) -> Task:
     tasks = {run.task.name for run in runs}
     if len(tasks) > 1:
         listing = ", ".join(f"{run.path} ({run.task.name})" for run in runs)
-        raise ValueError(f"cannot compare runs of different tasks: {listing}")
+        raise CompareError(f"cannot compare runs of different tasks: {listing}")
     return runs[0].task
 
 
@@ -197,9 +204,9 @@ def _pick_baseline(runs: Sequence[Run], baseline: str | None) -> Run:
             return matches[0]
         if matches:
             dirs = ", ".join(str(run.path) for run in matches)
-            raise ValueError(f"baseline {baseline!r} is ambiguous: it names {dirs}; pass a label or run dir name")
+            raise CompareError(f"baseline {baseline!r} is ambiguous: it names {dirs}; pass a label or run dir name")
     known = ", ".join(sorted({run.label for run in runs}))
-    raise ValueError(f"no run matches baseline {baseline!r}; runs are: {known}")
+    raise CompareError(f"no run matches baseline {baseline!r}; runs are: {known}")
 
 
 def _pair(task: Task, run: Run, base: Run, n_resamples: int, seed: int) -> Pairing:
@@ -207,10 +214,10 @@ def _pair(task: Task, run: Run, base: Run, n_resamples: int, seed: int) -> Pairi
     theirs = {str(r["query_id"]): r for r in run.predictions}
     shared = [(b, theirs[str(b["query_id"])]) for b in base.predictions if str(b["query_id"]) in theirs]
     if not shared:
-        raise ValueError(f"runs {run.path} and {base.path} share no query_id, so they cannot be paired")
+        raise CompareError(f"runs {run.path} and {base.path} share no query_id, so they cannot be paired")
     for b, r in shared:
         if (str(b["user_id"]), b["gold"]) != (str(r["user_id"]), r["gold"]):
-            raise ValueError(f"query {b['query_id']!r} has a different user or gold in {run.path} than in {base.path}")
+            raise CompareError(f"query {b['query_id']!r} has a different user or gold in {run.path} than in {base.path}")
     results = paired_bootstrap(
         task,
         preds_a=[r["prediction"] for _, r in shared],
@@ -303,7 +310,7 @@ def compare_runs(
     `out_dir`, also writes comparison.md and a bar chart, comparison.png, there.
     """
     if not run_dirs:
-        raise ValueError("no run dirs to compare")
+        raise CompareError("no run dirs to compare")
     runs = [load_run(d) for d in run_dirs]
     task = _common_task(runs)
     base = _pick_baseline(runs, baseline)
