@@ -30,6 +30,7 @@ import torch
 from tailor.backbone.layers import Site
 from tailor.backbone.lora import LoRAStack, lora_sites, save_peft
 from tailor.backbone.model import Backbone
+from tailor.cli import parse_options  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.eval.runner import EvalSpec, run_eval
 from tailor.store.state import UserState
 from tailor.tasks import get_task
@@ -265,21 +266,6 @@ def stylevector_search(backbone: Backbone, tasks: list[str], n_users: int, layer
     return "\n".join(lines)
 
 
-def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, raw = pair.partition("=")
-        value: Any = raw
-        for cast in (int, float):
-            try:
-                value = cast(raw)
-                break
-            except ValueError:
-                continue
-        out[key] = raw.lower() == "true" if raw.lower() in ("true", "false") else value
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", nargs="+", default=["lamp2n", "lamp2m", "lamp3", "lamp4", "lamp7"])
@@ -300,7 +286,7 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("TAILOR_THREADS", os.cpu_count() or 1)))  # as `tailor eval` does
-    overrides = _parse_overrides(args.overrides)
+    overrides = parse_options(args.overrides)
     loaded: list[Backbone] = []
 
     def backbone() -> Backbone:

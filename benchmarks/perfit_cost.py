@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from tailor.backbone.model import Backbone
-from tailor.cli import _parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
+from tailor.cli import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.data.lamp import load_users
 from tailor.data.splits import subset
 from tailor.eval.runner import fit_method

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tailor.backbone.model import Backbone
-from tailor.cli import _parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
+from tailor.cli import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.eval.metrics import higher_is_better, metric_names
 from tailor.eval.runner import EvalSpec, run_eval
 from tailor.methods.perfit import PerFit

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from tailor.backbone.model import Backbone
-from tailor.cli import _parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
+from tailor.cli import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.data.lamp import load_users
 from tailor.data.schema import User
 from tailor.eval.metrics import compute_metrics, higher_is_better, metric_names

@@ -25,7 +25,7 @@ from pathlib import Path
 from benchmarks.common import fresh_cache, machine, slug
 from tailor.atomic import write_text
 from tailor.backbone.loading import cache_root
-from tailor.cli import _parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
+from tailor.cli import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.distributed.ray_runner import RayOptions, WorkerPool, ray_eval, ray_session
 from tailor.eval.runner import EvalSpec
 from tailor.methods import method_class

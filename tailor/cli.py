@@ -50,7 +50,9 @@ def _progress() -> Iterator[Callable[[str, int, int], Callable[[int], None]]]:
         yield start
 
 
-def _parse_options(pairs: list[str]) -> dict[str, object]:
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """`--set KEY=VALUE` pairs as method options: ints, floats and true/false cast, dashes in keys read as
+    underscores. The benchmark scripts parse their `--set` with this too, so a value means the same everywhere."""
     options: dict[str, object] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -136,7 +138,7 @@ def eval_command(
     if method not in REGISTRY:
         raise typer.BadParameter(f"unknown method {method!r}; known: {', '.join(REGISTRY)}", param_hint="--method")
     needs_model = method_class(method).needs_backbone
-    explicit = _parse_options(set_)
+    explicit = parse_options(set_)
     options = dict(explicit)
     for name, value in (("k", k), ("mode", mode), ("calibrate", calibrate or None), ("batch_size", batch_size)):
         if value is not None:

@@ -97,7 +97,7 @@ def personalize_command(
 
     OUT has an evaluation's config.json, so `tailor eval` with the same options and --out only predicts.
     """
-    from tailor.cli import _check_options, _check_spec, _load_backbone, _parse_options, _progress, _threads, console
+    from tailor.cli import _check_options, _check_spec, _load_backbone, parse_options, _progress, _threads, console
     from tailor.distributed.ray_runner import personalize_run, ray_personalize
     from tailor.eval.runner import EvalSpec
     from tailor.methods import REGISTRY, build_method, method_class
@@ -106,7 +106,7 @@ def personalize_command(
     if method not in REGISTRY:
         raise typer.BadParameter(f"unknown method {method!r}; known: {', '.join(REGISTRY)}", param_hint="--method")
     needs_model = method_class(method).needs_backbone
-    options = {**_parse_options(set_), "batch_size": batch_size}
+    options = {**parse_options(set_), "batch_size": batch_size}
     _check_options(method, options)
     spec = EvalSpec(task=task, method=method, options=options, model=model if needs_model else None, dtype=dtype,
                     split=split, variant=variant, users=users, seed=seed,

@@ -31,7 +31,7 @@ def serve(
     data_dir: DataDir = None,
 ) -> None:
     """Serve personalized predictions over HTTP (see /docs), or create a tenant with --create-tenant."""
-    from tailor.cli import _check_options, _load_backbone, _parse_options, _threads, console
+    from tailor.cli import _check_options, _load_backbone, parse_options, _threads, console
     from tailor.store.store import Store, StoreError
 
     user_store = Store(store)
@@ -55,7 +55,7 @@ def serve(
     from tailor.serve.app import Limits, create_app
     from tailor.tasks.lamp import get_task
 
-    options = {"batch_size": max_batch, **_parse_options(set_)}
+    options = {"batch_size": max_batch, **parse_options(set_)}
     _check_options(method, options)
     _threads()
     the_task = get_task(task)
