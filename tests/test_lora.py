@@ -182,6 +182,24 @@ def test_oppu_exports_base_plus_user_as_one_peft_adapter(backbone: Backbone, lam
         assert total == pytest.approx(ours[0, j], abs=1e-3)
 
 
+def test_oppu_fit_on_a_cached_base_still_completes_its_progress_bar(backbone: Backbone, lamp_dir: Path) -> None:
+    """OPPU's fit is its MT-LoRA base's: when that base is cached, OPPU's own fit trains nothing and ticks nothing,
+    and its bar must still end full instead of standing at 0 for the whole run."""
+    from tailor.eval.runner import fit_method
+
+    task, train = get_task("lamp2n"), users_of(lamp_dir, "train")[:3]
+    oppu = OPPU(task, backbone, **FAST, steps=1, base_epochs=1, base_max_examples=2)
+    fit_method(oppu.base_method(), train)  # the base, cached as an `mt-lora` run would cache it
+    bars: dict[str, list[int]] = {}
+
+    def progress(description: str, done: int, total: int):
+        bars[description] = [done, total]
+        return lambda n: bars[description].__setitem__(0, bars[description][0] + n)
+
+    fit_method(oppu, train, progress)
+    assert bars == {"fit oppu": [3, 3]}
+
+
 def test_mt_lora_fit_resumes_from_its_checkpoint(backbone: Backbone, lamp_dir: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import tailor.methods.lora as lora_module

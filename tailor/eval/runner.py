@@ -364,8 +364,17 @@ def fit_method(method: Personalizer, users: Sequence[User],
         method.load_fit(folder)
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    tick = progress(f"fit {method.name}", 0, len(users)) if progress else None
-    method.fit(users, progress=tick, workdir=folder)
+    bar = progress(f"fit {method.name}", 0, len(users)) if progress else None
+    ticked = 0
+
+    def tick(n: int) -> None:
+        nonlocal ticked
+        ticked += n
+        bar(n)  # type: ignore[misc]
+
+    method.fit(users, progress=tick if bar else None, workdir=folder)
+    if bar and ticked < len(users):  # a fit whose work was cached elsewhere (OPPU's base) ticks less or not at all
+        bar(len(users) - ticked)
     method.save_fit(folder)
     (folder / "DONE").write_text(json.dumps({"users": len(users), "method": method.describe()}, indent=2))
     return folder
