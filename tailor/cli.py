@@ -72,9 +72,7 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
 
 
 def _check_options(method: str, options: dict[str, object]) -> None:
-    from tailor.methods import method_class
-
-    cls = method_class(method)
+    cls = _resolve_method(method)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -83,6 +81,16 @@ def _check_options(method: str, options: dict[str, object]) -> None:
         cls.config_class(**options)  # a config that checks its values says what is wrong before anything loads
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--set") from None
+
+
+def _resolve_method(method: str) -> type:
+    """The method's class: a registered name or module:Class; an unknown one fails in one line at --method."""
+    from tailor.methods import method_class
+
+    try:
+        return method_class(method)
+    except KeyError as error:
+        raise typer.BadParameter(error.args[0], param_hint="--method") from None
 
 
 def _check_spec(spec: EvalSpec) -> None:
@@ -108,7 +116,8 @@ def _load_backbone(model: str, dtype: str):
 def eval_command(
     task: Annotated[str, typer.Option(help="lamp1, lamp2n, lamp2m, lamp3, lamp4, lamp5, lamp7")],
     method: Annotated[str, typer.Option(help="global-prior, user-prior, none, rag, pag, full, chameleon, perfit, "
-                                             "p2p, mt-lora, lora-p, oppu, stylevector, dpo")],
+                                             "p2p, mt-lora, lora-p, oppu, stylevector, dpo, or module:Class of "
+                                             "your own Personalizer")],
     out: Annotated[Path, typer.Option(help="run folder; rerunning the same command there resumes")],
     users: Annotated[Optional[int], typer.Option(help="a seeded sample of this many users (default: all)")] = None,
     seed: int = 0,
@@ -133,11 +142,8 @@ def eval_command(
 ) -> None:
     """Evaluate one method on one task and write config, predictions, metrics and a report to OUT."""
     from tailor.eval.runner import EvalSpec, run_eval
-    from tailor.methods import REGISTRY, method_class
 
-    if method not in REGISTRY:
-        raise typer.BadParameter(f"unknown method {method!r}; known: {', '.join(REGISTRY)}", param_hint="--method")
-    needs_model = method_class(method).needs_backbone
+    needs_model = _resolve_method(method).needs_backbone
     explicit = parse_options(set_)
     options = dict(explicit)
     for name, value in (("k", k), ("mode", mode), ("calibrate", calibrate or None), ("batch_size", batch_size)):

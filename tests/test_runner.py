@@ -199,6 +199,29 @@ def test_a_method_config_rejects_negative_counts_but_not_signed_scales() -> None
         config_class(batch_size=0)
 
 
+def test_a_method_outside_tailor_runs_by_import_path(backbone: Backbone, lamp_dir: Path, tmp_path: Path) -> None:
+    from tailor.methods import build_method
+
+    name = "examples.latest_items:LatestItems"
+    spec = EvalSpec(task="lamp2n", method=name, options={"n": 1}, data_dir=str(lamp_dir), users=3)
+    metrics = run_eval(spec, tmp_path, backbone=backbone)
+    assert metrics["n_users"] == 3 and json.loads((tmp_path / "config.json").read_text())["method"] == name
+    method = build_method(name, get_task("lamp2n"), backbone, n=1)
+    user = next(u for u in load_users(get_task("lamp2n"), "dev", lamp_dir) if len(u.profile) >= 2)
+    prompt = method.prompt(method.personalize(user), user.queries[0].input)
+    newest, older = (method.task.format_item(item) for item in (user.profile[-1], user.profile[-2]))
+    assert prompt.endswith(user.queries[0].input) and newest in prompt and older not in prompt
+    assert run_eval(spec, tmp_path, backbone=backbone)["metrics"] == metrics["metrics"]  # resumes as built-ins do
+
+
+def test_an_import_path_that_is_not_a_method_fails_in_one_line(tmp_path: Path) -> None:
+    for method, message in (("examples.nowhere:Method", "cannot import Method from examples.nowhere"),
+                            ("tailor.data.schema:User", "is not a tailor.methods.Personalizer subclass")):
+        result = subprocess.run([sys.executable, "-m", "tailor.cli", "eval", "--task", "lamp3", "--method", method,
+                                 "--out", str(tmp_path / "run")], capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr and message in result.stderr
+
+
 def test_saved_states_are_reused_on_resume(backbone: Backbone, lamp_dir: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from tailor.methods import build_method

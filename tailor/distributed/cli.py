@@ -77,7 +77,7 @@ def eval_on_ray(spec: "EvalSpec", out: Path, address: str, workers: int, chunk_u
 
 def personalize_command(
     task: Annotated[str, typer.Option(help="lamp1, lamp2n, lamp2m, lamp3, lamp4, lamp5, lamp7")],
-    method: Annotated[str, typer.Option(help="a registered method (tailor.methods.REGISTRY)")],
+    method: Annotated[str, typer.Option(help="a registered method (tailor.methods.REGISTRY) or module:Class")],
     out: Annotated[Path, typer.Option(help="folder for config, states/ and personalized.jsonl; rerun resumes")],
     users: Annotated[Optional[int], typer.Option(help="a seeded sample of this many users (default: all)")] = None,
     seed: int = 0,
@@ -97,15 +97,14 @@ def personalize_command(
 
     OUT has an evaluation's config.json, so `tailor eval` with the same options and --out only predicts.
     """
-    from tailor.cli import _check_options, _check_spec, _load_backbone, parse_options, _progress, _threads, console
+    from tailor.cli import (_check_options, _check_spec, _load_backbone, _progress, _resolve_method, _threads, console,
+                            parse_options)
     from tailor.distributed.ray_runner import personalize_run, ray_personalize
     from tailor.eval.runner import EvalSpec
-    from tailor.methods import REGISTRY, build_method, method_class
+    from tailor.methods import build_method
     from tailor.tasks.lamp import get_task
 
-    if method not in REGISTRY:
-        raise typer.BadParameter(f"unknown method {method!r}; known: {', '.join(REGISTRY)}", param_hint="--method")
-    needs_model = method_class(method).needs_backbone
+    needs_model = _resolve_method(method).needs_backbone
     options = {**parse_options(set_), "batch_size": batch_size}
     _check_options(method, options)
     spec = EvalSpec(task=task, method=method, options=options, model=model if needs_model else None, dtype=dtype,

@@ -40,7 +40,7 @@ from tailor.data.splits import ood_split, random_split, subset, subset_positions
 from tailor.eval.metrics import compute_metrics
 from tailor.eval.report import write_run_report
 from tailor.eval.stats import bootstrap_ci
-from tailor.methods import REGISTRY, build_method, method_class
+from tailor.methods import build_method, method_class
 from tailor.methods.base import Personalizer
 from tailor.store.state import UserState
 from tailor.tasks.lamp import get_task
@@ -100,8 +100,12 @@ def _defaults(cls: type) -> dict[str, Any]:
 def _check_config(path: Path, config: dict) -> None:
     # A spec field or method option added after a run was made is absent from its config.json: absent means default.
     old = {**_defaults(EvalSpec), **json.loads(path.read_text())}
-    if isinstance(old.get("method_config"), dict) and old.get("method") in REGISTRY:
-        old["method_config"] = {**_defaults(method_class(old["method"]).config_class), **old["method_config"]}
+    if isinstance(old.get("method_config"), dict):
+        try:
+            defaults = _defaults(method_class(str(old.get("method"))).config_class)
+        except KeyError:  # a method this install cannot import: compare the options as written
+            defaults = {}
+        old["method_config"] = {**defaults, **old["method_config"]}
     volatile = {"data_dir", "label"}
     diffs = [k for k in sorted(set(old) | set(config)) if k not in volatile and old.get(k) != config.get(k)]
     if diffs:
@@ -289,6 +293,8 @@ def open_run(spec: EvalSpec, out: Path, identity: dict[str, Any], n_users: int) 
     """Create the run folder and its config.json, or check that the folder holds a run of the same configuration."""
     out.mkdir(parents=True, exist_ok=True)
     config = {**asdict(spec), "task": get_task(spec.task).name, **identity, "users": n_users}
+    if ":" in spec.method:  # a method outside tailor: keep the import path that builds it again, not just its name
+        config["method"] = spec.method
     config_path = out / "config.json"
     if config_path.exists():
         _check_config(config_path, config)

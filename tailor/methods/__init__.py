@@ -32,11 +32,23 @@ REGISTRY: dict[str, str] = {
 
 
 def method_class(name: str) -> type[Personalizer]:
-    target = REGISTRY.get(name)
+    """A registered method by name, or any `Personalizer` subclass by import path ("package.module:Class"), so that
+    a method written outside tailor runs through `tailor eval`, `tailor personalize` and `tailor serve` unchanged
+    (examples/latest_items.py is one)."""
+    target = REGISTRY.get(name) or (name if ":" in name else None)
     if target is None:
-        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(REGISTRY)}")
+        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(REGISTRY)}, or module:Class for your own")
     module, _, attr = target.partition(":")
-    return getattr(import_module(module), attr)
+    if name in REGISTRY:
+        return getattr(import_module(module), attr)
+    try:
+        cls = getattr(import_module(module), attr)
+    except (ImportError, AttributeError) as error:
+        raise KeyError(f"method {name!r}: cannot import {attr} from {module} ({error}); is the folder holding "
+                       f"{module.split('.')[0]} on PYTHONPATH?") from None
+    if not (isinstance(cls, type) and issubclass(cls, Personalizer)):
+        raise KeyError(f"method {name!r} is not a tailor.methods.Personalizer subclass")
+    return cls
 
 
 def build_method(name: str, task: Task, backbone: Backbone | None = None, **options: Any) -> Personalizer:

@@ -31,7 +31,7 @@ def serve(
     data_dir: DataDir = None,
 ) -> None:
     """Serve personalized predictions over HTTP (see /docs), or create a tenant with --create-tenant."""
-    from tailor.cli import _check_options, _load_backbone, parse_options, _threads, console
+    from tailor.cli import _check_options, _load_backbone, _threads, console, parse_options
     from tailor.store.store import Store, StoreError
 
     user_store = Store(store)
