@@ -39,11 +39,11 @@ def method_class(name: str) -> type[Personalizer]:
     if target is None:
         raise KeyError(f"unknown method {name!r}; known methods: {', '.join(REGISTRY)}, or module:Class for your own")
     module, _, attr = target.partition(":")
-    if name in REGISTRY:
-        return getattr(import_module(module), attr)
     try:
         cls = getattr(import_module(module), attr)
     except (ImportError, AttributeError) as error:
+        if name in REGISTRY:
+            raise  # a broken install, not a mistyped --method
         raise KeyError(f"method {name!r}: cannot import {attr} from {module} ({error}); is the folder holding "
                        f"{module.split('.')[0]} on PYTHONPATH?") from None
     if not (isinstance(cls, type) and issubclass(cls, Personalizer)):
