@@ -71,6 +71,20 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
     return options
 
 
+def merge_flags(options: dict[str, object], flags: dict[str, object | None]) -> dict[str, object]:
+    """The flags (`--k 2`, `--batch-size 4`, ...) are shorthands for `--set` options; a flag left out leaves the
+    `--set` value alone, and one option given both ways with different values is refused, not silently resolved."""
+    merged = dict(options)
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name in options and options[name] != value:
+            flag = "--" + name.replace("_", "-")
+            raise typer.BadParameter(f"{flag} {value} and --set {name}={options[name]} disagree; give one")
+        merged[name] = value
+    return merged
+
+
 def _check_options(method: str, options: dict[str, object]) -> None:
     cls = _resolve_method(method)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
@@ -129,7 +143,7 @@ def eval_command(
     k: Annotated[Optional[int], typer.Option(help="retrieved history items (rag, pag)")] = None,
     mode: Annotated[Optional[str], typer.Option(help="scoring or generation (classification tasks)")] = None,
     calibrate: Annotated[bool, typer.Option(help="contextual calibration of label scores")] = False,
-    batch_size: int = 8,
+    batch_size: Annotated[Optional[int], typer.Option(help="rows per forward pass (default 8)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="method option KEY=VALUE (repeatable)")] = [],
     model: Model = "smollm2-135m",
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
@@ -145,10 +159,8 @@ def eval_command(
 
     needs_model = _resolve_method(method).needs_backbone
     explicit = parse_options(set_)
-    options = dict(explicit)
-    for name, value in (("k", k), ("mode", mode), ("calibrate", calibrate or None), ("batch_size", batch_size)):
-        if value is not None:
-            options[name] = value
+    options = merge_flags(explicit, {"k": k, "mode": mode, "calibrate": calibrate or None, "batch_size": batch_size})
+    options.setdefault("batch_size", 8)
     if not needs_model:  # --k, --mode, --calibrate are for LM methods; a prior takes only its own --set options
         options = {key: v for key, v in options.items() if key in explicit or key == "batch_size"}
     _check_options(method, options)

@@ -12,6 +12,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+import typer
 
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
@@ -177,6 +178,21 @@ def test_cli_reports_a_bad_run_in_one_line_before_loading_anything(tmp_path: Pat
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in result.stderr and "Loading weights" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_flag_and_its_set_option_agree_or_fail(lamp_dir: Path, tmp_path: Path) -> None:
+    from tailor.cli import merge_flags
+
+    assert merge_flags({"batch_size": 2}, {"batch_size": None, "k": 1}) == {"batch_size": 2, "k": 1}
+    with pytest.raises(typer.BadParameter, match="--batch-size 4 and --set batch_size=2 disagree"):
+        merge_flags({"batch_size": 2}, {"batch_size": 4})
+    base = [sys.executable, "-m", "tailor.cli", "eval", "--task", "lamp3", "--method", "user-prior", "--users", "2",
+            "--data-dir", str(lamp_dir), "--set", "batch_size=2"]
+    subprocess.run([*base, "--out", str(tmp_path / "run")], check=True, capture_output=True)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["options"]["batch_size"] == 2
+    refused = subprocess.run([*base, "--batch-size", "4", "--out", str(tmp_path / "both")], capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and "disagree" in refused.stderr and not (tmp_path / "both").exists()
 
 
 @pytest.mark.parametrize("command", ["personalize", "demo"])

@@ -83,7 +83,7 @@ def personalize_command(
     seed: int = 0,
     split: str = "dev",
     variant: Annotated[str, typer.Option(help="user (LaMP's user-based split) or time")] = "user",
-    batch_size: int = 8,
+    batch_size: Annotated[Optional[int], typer.Option(help="rows per forward pass (default 8)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="method option KEY=VALUE (repeatable)")] = [],
     model: Annotated[str, typer.Option(help="packaged model or a local HF folder")] = "smollm2-135m",
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
@@ -98,14 +98,15 @@ def personalize_command(
     OUT has an evaluation's config.json, so `tailor eval` with the same options and --out only predicts.
     """
     from tailor.cli import (_check_options, _check_spec, _load_backbone, _progress, _resolve_method, _threads, console,
-                            parse_options)
+                            merge_flags, parse_options)
     from tailor.distributed.ray_runner import personalize_run, ray_personalize
     from tailor.eval.runner import EvalSpec
     from tailor.methods import build_method
     from tailor.tasks.lamp import get_task
 
     needs_model = _resolve_method(method).needs_backbone
-    options = {**parse_options(set_), "batch_size": batch_size}
+    options = merge_flags(parse_options(set_), {"batch_size": batch_size})
+    options.setdefault("batch_size", 8)
     _check_options(method, options)
     spec = EvalSpec(task=task, method=method, options=options, model=model if needs_model else None, dtype=dtype,
                     split=split, variant=variant, users=users, seed=seed,
