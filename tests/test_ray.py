@@ -5,6 +5,7 @@ One local Ray cluster serves the whole module (starting one takes about 10 s her
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -112,6 +113,21 @@ def test_a_worker_killed_mid_run_loses_nothing_and_changes_nothing(pool: WorkerP
     assert len(chunks_done) == DEV_USERS // CHUNK_USERS, "every chunk is written once, none lost"
     assert predictions_by_query(tmp_path) == predictions_by_query(local_run)
     assert metrics["n_queries"] == DEV_USERS and not (tmp_path / FAILURES).exists()
+
+
+def test_a_method_outside_tailor_runs_on_ray_as_it_does_locally(cluster: None, spec: EvalSpec, tiny_model_dir: Path,
+                                                                tmp_path: Path) -> None:
+    outside = dataclasses.replace(spec, method="examples.latest_items:LatestItems", users=4,
+                                  options={"n": 1, "max_new_tokens": 8, "batch_size": 4})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_eval(outside, tmp_path / "local", backbone=Backbone.load(str(tiny_model_dir)), chunk_users=2)
+    finally:
+        torch.set_num_threads(threads)
+    ray_eval(outside, tmp_path / "ray", RayOptions(workers=1), chunk_users=2)
+    assert predictions_by_query(tmp_path / "ray") == predictions_by_query(tmp_path / "local")
+    assert json.loads((tmp_path / "ray" / "config.json").read_text())["method"] == outside.method
 
 
 @ray.remote(num_cpus=0)
