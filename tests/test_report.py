@@ -246,3 +246,19 @@ def test_write_run_report(tmp_path: Path) -> None:
     assert '| method_config | {"k": 4} |' in text
     assert "| wall time | 12.3 s |" in text
     assert f"| queries | {N_QUERIES} |" in text
+
+
+def test_cost_table_sums_each_users_rows(tmp_path: Path) -> None:
+    costly = make_run(tmp_path, "oppu", _predictions(0.7, seed=4))
+    rows = [json.loads(line) for line in (costly / "predictions.jsonl").read_text().splitlines()]
+    for number, row in enumerate(rows):  # user u<i> took i seconds, spread over their 2 queries as the runner does
+        row.update(personalize_s=int(row["user_id"][1:]) / 2, state_bytes=1000, predict_s=0.25 + number % 2 / 2)
+    (costly / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (costly / "fit_time.json").write_text(json.dumps({"seconds": 61.27}))
+    cheap = make_run(tmp_path, "none", _predictions(0.2, seed=5))
+    text = compare_runs([cheap, costly], costs=True)
+    seconds = np.arange(60)
+    assert (f"| oppu | 60 | 61.3 | {seconds.mean():.3f} | {np.percentile(seconds, 95):.3f} | 59.000 | 1,000 | "
+            "0.500 |") in text
+    assert "| none | 60 | n/a | n/a | n/a | n/a | n/a | n/a |" in text
+    assert "Cost per run" not in compare_runs([cheap, costly])

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from tailor.eval.metrics import higher_is_better, metric_names, resolve_task
 from tailor.eval.stats import PairedResult, paired_bootstrap
 from tailor.tasks.lamp import Task
@@ -295,6 +297,42 @@ def _write_chart(runs: Sequence[Run], base: Run, metrics: Sequence[str], path: P
     figure.savefig(path, format="png", dpi=120)
 
 
+def cost_table(runs: Sequence[Run]) -> str:
+    """Each run's one-time fit and per-user cost, from its own files: the fit's seconds (fit_time.json), and per user
+    the personalize seconds (mean, p95, max), the saved state's bytes and the prediction seconds per query.
+
+    Per-user figures are sums over a user's prediction rows (the runner spreads a user's personalize time over their
+    queries), so they are what personalizing that user cost, wherever the run was resumed.
+    """
+    rows = []
+    for run in runs:
+        personalize: dict[str, float] = {}
+        state_bytes: dict[str, float] = {}
+        predict = []
+        for record in run.predictions:
+            user = str(record["user_id"])
+            if "personalize_s" in record:
+                personalize[user] = personalize.get(user, 0.0) + float(record["personalize_s"])
+            if "state_bytes" in record:
+                state_bytes[user] = float(record["state_bytes"])
+            if "predict_s" in record:
+                predict.append(float(record["predict_s"]))
+        fit = _read_json(run.path / "fit_time.json").get("seconds") if (run.path / "fit_time.json").is_file() else None
+        seconds = np.array(list(personalize.values()))
+        rows.append([
+            run.label, len({str(r["user_id"]) for r in run.predictions}),
+            "n/a" if fit is None else f"{float(fit):.1f}",
+            *(("n/a",) * 3 if not len(seconds) else
+              (f"{seconds.mean():.3f}", f"{np.percentile(seconds, 95):.3f}", f"{seconds.max():.3f}")),
+            f"{np.mean(list(state_bytes.values())):,.0f}" if state_bytes else "n/a",
+            f"{np.mean(predict):.3f}" if predict else "n/a",
+        ])
+    header = ["run", "users", "fit s (once)", "personalize s/user mean", "p95", "max", "state bytes/user",
+              "predict s/query"]
+    return ("Cost per run (from each run's predictions.jsonl and fit_time.json; wall seconds as measured, on whatever "
+            "else the machine was doing):\n\n" + _table(header, rows))
+
+
 def compare_runs(
     run_dirs: Sequence[str | Path],
     baseline: str | None = None,
@@ -302,12 +340,14 @@ def compare_runs(
     *,
     n_resamples: int = 1000,
     seed: int = 0,
+    costs: bool = False,
 ) -> str:
     """A markdown comparison of runs of one task against a baseline run (by label, method or dir name; default first).
 
     Each run shows its recorded metrics with CIs, mode and wall time; each other run also shows the paired-bootstrap
     delta (run − baseline) and p-value on the queries it shares with the baseline, and how many those are. With
-    `out_dir`, also writes comparison.md and a bar chart, comparison.png, there.
+    `costs`, a second table gives each run's one-time fit and its per-user cost (see `cost_table`). With `out_dir`,
+    also writes comparison.md and a bar chart, comparison.png, there.
     """
     if not run_dirs:
         raise CompareError("no run dirs to compare")
@@ -326,6 +366,7 @@ def compare_runs(
         f"resamples, seed {seed}).\n"
         + (f"The most frequent gold answer of the baseline's queries: {_top_answer(golds)}.\n"
            if answers and golds else "")
+        + (f"\n{cost_table(runs)}\n" if costs else "")
     )
     if out_dir is not None:
         out = Path(out_dir)
