@@ -302,7 +302,9 @@ def cost_table(runs: Sequence[Run]) -> str:
     the personalize seconds (mean, p95, max), the saved state's bytes and the prediction seconds per query.
 
     Per-user figures are sums over a user's prediction rows (the runner spreads a user's personalize time over their
-    queries), so they are what personalizing that user cost, wherever the run was resumed.
+    queries), so they are what personalizing that user cost, wherever the run was resumed. A method that personalizes
+    users together (`personalize_many`: P2P's batched pass, PAG's batched summaries) records each group's mean, so
+    its p95 and max are over groups, not users.
     """
     rows = []
     for run in runs:
