@@ -298,8 +298,8 @@ def _write_chart(runs: Sequence[Run], base: Run, metrics: Sequence[str], path: P
 
 
 def cost_table(runs: Sequence[Run]) -> str:
-    """Each run's one-time fit and per-user cost, from its own files: the fit's seconds (fit_time.json), and per user
-    the personalize seconds (mean, p95, max), the saved state's bytes and the prediction seconds per query.
+    """Each run's one-time fit and per-user cost, from its own files: the fit's seconds (metrics.json's `fit_s`), and
+    per user the personalize seconds (mean, p95, max), the saved state's bytes and the prediction seconds per query.
 
     Per-user figures are sums over a user's prediction rows (the runner spreads a user's personalize time over their
     queries), so they are what personalizing that user cost, wherever the run was resumed. A method that personalizes
@@ -319,7 +319,7 @@ def cost_table(runs: Sequence[Run]) -> str:
                 state_bytes[user] = float(record["state_bytes"])
             if "predict_s" in record:
                 predict.append(float(record["predict_s"]))
-        fit = _read_json(run.path / "fit_time.json").get("seconds") if (run.path / "fit_time.json").is_file() else None
+        fit = run.metrics.get("fit_s")
         seconds = np.array(list(personalize.values()))
         rows.append([
             run.label, len({str(r["user_id"]) for r in run.predictions}),
@@ -331,7 +331,7 @@ def cost_table(runs: Sequence[Run]) -> str:
         ])
     header = ["run", "users", "fit s (once)", "personalize s/user mean", "p95", "max", "state bytes/user",
               "predict s/query"]
-    return ("Cost per run (from each run's predictions.jsonl and fit_time.json; wall seconds as measured, on whatever "
+    return ("Cost per run (from each run's predictions.jsonl and metrics.json; wall seconds as measured, on whatever "
             "else the machine was doing):\n\n" + _table(header, rows))
 
 
