@@ -71,10 +71,16 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
     return options
 
 
+DEFAULT_BATCH_SIZE = 8
+
+
 def merge_flags(options: dict[str, object], flags: dict[str, object | None]) -> dict[str, object]:
-    """The flags (`--k 2`, `--batch-size 4`, ...) are shorthands for `--set` options; a flag left out leaves the
-    `--set` value alone, and one option given both ways with different values is refused, not silently resolved."""
-    merged = dict(options)
+    """The method options of `--set` and of the flags (`--k 2`, `--batch-size 4`, ...), with the default batch size.
+
+    The flags are shorthands for `--set` options; a flag left out leaves the `--set` value alone, and one option
+    given both ways with different values is refused, not silently resolved.
+    """
+    merged = {"batch_size": DEFAULT_BATCH_SIZE, **options}
     for name, value in flags.items():
         if value is None:
             continue
@@ -160,7 +166,6 @@ def eval_command(
     needs_model = _resolve_method(method).needs_backbone
     explicit = parse_options(set_)
     options = merge_flags(explicit, {"k": k, "mode": mode, "calibrate": calibrate or None, "batch_size": batch_size})
-    options.setdefault("batch_size", 8)
     if not needs_model:  # --k, --mode, --calibrate are for LM methods; a prior takes only its own --set options
         options = {key: v for key, v in options.items() if key in explicit or key == "batch_size"}
     _check_options(method, options)

@@ -184,6 +184,7 @@ def test_a_flag_and_its_set_option_agree_or_fail(lamp_dir: Path, tmp_path: Path)
     from tailor.cli import merge_flags
 
     assert merge_flags({"batch_size": 2}, {"batch_size": None, "k": 1}) == {"batch_size": 2, "k": 1}
+    assert merge_flags({}, {"batch_size": None}) == {"batch_size": 8}
     with pytest.raises(typer.BadParameter, match="--batch-size 4 and --set batch_size=2 disagree"):
         merge_flags({"batch_size": 2}, {"batch_size": 4})
     base = [sys.executable, "-m", "tailor.cli", "eval", "--task", "lamp3", "--method", "user-prior", "--users", "2",

@@ -106,7 +106,6 @@ def personalize_command(
 
     needs_model = _resolve_method(method).needs_backbone
     options = merge_flags(parse_options(set_), {"batch_size": batch_size})
-    options.setdefault("batch_size", 8)
     _check_options(method, options)
     spec = EvalSpec(task=task, method=method, options=options, model=model if needs_model else None, dtype=dtype,
                     split=split, variant=variant, users=users, seed=seed,
