@@ -10,7 +10,8 @@ import torch
 
 from tailor.backbone.edits import ForwardContext
 from tailor.backbone.layers import Site
-from tailor.backbone.model import Backbone
+from tailor.backbone.cache import cached_best_label
+from tailor.backbone.model import Backbone, log_normalise
 from tailor.data.lamp import load_users
 from tailor.methods.chameleon import Chameleon, select_history
 from tailor.methods.subspace import ProjectionEdit, ccs_direction, personal_direction, project_edit
@@ -83,11 +84,11 @@ def test_pca_selection_prefers_the_items_that_carry_the_variation() -> None:
     assert select_history(embeddings[:3], 5) == [0, 1, 2]
 
 
-def scripted_answers(prompts: list[str]) -> list[str]:
+def scripted_answers(prompts: list[str], content_free: list[str]) -> list[str]:
     """A random 2-layer model answers both prompts alike, so tests script the answers: the personalized agent says
     "politics", the neutral one "sports", except for every third query, where both agree (a pair to drop).
     Prompts arrive as (personalized, neutral) per query."""
-    assert all("personalized assistant" in p for p in prompts[::2])
+    assert all("personalized assistant" in p for p in prompts[::2]) and len(content_free) == len(prompts)
     return ["crime" if (i // 2) % 3 == 0 else "politics" if i % 2 == 0 else "sports" for i in range(len(prompts))]
 
 
@@ -120,6 +121,53 @@ def test_personalize_then_predict_on_the_tiny_model(backbone: Backbone, lamp_dir
 
     again = method.personalize_many(users)  # generations and hidden states come from the caches
     assert all(torch.equal(a.tensors["theta_p"], b.tensors["theta_p"]) for a, b in zip(states, again))
+
+
+def test_calibrated_best_label_ranks_against_the_content_free_prompt(backbone: Backbone) -> None:
+    labels = ["politics", "sports", "crime"]
+    prompts = ["Which category fits: the vote?", "Which category fits: the match?"]
+    content_free = ["Which category fits: N/A", "Which category fits: N/A"]
+    expected = (log_normalise(backbone.score_labels(prompts, labels))
+                - log_normalise(backbone.score_labels(content_free, labels))).argmax(axis=1)
+    calibrated = cached_best_label(backbone, prompts, labels, content_free=content_free)
+    assert calibrated == [labels[i] for i in expected]
+    assert cached_best_label(backbone, prompts, labels, content_free=content_free) == calibrated  # from the cache
+    plain = backbone.score_labels(prompts, labels).argmax(axis=1)
+    assert cached_best_label(backbone, prompts, labels) == [labels[i] for i in plain]
+    with pytest.raises(ValueError, match="content-free"):
+        cached_best_label(backbone, prompts, labels, content_free=content_free[:1])
+
+
+@pytest.mark.parametrize("options, answered_by", [({}, "scoring"), ({"calibrate": True}, "calibrated"),
+                                                  ({"mode": "generation"}, "generation")])
+def test_synthetic_answers_are_written_the_way_the_method_answers(backbone: Backbone, lamp_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch, options: dict,
+                                                                  answered_by: str) -> None:
+    """Label scoring answers "1" to every LaMP-3 prompt here (section 10 of BENCHMARKS.md), so every pair was
+    dropped; calibrated or generated answers can differ between the two insights, so pairs follow the mode."""
+    import tailor.methods.chameleon as chameleon
+
+    calls: list[str] = []
+
+    def best_label(backbone: Backbone, prompts: list[str], labels: list[str], batch_size: int = 8, cache: object = None,
+                   content_free: list[str] | None = None) -> list[str]:
+        calls.append("scoring" if content_free is None else "calibrated")
+        if content_free is not None:
+            assert len(content_free) == len(prompts) and all(": N/A\n" in p for p in content_free)
+        return [labels[0]] * len(prompts)
+
+    def generate(backbone: Backbone, prompts: list[str], *args: object, **kwargs: object) -> list[str]:
+        if "Your answer:" not in prompts[0]:
+            return ["likes things"] * len(prompts)  # the insights
+        calls.append("generation")
+        return ["3"] * len(prompts)
+
+    monkeypatch.setattr(chameleon, "cached_best_label", best_label)
+    monkeypatch.setattr(chameleon, "cached_generate", generate)
+    task = get_task("lamp3")
+    method = Chameleon(task, backbone, history=2, layers=1, ccs_restarts=1, ccs_steps=5, insight_tokens=4, **options)
+    method.preference_data(load_users(task, "dev", lamp_dir)[:1])
+    assert calls == [answered_by]
 
 
 def test_edit_acts_only_on_the_chosen_layers_and_rows(backbone: Backbone) -> None:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from tailor.backbone.layers import Site
 from tailor.backbone.loading import cache_root
-from tailor.backbone.model import Backbone
+from tailor.backbone.model import Backbone, log_normalise
 from tailor.textcache import KeyValueStore, TextCache, text_key
 
 
@@ -36,14 +36,29 @@ def cached_generate(backbone: Backbone, prompts: Sequence[str], max_new_tokens: 
 
 
 def cached_best_label(backbone: Backbone, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 8,
-                      cache: TextCache | None = None) -> list[str]:
-    """The label with the highest log-likelihood after each prompt (label scoring), cached like generations."""
+                      cache: TextCache | None = None, content_free: Sequence[str] | None = None) -> list[str]:
+    """The label with the highest log-likelihood after each prompt (label scoring), cached like generations.
+
+    With `content_free` (one prompt per prompt, its content replaced by "N/A"), labels are ranked by contextual
+    calibration instead: log p(label | prompt) - log p(label | content-free prompt), each over the label set.
+    """
     cache = cache or TextCache()
-    keys = [text_key("best-label", backbone.model_id, str(backbone.dtype), list(labels), p) for p in prompts]
+    references = list(content_free) if content_free is not None else [None] * len(prompts)
+    if len(references) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(references)} content-free prompts")
+    jobs = list(zip(prompts, references))
+    keys = [text_key("best-label", backbone.model_id, str(backbone.dtype), list(labels), p) if r is None else
+            text_key("best-label-calibrated", backbone.model_id, str(backbone.dtype), list(labels), p, r)
+            for p, r in jobs]
     known = cache.get_many(keys)
-    todo = sorted({k: p for k, p in zip(keys, prompts) if k not in known}.items())
+    todo = sorted({k: job for k, job in zip(keys, jobs) if k not in known}.items())
     if todo:
-        scores = backbone.score_labels([p for _, p in todo], labels, batch_size)
+        scores = backbone.score_labels([p for _, (p, _) in todo], labels, batch_size)
+        if content_free is not None:
+            references_todo = list(dict.fromkeys(r for _, (_, r) in todo))
+            at = {r: i for i, r in enumerate(references_todo)}
+            reference = backbone.score_labels(references_todo, labels, batch_size)
+            scores = log_normalise(scores) - log_normalise(reference[[at[r] for _, (_, r) in todo]])
         fresh = {k: labels[int(i)] for (k, _), i in zip(todo, scores.argmax(axis=1))}
         cache.put_many(fresh)
         known.update(fresh)

@@ -26,6 +26,12 @@ DType = Literal["float32", "bfloat16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def log_normalise(scores: np.ndarray) -> np.ndarray:
+    """Label log-likelihoods as log-probabilities over the label set (each row sums to one after exp)."""
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
 class _StopForward(Exception):
     """Raised by a capture hook once the deepest wanted layer has run: the rest of the network is not needed."""
 

@@ -23,7 +23,7 @@ import torch
 
 from tailor.backbone.edits import Edit
 from tailor.backbone.layers import Site
-from tailor.backbone.model import Backbone
+from tailor.backbone.model import Backbone, log_normalise
 from tailor.data.schema import Query, User
 from tailor.store.state import UserState
 from tailor.tasks.lamp import Task
@@ -213,12 +213,7 @@ class LMPersonalizer(Personalizer):
         position = {key: i for i, key in enumerate(unique)}
         cf = self.backbone.score_labels([p for p, _ in unique], self.task.labels, self.config.batch_size, edits,
                                         [r for _, r in unique] if rows is not None else None)
-        return _log_normalise(scores) - _log_normalise(cf[[position[k] for k in keys]])
-
-
-def _log_normalise(scores: np.ndarray) -> np.ndarray:
-    shifted = scores - scores.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return log_normalise(scores) - log_normalise(cf[[position[k] for k in keys]])
 
 
 def _unique_states(states: Sequence[UserState]) -> tuple[list[UserState], list[int]]:
