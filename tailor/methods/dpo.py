@@ -61,6 +61,13 @@ class TimeConstrainedDPO(Chameleon):
     def fits(self) -> bool:  # type: ignore[override]
         return False
 
+    @property
+    def personalize_group(self) -> int | None:
+        """One user at a time: each trains for as long as CHAMELEON took on them (about a minute here), and the
+        runner saves each group's states as it finishes, so a killed run loses one user's training, not a chunk's.
+        The pairs come from CHAMELEON's caches, so batching their generation across users would save nothing."""
+        return 1
+
     def budget(self, user: User) -> float:
         if self.config.budget_run:
             path = state_path(Path(self.config.budget_run) / "states", user.id)
