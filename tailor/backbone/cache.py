@@ -17,7 +17,7 @@ from torch import Tensor
 
 from tailor.backbone.layers import Site
 from tailor.backbone.loading import cache_root
-from tailor.backbone.model import Backbone, log_normalise
+from tailor.backbone.model import Backbone
 from tailor.textcache import KeyValueStore, TextCache, text_key
 
 
@@ -55,10 +55,7 @@ def cached_best_label(backbone: Backbone, prompts: Sequence[str], labels: Sequen
     if todo:
         scores = backbone.score_labels([p for _, (p, _) in todo], labels, batch_size)
         if content_free is not None:
-            references_todo = list(dict.fromkeys(r for _, (_, r) in todo))
-            at = {r: i for i, r in enumerate(references_todo)}
-            reference = backbone.score_labels(references_todo, labels, batch_size)
-            scores = log_normalise(scores) - log_normalise(reference[[at[r] for _, (_, r) in todo]])
+            scores = backbone.calibrate(scores, [r for _, (_, r) in todo], labels, batch_size)
         fresh = {k: labels[int(i)] for (k, _), i in zip(todo, scores.argmax(axis=1))}
         cache.put_many(fresh)
         known.update(fresh)

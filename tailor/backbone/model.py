@@ -226,6 +226,21 @@ class Backbone:
             raise ValueError(f"a label tokenizes to nothing: {labels}")
         return ids
 
+    def calibrate(self, scores: np.ndarray, content_free: Sequence[str], labels: Sequence[str], batch_size: int = 8,
+                  edits: Mapping[Site, Edit] | None = None, rows: Sequence[int] | None = None) -> np.ndarray:
+        """Contextual calibration (Zhao et al. 2021) of `scores`, row i scored after a prompt whose content-free
+        version is content_free[i]: log p(label | x) - log p(label | content-free x), each over the label set.
+
+        Content-free prompts repeat across rows (always for a prompt without history), so each distinct
+        (prompt, edit row) pair is scored once.
+        """
+        keys = [(p, rows[i] if rows is not None else -1) for i, p in enumerate(content_free)]
+        unique = list(dict.fromkeys(keys))
+        position = {key: i for i, key in enumerate(unique)}
+        reference = self.score_labels([p for p, _ in unique], labels, batch_size, edits,
+                                      [r for _, r in unique] if rows is not None else None)
+        return log_normalise(scores) - log_normalise(reference[[position[k] for k in keys]])
+
     @torch.inference_mode()
     def score_labels(self, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 8,
                      edits: Mapping[Site, Edit] | None = None, rows: Sequence[int] | Tensor | None = None,

@@ -23,7 +23,7 @@ import torch
 
 from tailor.backbone.edits import Edit
 from tailor.backbone.layers import Site
-from tailor.backbone.model import Backbone, log_normalise
+from tailor.backbone.model import Backbone
 from tailor.data.schema import Query, User
 from tailor.store.state import UserState
 from tailor.tasks.lamp import Task
@@ -201,19 +201,10 @@ class LMPersonalizer(Personalizer):
 
     def _calibrate(self, scores: np.ndarray, requests: Sequence[Request], edits: Mapping[Site, Edit] | None,
                    rows: list[int] | None) -> np.ndarray:
-        """log p(label | x) - log p(label | content-free x), each normalised over the label set.
-
-        Content-free prompts repeat across queries (always for the non-personalized prompt), so each distinct
-        (prompt, user row) pair is scored once.
-        """
+        """Each row against the same user's prompt with the question's content replaced by "N/A"."""
         assert self.backbone is not None
         cf_prompts = [self.prompt(s, content_free(self.task, q.input)) for s, q in requests]
-        keys = [(p, rows[i] if rows is not None else -1) for i, p in enumerate(cf_prompts)]
-        unique = list(dict.fromkeys(keys))
-        position = {key: i for i, key in enumerate(unique)}
-        cf = self.backbone.score_labels([p for p, _ in unique], self.task.labels, self.config.batch_size, edits,
-                                        [r for _, r in unique] if rows is not None else None)
-        return log_normalise(scores) - log_normalise(cf[[position[k] for k in keys]])
+        return self.backbone.calibrate(scores, cf_prompts, self.task.labels, self.config.batch_size, edits, rows)
 
 
 def _unique_states(states: Sequence[UserState]) -> tuple[list[UserState], list[int]]:

@@ -63,8 +63,8 @@ class TimeConstrainedDPO(Chameleon):
 
     @property
     def personalize_group(self) -> int | None:
-        """One user at a time: each trains for as long as CHAMELEON took on them (about a minute here), and the
-        runner saves each group's states as it finishes, so a killed run loses one user's training, not a chunk's.
+        """One user at a time: each trains for at least as long as CHAMELEON took on them (minutes on a CPU), and
+        the runner saves each group's states as it finishes, so a killed run loses one user's training, not a chunk's.
         The pairs come from CHAMELEON's caches, so batching their generation across users would save nothing."""
         return 1
 
