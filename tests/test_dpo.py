@@ -71,3 +71,31 @@ def test_a_killed_run_keeps_the_users_already_trained(backbone: Backbone, lamp_d
     with pytest.raises(KeyboardInterrupt):
         personalize_with_states(method, users, tmp_path)
     assert state_path(tmp_path, users[0].id).exists() and not state_path(tmp_path, users[1].id).exists()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_precision_follows_the_config_without_recomputation(backbone: Backbone, lamp_dir: Path, bf16: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """trl's DPO always autocasts to bfloat16 and recomputes activations; a CPU without bfloat16 arithmetic emulates
+    the first, and the second is a second forward pass per step that memory does not call for at this size."""
+    import trl
+
+    seen: list[tuple[bool, bool]] = []
+
+    class Watched(trl.DPOTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003 - trl's API
+            inner = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))  # inside trl's autocast
+            hook = inner.register_forward_hook(lambda *_: seen.append(
+                (torch.is_autocast_enabled("cpu"), bool(getattr(self.model, "is_gradient_checkpointing", False)))))
+            try:
+                return super().training_step(model, inputs, *args, **kwargs)
+            finally:
+                hook.remove()
+
+    monkeypatch.setattr(trl, "DPOTrainer", Watched)
+    task = get_task("lamp2n")
+    method = TimeConstrainedDPO(task, backbone, history=4, insight_tokens=4, budget_s=0.0, r=4, alpha=8,
+                                max_length=256, bf16=bf16)
+    method._answers = scripted_answers  # type: ignore[method-assign]
+    method.personalize_many(load_users(task, "dev", lamp_dir)[:1])
+    assert seen and all(state == (bf16, False) for state in seen)

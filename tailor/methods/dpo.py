@@ -8,9 +8,10 @@ The question is the paper's: with the same data and the same time, does a traine
 representation editing?
 
 Hyper-parameters follow appendix A.5 (1 epoch, learning rate 5e-5, max grad norm 0.3, warm-up 0.1, cosine schedule,
-AdamW, LoRA r=256, alpha=128, dropout 0.05) except what a CPU cannot do (bfloat16 with nf4 quantisation) and the
-batch size: 2 instead of 16, so that the time cap can stop training between small steps instead of overshooting
-it by one large one. The adapter is stored in the user's state and served through tailor's per-row LoRA edit.
+AdamW, LoRA r=256, alpha=128, dropout 0.05) except nf4 quantisation, bfloat16 on a CPU without bfloat16
+arithmetic, and the batch size: 2 instead of 16, so that the time cap can stop training between small steps instead
+of overshooting it by one large one. The adapter is stored in the user's state and served through tailor's per-row
+LoRA edit.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ class DPOConfig(ChameleonConfig):
     max_grad_norm: float = 0.3
     warmup_ratio: float = 0.1
     max_length: int = 768
+    bf16: bool | None = None
+    """Train under bfloat16 autocast (the paper's precision); None: when the CPU has bfloat16 arithmetic (AMX or
+    AVX512-BF16), where it made a LaMP-2M step 1.8x faster than float32, and not on CPUs that would emulate it."""
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products in hardware."""
+    import torch
+
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(probe() for probe in probes if probe is not None)
 
 
 class TimeConstrainedDPO(Chameleon):
@@ -119,7 +131,9 @@ class TimeConstrainedDPO(Chameleon):
                              learning_rate=self.config.lr, max_grad_norm=self.config.max_grad_norm,
                              warmup_steps=self.config.warmup_ratio, lr_scheduler_type="cosine", beta=self.config.beta,
                              max_length=self.config.max_length, report_to=[], save_strategy="no", logging_steps=1,
-                             seed=self.config.seed, use_cpu=True, disable_tqdm=True)
+                             seed=self.config.seed, use_cpu=True, disable_tqdm=True,
+                             bf16=native_bf16() if self.config.bf16 is None else self.config.bf16,
+                             gradient_checkpointing=False)  # trl's default: a second forward, no faster here
             lora = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout,
                               target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
             # trl wraps the model it is given with the adapter; a copy keeps the shared backbone untouched.
