@@ -127,14 +127,15 @@ class TimeConstrainedDPO(Chameleon):
              "chosen": [{"role": "assistant", "content": chosen}],
              "rejected": [{"role": "assistant", "content": rejected}]} for prompt, chosen, rejected in examples])
         with tempfile.TemporaryDirectory() as scratch:
-            args = TrlConfig(output_dir=scratch, num_train_epochs=1, per_device_train_batch_size=self.config.train_batch,
-                             learning_rate=self.config.lr, max_grad_norm=self.config.max_grad_norm,
-                             warmup_steps=self.config.warmup_ratio, lr_scheduler_type="cosine", beta=self.config.beta,
-                             max_length=self.config.max_length, report_to=[], save_strategy="no", logging_steps=1,
-                             seed=self.config.seed, use_cpu=True, disable_tqdm=True,
-                             bf16=native_bf16() if self.config.bf16 is None else self.config.bf16,
+            config = self.config
+            args = TrlConfig(output_dir=scratch, num_train_epochs=1, learning_rate=config.lr,
+                             per_device_train_batch_size=config.train_batch, max_grad_norm=config.max_grad_norm,
+                             warmup_steps=config.warmup_ratio, lr_scheduler_type="cosine", beta=config.beta,
+                             max_length=config.max_length, report_to=[], save_strategy="no", logging_steps=1,
+                             seed=config.seed, use_cpu=True, disable_tqdm=True,
+                             bf16=native_bf16() if config.bf16 is None else config.bf16,
                              gradient_checkpointing=False)  # trl's default: a second forward, no faster here
-            lora = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout,
+            lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                               target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
             # trl wraps the model it is given with the adapter; a copy keeps the shared backbone untouched.
             model = copy.deepcopy(self.backbone.model)
