@@ -17,6 +17,7 @@ LoRA edit.
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ class DPOConfig(ChameleonConfig):
     train_batch: int = 2
     max_grad_norm: float = 0.3
     warmup_ratio: float = 0.1
+    """Share of the epoch's steps spent warming up, rounded down: transformers rounds a ratio up, so a user with one
+    step's worth of pairs (most LaMP-2M users keep 2) would train at learning rate 0 and leave the adapter at zero."""
     max_length: int = 768
     bf16: bool | None = None
     """Train under bfloat16 autocast (the paper's precision); None: when the CPU has bfloat16 arithmetic (AMX or
@@ -65,7 +68,7 @@ class TimeConstrainedDPO(Chameleon):
     """Reuses CHAMELEON's preference data (and its caches), then trains DPO for CHAMELEON's time per user."""
 
     name = "dpo"
-    version = 1
+    version = 2  # 2: warm-up rounded down, precision chosen by the CPU
     config_class = DPOConfig
     config: DPOConfig
 
@@ -126,13 +129,14 @@ class TimeConstrainedDPO(Chameleon):
             {"prompt": [{"role": "user", "content": self._fit_prompt(prompt, max(chosen, rejected, key=len))}],
              "chosen": [{"role": "assistant", "content": chosen}],
              "rejected": [{"role": "assistant", "content": rejected}]} for prompt, chosen, rejected in examples])
+        config = self.config
+        epoch_steps = math.ceil(len(examples) / config.train_batch)
         with tempfile.TemporaryDirectory() as scratch:
-            config = self.config
             args = TrlConfig(output_dir=scratch, num_train_epochs=1, learning_rate=config.lr,
                              per_device_train_batch_size=config.train_batch, max_grad_norm=config.max_grad_norm,
-                             warmup_steps=config.warmup_ratio, lr_scheduler_type="cosine", beta=config.beta,
-                             max_length=config.max_length, report_to=[], save_strategy="no", logging_steps=1,
-                             seed=config.seed, use_cpu=True, disable_tqdm=True,
+                             warmup_steps=int(config.warmup_ratio * epoch_steps), lr_scheduler_type="cosine",
+                             beta=config.beta, max_length=config.max_length, report_to=[], save_strategy="no",
+                             logging_steps=1, seed=config.seed, use_cpu=True, disable_tqdm=True,
                              bf16=native_bf16() if config.bf16 is None else config.bf16,
                              gradient_checkpointing=False)  # trl's default: a second forward, no faster here
             lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
