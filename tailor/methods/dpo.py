@@ -53,7 +53,7 @@ class DPOConfig(ChameleonConfig):
     max_length: int = 768
     bf16: bool | None = None
     """Train under bfloat16 autocast (the paper's precision); None: when the CPU has bfloat16 arithmetic (AMX or
-    AVX512-BF16), where it made a LaMP-2M step 1.8x faster than float32, and not on CPUs that would emulate it."""
+    AVX512-BF16), where a step is faster than in float32 (BENCHMARKS.md section 12), not where it is emulated."""
 
 
 def native_bf16() -> bool:
