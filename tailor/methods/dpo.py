@@ -51,7 +51,7 @@ class DPOConfig(ChameleonConfig):
     max_grad_norm: float = 0.3
     warmup_ratio: float = 0.1
     """Share of the epoch's steps spent warming up, rounded down: transformers rounds a ratio up, so a user with one
-    step's worth of pairs (on LaMP-2M, 6 of 12 users with pairs) would train at learning rate 0 and leave the adapter at zero."""
+    step's worth of pairs (on LaMP-2M, 6 of 12 users with pairs) would train at learning rate 0, adapter left at 0."""
     max_length: int = 768
     bf16: bool | None = None
     """Train under bfloat16 autocast (the paper's precision); None: when the CPU has bfloat16 arithmetic (AMX or
