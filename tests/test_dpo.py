@@ -11,10 +11,18 @@ from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.eval.runner import personalize_with_states, state_path
 from tailor.methods.dpo import TimeConstrainedDPO
-from tailor.tasks import get_task
+from tailor.tasks import Task, get_task
 from tests.test_chameleon import scripted_answers
 
 pytestmark = pytest.mark.usefixtures("private_cache")
+
+
+def one_step_dpo(task: Task, backbone: Backbone, **config: object) -> TimeConstrainedDPO:
+    """A tiny DPO with a zero budget (so one step per user) on scripted CHAMELEON answers."""
+    method = TimeConstrainedDPO(task, backbone, history=4, insight_tokens=4, budget_s=0.0, r=4, alpha=8,
+                                max_length=256, **config)
+    method._answers = scripted_answers  # type: ignore[method-assign]
+    return method
 
 
 def test_dpo_trains_within_its_budget_and_predicts(backbone: Backbone, lamp_dir: Path) -> None:
@@ -37,9 +45,7 @@ def test_dpo_trains_within_its_budget_and_predicts(backbone: Backbone, lamp_dir:
 def test_the_deadline_stops_training_after_one_step_and_that_step_trains(backbone: Backbone, lamp_dir: Path) -> None:
     """Warm-up must not take the only step a budget allows: at learning rate 0 the adapter would stay zero."""
     task = get_task("lamp2n")
-    method = TimeConstrainedDPO(task, backbone, history=4, insight_tokens=4, budget_s=0.0, r=4, alpha=8,
-                                max_length=256)
-    method._answers = scripted_answers  # type: ignore[method-assign]
+    method = one_step_dpo(task, backbone)
     state = method.personalize_many(load_users(task, "dev", lamp_dir)[:1])[0]
     assert state.header["dpo_steps"] == 1
     assert any(t.abs().sum() > 0 for name, t in state.tensors.items() if name.endswith("lora_B"))
@@ -57,9 +63,7 @@ def test_a_killed_run_keeps_the_users_already_trained(backbone: Backbone, lamp_d
     """Each user trains for about a minute on the real backbone, so the runner must save each state as it is made."""
     task = get_task("lamp2n")
     users = load_users(task, "dev", lamp_dir)[:2]
-    method = TimeConstrainedDPO(task, backbone, history=4, insight_tokens=4, budget_s=0.0, r=4, alpha=8,
-                                max_length=256)
-    method._answers = scripted_answers  # type: ignore[method-assign]
+    method = one_step_dpo(task, backbone)
     train = method._train
     trained: list[int] = []
 
@@ -78,7 +82,7 @@ def test_a_killed_run_keeps_the_users_already_trained(backbone: Backbone, lamp_d
 @pytest.mark.parametrize("bf16", [False, True])
 def test_training_precision_follows_the_config_without_recomputation(backbone: Backbone, lamp_dir: Path, bf16: bool,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """trl's DPO always autocasts to bfloat16 and recomputes activations; a CPU without bfloat16 arithmetic emulates
+    """trl's DPO by default autocasts to bfloat16 and recomputes activations; a CPU without bfloat16 arithmetic emulates
     the first, and the second is a second forward pass per step that memory does not call for at this size."""
     import trl
 
@@ -96,8 +100,6 @@ def test_training_precision_follows_the_config_without_recomputation(backbone: B
 
     monkeypatch.setattr(trl, "DPOTrainer", Watched)
     task = get_task("lamp2n")
-    method = TimeConstrainedDPO(task, backbone, history=4, insight_tokens=4, budget_s=0.0, r=4, alpha=8,
-                                max_length=256, bf16=bf16)
-    method._answers = scripted_answers  # type: ignore[method-assign]
+    method = one_step_dpo(task, backbone, bf16=bf16)
     method.personalize_many(load_users(task, "dev", lamp_dir)[:1])
     assert seen and all(state == (bf16, False) for state in seen)

@@ -138,7 +138,7 @@ class TimeConstrainedDPO(Chameleon):
                              beta=config.beta, max_length=config.max_length, report_to=[], save_strategy="no",
                              logging_steps=1, seed=config.seed, use_cpu=True, disable_tqdm=True,
                              bf16=native_bf16() if config.bf16 is None else config.bf16,
-                             gradient_checkpointing=False)  # trl's default: a second forward, no faster here
+                             gradient_checkpointing=False)  # trl's default recomputes activations; not needed
             lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                               target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
             # trl wraps the model it is given with the adapter; a copy keeps the shared backbone untouched.
