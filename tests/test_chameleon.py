@@ -84,11 +84,11 @@ def test_pca_selection_prefers_the_items_that_carry_the_variation() -> None:
     assert select_history(embeddings[:3], 5) == [0, 1, 2]
 
 
-def scripted_answers(prompts: list[str], content_free: list[str]) -> list[str]:
+def scripted_answers(prompts: list[str], content_free: list[str] | None) -> list[str]:
     """A random 2-layer model answers both prompts alike, so tests script the answers: the personalized agent says
     "politics", the neutral one "sports", except for every third query, where both agree (a pair to drop).
-    Prompts arrive as (personalized, neutral) per query."""
-    assert all("personalized assistant" in p for p in prompts[::2]) and len(content_free) == len(prompts)
+    Prompts arrive as (personalized, neutral) per query; content-free twins are built only for calibrated scoring."""
+    assert all("personalized assistant" in p for p in prompts[::2]) and content_free is None
     return ["crime" if (i // 2) % 3 == 0 else "politics" if i % 2 == 0 else "sports" for i in range(len(prompts))]
 
 

@@ -243,7 +243,7 @@ class Chameleon(LMPersonalizer):
         texts = cached_generate(self.backbone, prompts, self.config.insight_tokens, self.config.batch_size)
         return [clean_insight(text) for text in texts]
 
-    def _answers(self, prompts: list[str], content_free: list[str]) -> list[str]:
+    def _answers(self, prompts: list[str], content_free: list[str] | None) -> list[str]:
         """The synthetic answers, written the way this configuration answers queries (generation, label scoring or
         calibrated label scoring), so a pair differs only where the insight changes the model's own answer."""
         assert self.backbone is not None
@@ -252,7 +252,7 @@ class Chameleon(LMPersonalizer):
             raw = cached_generate(self.backbone, prompts, max_new, self.config.batch_size)
             return [self.task.parse(text) for text in raw]
         return cached_best_label(self.backbone, prompts, self.task.labels, self.config.batch_size,
-                                 content_free=content_free if self.config.calibrate else None)
+                                 content_free=content_free)
 
     def preference_data(self, users: Sequence[User]) -> list[UserPairs]:
         """Selection, insights, pairs and their hidden states for several users, each stage batched across users."""
@@ -274,6 +274,7 @@ class Chameleon(LMPersonalizer):
 
         clock = time.perf_counter()
         jobs = []  # (user index, query input, pair context, personalized prompt, neutral prompt)
+        calibrate = self.scoring and self.config.calibrate
         content_free = []  # the two prompts with the new item replaced by "N/A" (calibrated scoring only)
         for u, (chosen, _, _) in enumerate(selections):
             for item in chosen:
@@ -284,9 +285,10 @@ class Chameleon(LMPersonalizer):
                 jobs.append((u, query_input, self.task.join_history(others, query_input),
                              preference_prompt(self.style, history, query, insights[2 * u], True),
                              preference_prompt(self.style, history, query, insights[2 * u + 1], False)))
-                content_free += [preference_prompt(self.style, history, "N/A", insights[2 * u], True),
-                                 preference_prompt(self.style, history, "N/A", insights[2 * u + 1], False)]
-        answers = self._answers([p for job in jobs for p in job[3:]], content_free)
+                if calibrate:
+                    content_free += [preference_prompt(self.style, history, "N/A", insights[2 * u], True),
+                                     preference_prompt(self.style, history, "N/A", insights[2 * u + 1], False)]
+        answers = self._answers([p for job in jobs for p in job[3:]], content_free if calibrate else None)
         pairs_s = (time.perf_counter() - clock) / max(len(users), 1)
 
         clock = time.perf_counter()
