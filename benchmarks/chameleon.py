@@ -6,6 +6,7 @@ Defaults (layers, scales) are chosen on TRAINING users (`--tune`), never on the 
     .venv/bin/python -m benchmarks.chameleon --tasks lamp2n lamp2m lamp3 lamp4 lamp7
     .venv/bin/python -m benchmarks.chameleon --ablations --tasks lamp2m
     .venv/bin/python -m benchmarks.chameleon --cost --tasks lamp2m
+    .venv/bin/python -m benchmarks.chameleon --cost --calibrate --tasks lamp3   # LaMP-3 keeps pairs only calibrated
 """
 
 from __future__ import annotations
@@ -56,17 +57,18 @@ TUNING = [("tune no edit", "--method chameleon --set scale_p=0 --set scale_n=0")
             for layers in (1, 3, 5) for scale in (0.5, 1.0, 2.0, 4.0, 8.0)]]
 
 
-def cost(task_name: str, model: str, users: int, out: Path) -> str:
+def cost(task_name: str, model: str, users: int, out: Path, calibrate: bool = False) -> str:
     """Per-user seconds by stage, state bytes, and predict throughput at batch 16 with the edit on and off.
 
     Generations and hidden states go to a fresh cache (OUT/chameleon-cost-cache), so the stage times are a first
-    run's even after other benchmarks cached these users."""
+    run's even after other benchmarks cached these users. `calibrate` scores labels against content-free prompts,
+    in the pairs and at predict time alike (on LaMP-3 uncalibrated pairs collapse, so there is nothing to edit)."""
     torch.set_num_threads(2)
     os.environ["TAILOR_CACHE"] = str(fresh_cache(out / "chameleon-cost-cache", cache_root()))
     backbone = Backbone.load(model)
     task = get_task(task_name)
     chosen = subset(load_users(task, "dev"), users, seed=1)
-    method = Chameleon(task, backbone)
+    method = Chameleon(task, backbone, calibrate=calibrate)
     states = method.personalize_many(chosen)
     stages: dict[str, list[float]] = {}
     for state in states:
@@ -75,9 +77,10 @@ def cost(task_name: str, model: str, users: int, out: Path) -> str:
     # The edit's cost is measured on rows that carry one: the users whose pairs gave directions, cycled to a
     # batch of 16, against the same rows with both scales at 0 (the same prompt, no edit).
     edited = [(state, user) for state, user in zip(states, chosen) if state.tensors["layers"].numel()]
+    scoring = ", calibrated label scoring" if calibrate else ""
     lines = [f"Per-user cost on {len(chosen)} dev users of {task.name} (first run, empty caches), {model}, "
-             f"float32, 2 threads. Every stage but the directions runs batched over all the users, and each user "
-             f"records the batch's time divided by the users, so those stages' max equals their mean:\n",
+             f"float32, 2 threads{scoring}. Every stage but the directions runs batched over all the users, and each "
+             f"user records the batch's time divided by the users, so those stages' max equals their mean:\n",
              "| stage | mean s/user | max s/user |", "|---|---|---|"]
     for stage, values in stages.items():
         lines.append(f"| {stage} | {statistics.mean(values):.3f} | {max(values):.3f} |")
@@ -88,7 +91,7 @@ def cost(task_name: str, model: str, users: int, out: Path) -> str:
     if not edited:
         lines.append("\nNo user kept a pair, so no row carries an edit: the edit's throughput is not measured.")
         return "\n".join(lines) + "\n"
-    plain = Chameleon(task, backbone, scale_p=0.0, scale_n=0.0)
+    plain = Chameleon(task, backbone, scale_p=0.0, scale_n=0.0, calibrate=calibrate)
     queries = [user.queries[0] for _, user in edited]
     off = plain.personalize_many([user for _, user in edited])  # generations and hidden states from the cache
     timings = {}
@@ -167,6 +170,7 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="grid on 40 training users (never dev users)")
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--cost", action="store_true")
+    parser.add_argument("--calibrate", action="store_true", help="with --cost: calibrated label scoring")
     parser.add_argument("--only", nargs="*", default=None,
                         help="labels to run (default: the whole plan); the baseline row is always included")
     parser.add_argument("--report", type=Path, default=None)
@@ -180,7 +184,7 @@ def main() -> None:
     sections = [f"Machine: {machine()}. Model: {args.model}, float32, seed 0.\n"]
     for name in args.tasks:
         if args.cost:
-            measured = cost(name, args.model, args.users or 16, args.out)
+            measured = cost(name, args.model, args.users or 16, args.out, args.calibrate)
             sections.append(f"### CHAMELEON cost, {get_task(name).name}\n\n{measured}")
             continue
         if args.tune:
