@@ -27,15 +27,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from benchmarks.common import BASELINE, chosen, machine, publish, section, slug
+from benchmarks.common import run as run_command
 from tailor.backbone.layers import Site
 from tailor.backbone.lora import LoRAStack, lora_sites, save_peft
 from tailor.backbone.model import Backbone
-from tailor.cli import parse_options  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
-from tailor.eval.runner import EvalSpec, run_eval
+from tailor.cli._options import parse_options  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
+from tailor.eval.runner import run_eval
+from tailor.runs.spec import EvalSpec
 from tailor.store.state import UserState
 from tailor.tasks import get_task
-
-from benchmarks.common import BASELINE, chosen, machine, publish, run as run_command, section, slug
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def export_example(task: str, run: Run, folder: Path, backbone: Backbone) -> Non
     method = build(run, task, backbone)
     if method.fits:
         from tailor.data.lamp import load_users
-        from tailor.eval.runner import fit_method
+        from tailor.runs.fits import fit_method
 
         fit_method(method, load_users(get_task(task), "train"))
     method.export_peft(UserState.load(first), folder / "peft-example")

@@ -30,18 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import machine, publish, run, section
 from tailor.backbone.model import Backbone
-from tailor.cli import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
+from tailor.backbone.textcache import TextCache
+from tailor.cli._options import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.data.lamp import load_users
 from tailor.data.splits import subset
-from tailor.eval.runner import fit_folder, fit_method
 from tailor.methods.lora import OPPU
 from tailor.methods.p2p import P2P
 from tailor.retrieval.embed import default_embedder
+from tailor.runs.fits import fit_folder, fit_method
 from tailor.tasks import get_task
-from tailor.textcache import TextCache
-
-from benchmarks.common import machine, publish, run, section
 
 QUALITY_PLAN = [
     ("user prior", "--method user-prior"),

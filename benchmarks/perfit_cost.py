@@ -24,16 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import machine, publish
 from tailor.backbone.model import Backbone
-from tailor.cli import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
+from tailor.cli._options import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.data.lamp import load_users
 from tailor.data.splits import subset
-from tailor.eval.runner import fit_method
 from tailor.methods.perfit import PerFit, describe_counts, parameter_counts
 from tailor.methods.prompting import RAG
+from tailor.runs.fits import fit_method
 from tailor.tasks import get_task
-
-from benchmarks.common import machine, publish
 
 
 def spread(values: list[float], digits: int = 2) -> str:

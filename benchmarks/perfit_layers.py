@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import machine
 from tailor.backbone.model import Backbone
-from tailor.cli import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
-from tailor.eval.metrics import higher_is_better, metric_names
-from tailor.eval.runner import EvalSpec, run_eval
+from tailor.cli._options import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
+from tailor.eval.runner import run_eval
 from tailor.methods.perfit import PerFit
+from tailor.runs.spec import EvalSpec
 from tailor.tasks import get_task
 from tailor.tasks.lamp import Task
-
-from benchmarks.common import machine
+from tailor.tasks.metrics import higher_is_better, metric_names
 
 
 def plot(task: Task, layers: list[int], results: list[dict], path: Path) -> None:

@@ -26,16 +26,15 @@ from typing import Any, Sequence
 
 import torch
 
+from benchmarks.common import machine
 from tailor.backbone.model import Backbone
-from tailor.cli import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
+from tailor.cli._options import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.data.lamp import load_users
-from tailor.data.schema import User
-from tailor.eval.metrics import compute_metrics, higher_is_better, metric_names
 from tailor.methods.perfit import PerFit
 from tailor.tasks import get_task
 from tailor.tasks.lamp import Task
-
-from benchmarks.common import machine
+from tailor.tasks.metrics import compute_metrics, higher_is_better, metric_names
+from tailor.tasks.records import User
 
 
 def layer_sets(n_layers: int) -> list[str]:

@@ -25,10 +25,10 @@ from pathlib import Path
 from benchmarks.common import fresh_cache, machine, slug
 from tailor.atomic import write_text
 from tailor.backbone.loading import cache_root
-from tailor.cli import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
+from tailor.cli._options import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.distributed.ray_runner import RayOptions, WorkerPool, ray_eval, ray_session
-from tailor.eval.runner import EvalSpec
 from tailor.methods import method_class
+from tailor.runs.spec import EvalSpec
 
 DEFAULT_PLAN = ["none", "rag k=4", "chameleon", "perfit"]
 """Prompting (retrieval in the prompt), representation editing (steering directions), trained interventions; the

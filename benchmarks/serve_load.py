@@ -33,9 +33,9 @@ import httpx
 
 from tailor.atomic import write_text
 from tailor.data.lamp import load_users
-from tailor.data.schema import User
 from tailor.store.store import Store
 from tailor.tasks import get_task
+from tailor.tasks.records import User
 
 
 def free_port() -> int:
@@ -160,7 +160,7 @@ def run_method(spec: str, args: argparse.Namespace, users: list[User]) -> dict:
     key = Store(store_dir).create_tenant("load")[1]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "tailor.serve.cli", "--store", str(store_dir), "--method", name, "--task",
+    command = [sys.executable, "-m", "tailor.cli", "serve", "--store", str(store_dir), "--method", name, "--task",
                args.task, "--model", args.model, "--host", "127.0.0.1", "--port", str(port), "--max-batch",
                str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), *sets,
                *(["--data-dir", args.data_dir] if args.data_dir else [])]

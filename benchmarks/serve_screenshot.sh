@@ -31,10 +31,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-KEY=$("$PYTHON" -m tailor.serve.cli --store "$WORK/store" --create-tenant demo 2>/dev/null)
+KEY=$("$PYTHON" -m tailor.cli serve --store "$WORK/store" --create-tenant demo 2>/dev/null)
 PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # shellcheck disable=SC2086
-"$PYTHON" -m tailor.serve.cli --store "$WORK/store" --method "$METHOD" --task "$TASK" --model "$MODEL" \
+"$PYTHON" -m tailor.cli serve --store "$WORK/store" --method "$METHOD" --task "$TASK" --model "$MODEL" \
   --host 127.0.0.1 --port "$PORT" ${SERVE_ARGS:-} > "$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 

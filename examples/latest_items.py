@@ -7,18 +7,19 @@ Every part of tailor takes it by import path, with nothing registered:
         --users 8 --out runs/latest-items
 
 `tailor personalize` and `tailor serve` take the same --method; with --ray, every worker must be able to import it.
-A method that edits hidden states also overrides `edits(states)`; one that learns across users sets `fits = True`
-and implements `fit`, `save_fit` and `load_fit` (see tailor/methods/base.py).
+A method that edits hidden states also overrides `edits(states)`; one that learns across users returns True from
+`fits` and implements `fit`, `save_fit` and `load_fit`; one whose state can follow new history without starting over
+implements `update` (see tailor/methods/base.py and docs/architecture.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tailor.data.schema import User
 from tailor.methods.base import LMConfig, LMPersonalizer
 from tailor.methods.profile import format_history
 from tailor.store.state import UserState
+from tailor.tasks.records import User
 
 
 @dataclass
@@ -29,10 +30,8 @@ class LatestItemsConfig(LMConfig):
     """Token budget the items share; a long item is cut to fit."""
 
 
-class LatestItems(LMPersonalizer):
+class LatestItems(LMPersonalizer[LatestItemsConfig]):
     name = "latest-items"
-    config_class = LatestItemsConfig
-    config: LatestItemsConfig
 
     def personalize(self, user: User) -> UserState:
         # Formatted once per user and kept in the state's JSON header, not redone for every query.

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tailor.backbone.edits import AddVector, ForwardContext
+from tailor.backbone.edits import ForwardContext
 from tailor.backbone.layers import Site, decoder_layers, site_module
 from tailor.backbone.model import Backbone
 from tests.conftest import tiny_backbone
@@ -17,6 +17,20 @@ PROMPTS = [
     "paraphrase this tweet",
 ]
 LABELS = ["comedy", "action", "dark comedy", "1", "politics"]
+
+
+class AddVector:
+    """A per-row edit for these tests: add `scale * vectors[rows[b]]` to every token of row b."""
+
+    def __init__(self, vectors: torch.Tensor, scale: float = 1.0):
+        self.vectors = vectors
+        self.scale = scale
+
+    def __call__(self, hidden: torch.Tensor, ctx: ForwardContext, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        vec = self.vectors if ctx.rows is None else self.vectors[ctx.rows]
+        if vec.dim() == 1:
+            vec = vec.expand(hidden.shape[0], -1)
+        return hidden + self.scale * vec[:, None, :].to(hidden.dtype)
 
 
 def full_forward_logprob(bb: Backbone, prompt: str, label: str) -> float:

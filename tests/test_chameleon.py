@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from tailor.backbone.cache import cached_best_label
 from tailor.backbone.edits import ForwardContext
 from tailor.backbone.layers import Site
-from tailor.backbone.cache import cached_best_label
 from tailor.backbone.model import Backbone, log_normalise
 from tailor.data.lamp import load_users
 from tailor.methods.chameleon import Chameleon, select_history
@@ -112,12 +112,6 @@ def test_personalize_then_predict_on_the_tiny_model(backbone: Backbone, lamp_dir
     assert sum(s.header["pairs_dropped"] for s in states) > 0
     predictions = method.predict([(s, u.queries[0]) for s, u in zip(states, users)])
     assert all(p.text in task.labels for p in predictions)
-
-    path = states[0].save(tmp_path / "state.safetensors")
-    loaded = UserState.load(path, method="chameleon", version=method.version, model_id=backbone.model_id)
-    alone = method.predict([(loaded, users[0].queries[0])])[0]
-    assert alone.text == predictions[0].text  # a batch of one and a padded batch of three agree
-    assert np.allclose(alone.scores, predictions[0].scores, atol=1e-4)
 
     again = method.personalize_many(users)  # generations and hidden states come from the caches
     assert all(torch.equal(a.tensors["theta_p"], b.tensors["theta_p"]) for a, b in zip(states, again))

@@ -9,7 +9,6 @@ import torch
 
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
-from tailor.eval.runner import personalize_with_states, state_path
 from tailor.methods.dpo import TimeConstrainedDPO
 from tailor.tasks import Task, get_task
 from tests.test_chameleon import scripted_answers
@@ -57,26 +56,6 @@ def test_dpo_needs_a_budget(backbone: Backbone, lamp_dir: Path) -> None:
     method._answers = scripted_answers  # type: ignore[method-assign]
     with pytest.raises(ValueError, match="budget"):
         method.personalize_many(load_users(task, "dev", lamp_dir)[:1])
-
-
-def test_a_killed_run_keeps_the_users_already_trained(backbone: Backbone, lamp_dir: Path, tmp_path: Path) -> None:
-    """Each user trains for about a minute on the real backbone, so the runner must save each state as it is made."""
-    task = get_task("lamp2n")
-    users = load_users(task, "dev", lamp_dir)[:2]
-    method = one_step_dpo(task, backbone)
-    train = method._train
-    trained: list[int] = []
-
-    def killed_on_the_second_user(examples: list[tuple[str, str, str]], seconds: float) -> tuple:
-        if trained:
-            raise KeyboardInterrupt
-        trained.append(1)
-        return train(examples, seconds)
-
-    method._train = killed_on_the_second_user  # type: ignore[method-assign]
-    with pytest.raises(KeyboardInterrupt):
-        personalize_with_states(method, users, tmp_path)
-    assert state_path(tmp_path, users[0].id).exists() and not state_path(tmp_path, users[1].id).exists()
 
 
 @pytest.mark.parametrize("bf16", [False, True])

@@ -9,7 +9,8 @@ import pytest
 
 from tailor.backbone.model import Backbone
 from tailor.eval.report import compare_runs
-from tailor.eval.runner import EvalSpec, run_eval
+from tailor.eval.runner import run_eval
+from tailor.runs.spec import EvalSpec
 from tailor.tasks import get_task
 
 pytestmark = pytest.mark.e2e

@@ -15,10 +15,7 @@ from tailor.backbone.edits import hooked
 from tailor.backbone.lora import LoRAStack, load_peft, lora_sites, save_peft, user_seed
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
-from tailor.eval.runner import EvalSpec, run_eval, state_path
-from tailor.methods.lora import (MTLoRA, OPPU, LoRAP, LoRAPConfig, StackTrainer, plan, token_groups, tokenise,
-                                 train_users)
-from tailor.store.state import UserState
+from tailor.methods.lora import (OPPU, LoRAP, MTLoRA, StackTrainer, plan, token_groups, tokenise, train_users)
 from tailor.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("private_cache", "one_thread")
@@ -152,7 +149,7 @@ def test_peft_export_loads_in_peft_with_the_same_logits(backbone: Backbone, tmp_
 def test_default_oppu_trains_on_the_default_mt_lora_fit(backbone: Backbone, lamp_dir: Path) -> None:
     """OPPU's per-user stage has its own batch and steps; its base must still be exactly a default `mt-lora`, so
     that the two share one cached fit (and OPPU's cost is not a second multi-task fit)."""
-    from tailor.eval.runner import fit_folder
+    from tailor.runs.fits import fit_folder
 
     task = get_task("lamp2n")
     train = users_of(lamp_dir, "train")[:3]
@@ -182,22 +179,28 @@ def test_oppu_exports_base_plus_user_as_one_peft_adapter(backbone: Backbone, lam
         assert total == pytest.approx(ours[0, j], abs=1e-3)
 
 
-def test_oppu_fit_on_a_cached_base_still_completes_its_progress_bar(backbone: Backbone, lamp_dir: Path) -> None:
-    """OPPU's fit is its MT-LoRA base's: when that base is cached, OPPU's own fit trains nothing and ticks nothing,
-    and its bar must still end full instead of standing at 0 for the whole run."""
-    from tailor.eval.runner import fit_method
+def test_oppu_fits_its_base_once_through_the_fit_cache(backbone: Backbone, lamp_dir: Path) -> None:
+    """OPPU's fit is its MT-LoRA base's, a prerequisite fitted in the base's own place in the fit cache: the first
+    OPPU shows the base's bar and ends it full; a second one loads the base, with no bar standing at 0."""
+    from tailor.runs.fits import fit_folder, fit_method
 
     task, train = get_task("lamp2n"), users_of(lamp_dir, "train")[:3]
-    oppu = OPPU(task, backbone, **FAST, steps=1, base_epochs=1, base_max_examples=2)
-    fit_method(oppu.base_method(), train)  # the base, cached as an `mt-lora` run would cache it
+    options = dict(FAST, steps=1, base_epochs=1, base_max_examples=2)
     bars: dict[str, list[int]] = {}
 
     def progress(description: str, done: int, total: int):
         bars[description] = [done, total]
         return lambda n: bars[description].__setitem__(0, bars[description][0] + n)
 
-    fit_method(oppu, train, progress)
-    assert bars == {"fit oppu": [3, 3]}
+    first = OPPU(task, backbone, **options)
+    fit_method(first, train, progress)
+    assert bars == {"fit mt-lora": [3, 3]} and (fit_folder(first.base, train) / "DONE").exists()
+    bars.clear()
+    second = OPPU(task, backbone, **options)
+    fit_method(second, train, progress)
+    assert bars == {}
+    assert first.base.stack is not None and second.base.stack is not None
+    assert all(torch.equal(first.base.stack.B[s], second.base.stack.B[s]) for s in first.base.stack.sites)
 
 
 def test_mt_lora_fit_resumes_from_its_checkpoint(backbone: Backbone, lamp_dir: Path, tmp_path: Path,
@@ -237,42 +240,6 @@ def test_mt_lora_fit_resumes_from_its_checkpoint(backbone: Backbone, lamp_dir: P
     assert resumed.fit_log["resumed"] and 1000.0 < resumed.fit_log["seconds"] < 1000.0 + 600
     for site in full.stack.sites:
         assert torch.allclose(full.stack.B[site], resumed.stack.B[site], atol=1e-6)
-
-
-def test_interrupted_multi_user_run_keeps_finished_users(backbone: Backbone, lamp_dir: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    task = get_task("lamp2n")
-    spec = EvalSpec(task="lamp2n", method="lora-p", data_dir=str(lamp_dir), users=4)
-    trained: list[str] = []
-
-    class Interrupted(Exception):
-        pass
-
-    class Counting(LoRAP):
-        def personalize_many(self, users, progress=None):
-            if len(trained) >= 2:
-                raise Interrupted
-            trained.extend(u.id for u in users)
-            return super().personalize_many(users, progress)
-
-    config = LoRAPConfig(**FAST, steps=2, group=2)
-    with pytest.raises(Interrupted):  # killed in the middle of the run's one chunk of 4 users
-        run_eval(spec, tmp_path / "run", backbone=backbone, method=Counting(task, backbone, config), chunk_users=4)
-    states_dir = tmp_path / "run" / "states"
-    finished = {p.name: p.read_bytes() for p in states_dir.glob("*.safetensors")}
-    assert len(finished) == 2
-    first = list(trained)
-    metrics = run_eval(spec, tmp_path / "run", backbone=backbone, method=LoRAP(task, backbone, config),
-                       chunk_users=4)
-    assert metrics["n_users"] == 4
-    for name, content in finished.items():
-        assert (states_dir / name).read_bytes() == content  # kept, not trained again
-    again = Counting(task, backbone, config)
-    trained.clear()
-    run_eval(spec, tmp_path / "run", backbone=backbone, method=again, chunk_users=4)
-    assert trained == []  # every user is done: nothing is personalized again
-    state = UserState.load(state_path(states_dir, first[0]), method="lora-p")
-    assert state.header["steps"] == 2 and any(k.endswith(".lora_B") for k in state.tensors)
 
 
 def test_user_seed_is_stable_and_distinct() -> None:

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from tailor.backbone.model import Backbone
+from tailor.backbone.textcache import TextCache
 from tailor.data.lamp import load_users
-from tailor.data.schema import HistoryItem, Query, User
 from tailor.methods import build_method
 from tailor.methods.base import content_free
 from tailor.methods.profile import format_history
 from tailor.store.state import StateError, UserState
 from tailor.tasks import get_task
-from tailor.textcache import TextCache
+from tailor.tasks.records import HistoryItem, Query, User
 
 NEWS = get_task("lamp2n")
 

@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from tailor.eval.metrics import (
-    NO_LABEL,
-    compute_metrics,
-    higher_is_better,
-    lamp3_value,
-    metric_names,
-    score_items,
-)
 from tailor.tasks.lamp import MOVIE_TAGS, NEWS_CATEGORIES, get_task
+from tailor.tasks.metrics import (NO_LABEL, compute_metrics, higher_is_better, lamp3_value, metric_names, score_items)
 
 
 def test_metric_names_and_directions() -> None:

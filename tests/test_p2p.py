@@ -14,11 +14,11 @@ import torch
 from tailor.backbone.edits import hooked
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
-from tailor.data.schema import Query, User
 from tailor.methods import build_method
 from tailor.methods.p2p import P2P, TrainingSet, plan_steps, sqrt_weights
 from tailor.store.state import UserState
 from tailor.tasks import get_task
+from tailor.tasks.records import Query, User
 
 pytestmark = pytest.mark.usefixtures("private_cache", "one_thread")
 
@@ -159,17 +159,13 @@ def test_fit_resumes_from_its_checkpoint(backbone: Backbone, lamp_dir: Path, tmp
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def test_unseen_user_is_personalized_saved_and_answered(trained: P2P, lamp_dir: Path, tmp_path: Path) -> None:
+def test_unseen_users_are_answered_with_loras_written_for_their_questions(trained: P2P, lamp_dir: Path) -> None:
     train_ids = {u.id for u in users_of(lamp_dir, "train")}
     users = [u for u in users_of(lamp_dir) if u.id not in train_ids][:3]
-    states = trained.personalize_many(users)
-    loaded = [UserState.load(s.save(tmp_path / f"{s.user_id}.safetensors"), method="p2p") for s in states]
+    loaded = trained.personalize_many(users)
     requests = [(s, q) for s, u in zip(loaded, users) for q in u.queries]
     mixed = trained.predict(requests)
     assert len(mixed) == len(requests) and all(p.text in get_task("lamp2n").labels for p in mixed)
-    for (state, query), together in zip(requests, mixed):
-        alone = trained.predict([(state, query)])[0]
-        assert together.scores == pytest.approx(alone.scores, abs=1e-4)
     # Written on the fly at predict time (no queries known when personalized), the LoRA is the stored one.
     bare = trained.personalize(dataclasses.replace(users[0], queries=()))
     assert bare.header["adapters"] == [] and not bare.tensors

@@ -12,11 +12,14 @@ from tailor.backbone.edits import ForwardContext, hooked
 from tailor.backbone.layers import Site
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
-from tailor.eval.runner import EvalSpec, run_eval
+from tailor.eval.runner import run_eval
 from tailor.methods.perfit import PerFit, history_examples, length_grouped, parameter_counts
 from tailor.methods.reft import LowRankIntervention, PerFitEdit, Positions, count_parameters, loreft
+from tailor.runs.spec import EvalSpec
+from tailor.serve.worker import rebuild_reason
 from tailor.store.state import UserState
 from tailor.tasks import get_task
+from tailor.tasks.records import HistoryItem, User
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,19 +162,8 @@ def backbone_width(method: PerFit) -> int:
     return method.backbone.hidden_size
 
 
-def test_mixed_batches_apply_each_rows_own_stage2(fitted: PerFit, lamp_dir: Path) -> None:
-    users = load_users(NEWS, "dev", lamp_dir)[:3]
-    states = [fitted.personalize(u) for u in users]
-    requests = [(s, u.queries[0]) for s, u in zip(states, users)] * 2
-    mixed = fitted.predict(requests)
-    for (state, query), prediction in zip(requests, mixed):
-        alone = fitted.predict([(state, query)])[0]
-        assert alone.scores == pytest.approx(prediction.scores, abs=1e-4)
-    generator = PerFit(NEWS, fitted.backbone, **{**TINY, "mode": "generation", "max_new_tokens": 4})
-    generator._set_stage1(fitted.stage1)  # type: ignore[arg-type]
-    together = generator.predict(requests[:3])
-    assert [p.text for p in together] == [generator.predict([r])[0].text for r in requests[:3]]
-    # at the edit level: changing user 1's phi_2 changes the rows of user 1 only
+def test_changing_one_users_phi2_changes_only_that_users_rows(fitted: PerFit, lamp_dir: Path) -> None:
+    states = [fitted.personalize(u) for u in load_users(NEWS, "dev", lamp_dir)[:3]]
     edits = fitted.edits(states)
     hidden = torch.randn(3, 4, backbone_width(fitted))
     ctx = ForwardContext(rows=torch.tensor([0, 1, 2]), positions=torch.arange(4).expand(3, 4),
@@ -183,18 +175,13 @@ def test_mixed_batches_apply_each_rows_own_stage2(fitted: PerFit, lamp_dir: Path
     assert (before[1] - after[1]).abs().max() > 0.1
 
 
-def test_state_round_trip_and_refusal_of_another_stage1(fitted: PerFit, lamp_dir: Path, tmp_path: Path) -> None:
+def test_a_state_of_another_stage1_is_refused(fitted: PerFit, lamp_dir: Path) -> None:
     user = load_users(NEWS, "dev", lamp_dir)[1]
     state = fitted.personalize(user)
-    path = state.save(tmp_path / "u.safetensors")
-    loaded = UserState.load(path, method="perfit", version=fitted.version, model_id=fitted.model_id)
-    assert all(torch.equal(loaded.tensors[k], state.tensors[k]) for k in "RWb")
-    assert loaded.nbytes == 2 * (2 * 3 * backbone_width(fitted) + 3) * 4
-    query = user.queries[0]
-    assert fitted.predict([(loaded, query)])[0].scores == fitted.predict([(state, query)])[0].scores
-    loaded.header["stage1"] = "another-stage-1"
+    assert state.nbytes == 2 * (2 * 3 * backbone_width(fitted) + 3) * 4
+    state.header["stage1"] = "another-stage-1"
     with pytest.raises(ValueError, match="stage1"):
-        fitted.predict([(loaded, query)])
+        fitted.predict([(state, user.queries[0])])
 
 
 def test_end_to_end_fit_personalize_predict_and_stage1_reuse(backbone: Backbone, lamp_dir: Path,
@@ -204,13 +191,13 @@ def test_end_to_end_fit_personalize_predict_and_stage1_reuse(backbone: Backbone,
     assert both["n_users"] == 3 and 0 <= both["metrics"]["accuracy"]["value"] <= 1
     states = sorted((tmp_path / "both" / "states").glob("*.safetensors"))
     assert len(states) == 3 and UserState.load(states[0]).tensors["R"].shape == (2, 3, backbone.hidden_size)
-    fits = list((cache / "fits" / "perfit-stage1").iterdir())
+    fits = list((cache / "fits" / "perfit").iterdir())
     assert len(fits) == 1
     only1 = PerFit(NEWS, backbone, **{**TINY, "stages": 1, "rank2": 7})  # as `--set stages=1` passes it
     assert only1.fits
     run_eval(EvalSpec(task="lamp2n", method="perfit", options={**TINY, "stages": 1, "rank2": 7},
                       data_dir=str(lamp_dir), users=3), tmp_path / "stage1", backbone=backbone, method=only1)
-    assert len(list((cache / "fits" / "perfit-stage1").iterdir())) == 1  # the stage-1 fit was reused, not redone
+    assert len(list((cache / "fits" / "perfit").iterdir())) == 1  # the stage-1 fit was reused, not redone
     assert UserState.load(next((tmp_path / "stage1" / "states").iterdir())).tensors == {}
     only2 = PerFit(NEWS, backbone, **{**TINY, "stages": "2"})
     assert not only2.fits and only2.edits([only2.personalize(load_users(NEWS, "dev", lamp_dir)[0])])
@@ -227,3 +214,35 @@ def test_length_grouped_batches_cover_every_example_once() -> None:
     batches = length_grouped(lengths, 3, random.Random(0))
     assert sorted(i for b in batches for i in b) == list(range(7))
     assert all(len(b) <= 3 for b in batches)
+
+
+STAGE2 = dict(stages="2", layers="0,1", positions="f1+l2", rank2=2, epochs2=2, batch2=4, history_tokens=48,
+              max_target_tokens=8, k=1, batch_size=4)
+
+
+def news_user(n: int) -> User:
+    return User("u", NEWS.name, tuple(HistoryItem(f"i{i}", {"text": f"sports game {i} won", "title": f"t{i}",
+                                                           "category": "sports"}) for i in range(n)))
+
+
+def test_update_continues_stage2_from_the_old_state(backbone: Backbone) -> None:
+    method = PerFit(NEWS, backbone, **STAGE2)
+    old = method.personalize(news_user(4))
+    grown = news_user(6)
+    still = PerFit(NEWS, backbone, **{**STAGE2, "lr2": 0.0})  # training that cannot move the parameters
+    kept = still.update(old, grown, grown.profile[4:])
+    assert kept is not None
+    for name in "RWb":  # so the update started from the old phi_2, not from the identity as personalize does
+        assert torch.allclose(kept.tensors[name], old.tensors[name], atol=1e-5)
+    assert not torch.allclose(still.personalize(grown).tensors["W"], old.tensors["W"], atol=1e-3)
+
+    moved = method.update(old, grown, grown.profile[4:])
+    assert moved is not None and moved.header["stage2_updates"] == 1
+    assert len(moved.header["profile"]) == 6
+    assert not torch.allclose(moved.tensors["W"], old.tensors["W"], atol=1e-4)
+    same = method.update(old, news_user(4), ())  # nothing new: the old phi_2 as it was
+    assert same is not None and torch.equal(same.tensors["W"], old.tensors["W"])
+
+    other = PerFit(NEWS, backbone, **{**STAGE2, "rank2": 3})
+    assert other.update(old, grown, grown.profile[4:]) is None
+    assert "other settings" in rebuild_reason(other, old)

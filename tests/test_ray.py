@@ -19,12 +19,16 @@ import typer
 from typer.testing import CliRunner
 
 from tailor.backbone.model import Backbone
-from tailor.data.schema import Query, User
-from tailor.distributed.cli import LOCAL, ray_argv, register
+from tailor.cli._options import LOCAL, ray_argv
+from tailor.cli.personalize import personalize_command
 from tailor.distributed.ray_runner import (FAILURES, PERSONALIZED, RayOptions, UsersFailed, WorkerPool, ray_eval,
                                            run_chunks)
-from tailor.eval.runner import Chunk, EvalSpec, read_predictions, run_eval
+from tailor.eval.runner import run_eval
+from tailor.runs.chunks import Chunk
+from tailor.runs.folder import read_predictions
+from tailor.runs.spec import EvalSpec
 from tailor.store.state import UserState
+from tailor.tasks.records import Query, User
 from tests.conftest import write_lamp_dir
 
 CHUNK_USERS = 3
@@ -179,8 +183,8 @@ def test_ray_argv_gives_a_bare_ray_flag_the_local_value() -> None:
 def test_personalize_command_on_ray_writes_the_local_states_and_resumes_locally(
         cluster: None, spec: EvalSpec, local_run: Path, tmp_path: Path) -> None:
     app = typer.Typer()
-    app.callback()(lambda: None)  # a group, as in tailor.cli, so the command is called by its name
-    register(app)
+    app.callback()(lambda: None)  # a group, as in tailor.cli.main, so the command is called by its name
+    app.command("personalize")(personalize_command)
     args = ["personalize", "--task", "lamp7", "--method", "rag", "--set", "k=2", "--set", "max_new_tokens=8",
             "--batch-size", "4", "--users", "7", "--model", str(spec.model), "--data-dir", str(spec.data_dir),
             "--out", str(tmp_path), "--chunk-users", "3"]

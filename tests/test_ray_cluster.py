@@ -17,8 +17,10 @@ from ray.cluster_utils import Cluster
 from typer.testing import CliRunner
 
 from tailor.backbone.model import Backbone
-from tailor.cli import app
-from tailor.eval.runner import EvalSpec, read_predictions, run_eval
+from tailor.cli.main import app
+from tailor.eval.runner import run_eval
+from tailor.runs.folder import read_predictions
+from tailor.runs.spec import EvalSpec
 from tests.conftest import write_lamp_dir
 
 NODE = {"num_cpus": 1, "object_store_memory": 128 << 20}

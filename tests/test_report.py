@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tailor.eval.metrics import compute_metrics
-from tailor.eval.report import CompareError, RunDirError, compare_runs, load_run, write_run_report
-from tailor.eval.stats import bootstrap_ci
+from tailor.eval.report import CompareError, compare_runs
+from tailor.runs.record import RunDirError, load_run, write_run_report
 from tailor.tasks.lamp import NEWS_CATEGORIES
+from tailor.tasks.metrics import compute_metrics
+from tailor.tasks.stats import bootstrap_ci
 
 N_QUERIES = 120
 _RNG = np.random.default_rng(0)

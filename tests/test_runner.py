@@ -17,7 +17,9 @@ import typer
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.data.splits import swap_histories
-from tailor.eval.runner import EvalSpec, RunConflict, read_predictions, run_eval
+from tailor.eval.runner import run_eval
+from tailor.runs.folder import RunConflict, read_predictions
+from tailor.runs.spec import EvalSpec
 from tailor.tasks import get_task
 from tests.conftest import write_lamp_dir
 
@@ -66,7 +68,7 @@ def test_a_different_config_in_the_same_folder_is_refused(backbone: Backbone, la
 def test_a_folder_another_process_is_writing_is_refused(backbone: Backbone, lamp_dir: Path, tmp_path: Path) -> None:
     spec = EvalSpec(task="lamp3", method="none", data_dir=str(lamp_dir), users=2)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from tailor.eval.runner import run_lock\n"
+                               "from tailor.runs.folder import run_lock\n"
                                "with run_lock(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(60)",
                                str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -86,8 +88,8 @@ def test_p2p_splits_answer_held_out_training_users_and_fit_on_the_rest(backbone:
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
 
-    from tailor.eval import runner
     from tailor.retrieval import embed
+    from tailor.runs import spec as runner
 
     def letters(texts: list[str]) -> np.ndarray:  # a deterministic stand-in for the sentence encoder
         return np.array([[t.count(c) + 1.0 for c in "aeiourst"] for t in texts])
@@ -181,7 +183,7 @@ def test_cli_reports_a_bad_run_in_one_line_before_loading_anything(tmp_path: Pat
 
 
 def test_a_flag_and_its_set_option_agree_or_fail(lamp_dir: Path, tmp_path: Path) -> None:
-    from tailor.cli import merge_flags
+    from tailor.cli._options import merge_flags
 
     assert merge_flags({"batch_size": 2}, {"batch_size": None, "k": 1}) == {"batch_size": 2, "k": 1}
     assert merge_flags({}, {"batch_size": None}) == {"batch_size": 8}
@@ -233,7 +235,7 @@ def test_a_method_outside_tailor_runs_by_import_path(backbone: Backbone, lamp_di
 
 def test_an_import_path_that_is_not_a_method_fails_in_one_line(tmp_path: Path) -> None:
     for method, message in (("examples.nowhere:Method", "cannot import Method from examples.nowhere"),
-                            ("tailor.data.schema:User", "is not a tailor.methods.Personalizer subclass")):
+                            ("tailor.tasks.records:User", "is not a tailor.methods.Personalizer subclass")):
         result = subprocess.run([sys.executable, "-m", "tailor.cli", "eval", "--task", "lamp3", "--method", method,
                                  "--out", str(tmp_path / "run")], capture_output=True, text=True)
         assert result.returncode == 2 and "Traceback" not in result.stderr and message in result.stderr
@@ -257,7 +259,7 @@ def test_saved_states_are_reused_on_resume(backbone: Backbone, lamp_dir: Path, t
 
 
 def test_state_file_names_cannot_escape_the_folder(tmp_path: Path) -> None:
-    from tailor.eval.runner import state_path
+    from tailor.store.paths import state_path
 
     for user_id in ("../../etc/passwd", ".hidden", "a/b", "x" * 500, "ok_user-1.2"):
         path = state_path(tmp_path, user_id)
@@ -313,7 +315,7 @@ def test_a_run_streams_its_users_instead_of_loading_them(tmp_path: Path, monkeyp
     """A run over many users never holds all of them: the dev file is never loaded whole, and at most two chunks of
     users (the one being answered and the one being read) are alive at any moment."""
     from tailor.data import lamp as lamp_module
-    from tailor.eval import runner
+    from tailor.runs import spec as runner
 
     data_dir = write_lamp_dir(tmp_path / "lamp", {"train": 6, "dev": 40})
     whole_file = runner.load_users
@@ -338,7 +340,7 @@ def test_a_run_streams_its_users_instead_of_loading_them(tmp_path: Path, monkeyp
     monkeypatch.setattr(runner, "load_users", train_only)
     monkeypatch.setattr(lamp_module, "User", Counted)
     spec = EvalSpec(task="lamp3", method="user-prior", data_dir=str(data_dir), seed=0)
-    metrics = runner.run_eval(spec, tmp_path / "run", chunk_users=3)
+    metrics = run_eval(spec, tmp_path / "run", chunk_users=3)
     assert metrics["n_users"] == 40 and made[0] == 40
     assert 3 <= peak[0] <= 2 * 3
     monkeypatch.setattr(lamp_module, "User", runner.User)

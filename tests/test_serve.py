@@ -21,17 +21,17 @@ import typer
 from typer.testing import CliRunner
 
 from tailor.backbone.model import Backbone
+from tailor.cli.serve import serve_command as serve
 from tailor.data.lamp import load_users
-from tailor.data.schema import HistoryItem, Query, User
 from tailor.methods import build_method
 from tailor.methods.base import Prediction
 from tailor.methods.perfit import PerFit
-from tailor.serve.app import StateCache
 from tailor.serve.batcher import MicroBatcher, QueueFull
-from tailor.serve.cli import serve
+from tailor.serve.worker import StateCache, rebuild_reason, update_state
 from tailor.store.state import StateError, UserState
 from tailor.store.store import Store
 from tailor.tasks import get_task
+from tailor.tasks.records import HistoryItem, Query, User
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,7 +69,7 @@ def start_server(store: Path, model_dir: Path, lamp_dir: Path, cache: Path, args
     port = free_port()
     log = store.parent / f"server-{port}.log"
     env = {**os.environ, "TAILOR_THREADS": "1", "TAILOR_CACHE": str(cache)}
-    command = [sys.executable, "-m", "tailor.serve.cli", "--store", str(store), "--model", str(model_dir),
+    command = [sys.executable, "-m", "tailor.cli", "serve", "--store", str(store), "--model", str(model_dir),
                "--data-dir", str(lamp_dir), "--task", "lamp2n", "--host", "127.0.0.1", "--port", str(port), *args]
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
@@ -416,3 +416,18 @@ def test_a_state_the_method_cannot_apply_is_refused_when_loaded(tmp_path: Path, 
     cache = StateCache(store, PerFit(NEWS, backbone, rank2=2, **options))
     with pytest.raises(StateError, match="'old-rank'.*rank=3.*personalize the user again"):
         cache.get(tenant, store.record(tenant, "old-rank"))
+
+
+def test_methods_that_cannot_update_are_rebuilt_and_say_why(backbone: Backbone, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    chameleon = build_method("chameleon", NEWS, backbone)
+    old = UserState("chameleon", 1, "u", backbone.model_id)
+    user = User("u", NEWS.name, tuple(HistoryItem(f"i{i}", {"text": f"sports game {i}", "title": f"t{i}",
+                                                           "category": "sports"}) for i in range(3)))
+    assert update_state(chameleon, old, user, 2) is None
+    assert "PCA" in rebuild_reason(chameleon, old)
+    assert rebuild_reason(chameleon, None) == "no earlier state"
+    rag = build_method("rag", NEWS, backbone)
+    update = update_state(rag, rag.personalize(user), user, 2)
+    assert update is not None and update.mode == "incremental" and update.reason == rag.update_note

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tailor.data import DataError, HistoryItem, User
-from tailor.data.schema import Query
 from tailor.data.splits import ood_split, random_split, subset, swap_histories
+from tailor.tasks.records import Query
 
 
 def _users(n: int) -> list[User]:

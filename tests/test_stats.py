@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from tailor.eval.metrics import compute_metrics, score_items
-from tailor.eval.stats import bootstrap_ci, bootstrap_distribution, paired_bootstrap, two_sided_p
 from tailor.tasks.lamp import NEWS_CATEGORIES
+from tailor.tasks.metrics import compute_metrics, score_items
+from tailor.tasks.stats import bootstrap_ci, bootstrap_distribution, paired_bootstrap, two_sided_p
 
 
 def _classification_data(n_users: int, accuracy: float, seed: int) -> tuple[list[str], list[str], list[str]]:

@@ -1,5 +1,5 @@
-"""The user store: tenants and keys, history and staleness, checksummed versioned states, deletion, concurrent writers;
-and incremental updates of stale states."""
+"""The user store: tenants and keys, history and staleness, checksummed versioned states, deletion, concurrent
+writers."""
 
 from __future__ import annotations
 
@@ -13,14 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tailor.backbone.model import Backbone
-from tailor.data.schema import HistoryItem, User
-from tailor.methods import build_method
-from tailor.methods.perfit import PerFit
-from tailor.store.incremental import rebuild_reason, update_state
 from tailor.store.state import StateError, UserState
 from tailor.store.store import InvalidId, Store, StoreError, TaskMismatch, UnknownUser
-from tailor.tasks import get_task
+from tailor.tasks.records import HistoryItem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,7 +180,7 @@ def test_a_newer_store_schema_is_refused(tmp_path: Path) -> None:
 WRITER = """
 import sys
 import torch
-from tailor.data.schema import HistoryItem
+from tailor.tasks.records import HistoryItem
 from tailor.store.state import UserState
 from tailor.store.store import Store
 
@@ -212,54 +207,3 @@ def test_two_processes_writing_the_same_user_are_serialised(store: Store, tenant
     assert store.load_state(tenant, "same").header == {"n": 50}
     assert store.check() == []
     assert len(list((store.root / "tenants" / tenant / "users" / "same").glob("*"))) == 1
-
-
-# --- incremental updates ---------------------------------------------------------------------------------------------
-
-NEWS = get_task("lamp2n")
-PERFIT = dict(stages="2", layers="0,1", positions="f1+l2", rank2=2, epochs2=2, batch2=4, history_tokens=48,
-              max_target_tokens=8, k=1, batch_size=4)
-
-
-def news_user(n: int) -> User:
-    return User("u", NEWS.name, tuple(HistoryItem(f"i{i}", {"text": f"sports game {i} won", "title": f"t{i}",
-                                                           "category": "sports"}) for i in range(n)))
-
-
-def test_rag_appends_incrementally(backbone: Backbone) -> None:
-    rag = build_method("rag", NEWS, backbone)
-    update = update_state(rag, rag.personalize(news_user(2)), news_user(5), 2)
-    assert update is not None and update.mode == "incremental"
-    assert [item["id"] for item in update.state.header["profile"]] == [f"i{i}" for i in range(5)]
-
-
-def test_perfit_stage2_continues_from_the_old_state(backbone: Backbone) -> None:
-    method = PerFit(NEWS, backbone, **PERFIT)
-    old = method.personalize(news_user(4))
-    still = PerFit(NEWS, backbone, **{**PERFIT, "lr2": 0.0})  # training that cannot move the parameters
-    kept = update_state(still, old, news_user(6), 4)
-    assert kept is not None and kept.mode == "incremental"
-    for name in "RWb":  # so the update started from the old phi_2, not from the identity as personalize does
-        assert torch.allclose(kept.state.tensors[name], old.tensors[name], atol=1e-5)
-    assert not torch.allclose(still.personalize(news_user(6)).tensors["W"], old.tensors["W"], atol=1e-3)
-
-    moved = update_state(method, old, news_user(6), 4)
-    assert moved is not None and moved.state.header["stage2_updates"] == 1
-    assert len(moved.state.header["profile"]) == 6
-    assert not torch.allclose(moved.state.tensors["W"], old.tensors["W"], atol=1e-4)
-    same = update_state(method, old, news_user(4), 4)  # nothing new: the old phi_2 as it was
-    assert same is not None and torch.equal(same.state.tensors["W"], old.tensors["W"])
-
-    other = PerFit(NEWS, backbone, **{**PERFIT, "rank2": 3})
-    assert update_state(other, old, news_user(6), 4) is None
-    assert "other settings" in rebuild_reason(other, old)
-
-
-def test_methods_that_cannot_update_say_why(backbone: Backbone, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
-    chameleon = build_method("chameleon", NEWS, backbone)
-    old = UserState("chameleon", 1, "u", backbone.model_id)
-    assert update_state(chameleon, old, news_user(3), 2) is None
-    assert "PCA" in rebuild_reason(chameleon, old)
-    assert rebuild_reason(chameleon, None) == "no earlier state"

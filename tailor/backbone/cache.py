@@ -18,7 +18,7 @@ from torch import Tensor
 from tailor.backbone.layers import Site
 from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
-from tailor.textcache import KeyValueStore, TextCache, text_key
+from tailor.backbone.textcache import KeyValueStore, TextCache, text_key
 
 
 def cached_generate(backbone: Backbone, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8,

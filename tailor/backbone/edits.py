@@ -96,20 +96,6 @@ def hooked(
             handle.remove()
 
 
-class AddVector:
-    """The simplest per-row edit: add `scale * vectors[rows[b]]` to every token of row b (StyleVector, tests)."""
-
-    def __init__(self, vectors: Tensor, scale: float = 1.0):
-        self.vectors = vectors
-        self.scale = scale
-
-    def __call__(self, hidden: Tensor, ctx: ForwardContext, inputs: Tensor | None = None) -> Tensor:
-        vec = self.vectors if ctx.rows is None else self.vectors[ctx.rows]
-        if vec.dim() == 1:
-            vec = vec.expand(hidden.shape[0], -1)
-        return hidden + self.scale * vec[:, None, :].to(hidden.dtype)
-
-
 def last_token(hidden: Tensor, _ctx: ForwardContext) -> Tensor:
     """Capture function keeping each row's last token: with left padding, the last prompt token of a prefill."""
     return hidden[:, -1, :].detach().float()

@@ -1,8 +1,8 @@
-"""LaMP data: the records (User, HistoryItem, Query), the file reader, the downloader and the user splits.
+"""User data: LaMP's files read into `User` records (`tailor.data.lamp`), the downloader and the user splits.
 
-Only the records are imported eagerly. The rest loads on first use: `tailor.tasks` imports `tailor.data.schema`
-while `tailor.data.lamp` imports `tailor.tasks`, so eager imports here would make a cycle, and `import tailor.data`
-should not pull in scikit-learn or urllib just to get `User`.
+The records themselves (`User`, `HistoryItem`, `Query`) belong to the task layer below (`tailor.tasks.records`) and
+are re-exported here. The reader, downloader and splits load on first use, so `import tailor.data` does not pull in
+scikit-learn or urllib just to get `User`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from tailor.data.schema import HistoryItem, Query, User
+from tailor.tasks.records import HistoryItem, Query, User
 
 if TYPE_CHECKING:
     from tailor.data.download import OFFICIAL_BASE, DownloadError, default_cache_dir, download_task, lamp_cache_dir

@@ -25,8 +25,8 @@ from typing import Any, Container, Iterator
 
 import ijson
 
-from tailor.data.schema import HistoryItem, Query, User
 from tailor.tasks.lamp import TASKS, Task, get_task
+from tailor.tasks.records import HistoryItem, Query, User
 
 SPLITS = ("train", "dev", "test")
 VARIANTS = ("user", "time")

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tailor.data.lamp import DataError
-from tailor.data.schema import User
+from tailor.tasks.records import User
 
 # Default test size (appendix H): 200 users, or 20% of a dataset smaller than this.
 LARGE_DATASET = 1000

@@ -31,17 +31,16 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from tailor.backbone.loading import resolve_model
 from tailor.data.lamp import resolve_data_dir
-from tailor.data.schema import User
-from tailor.eval.runner import (Appender, Chunk, EvalSpec, answered_queries, finalize, fit_for_spec, method_identity,
-                                iter_predictions, open_run, pending_chunks, personalize_with_states, process_chunk,
-                                read_predictions, record_fit_time, run_users, state_path, user_groups)
 from tailor.methods.base import Personalizer
+from tailor.runs.chunks import (PERSONALIZED, Chunk, pending_chunks, personalize_chunks, personalize_rows,
+                                personalize_summary, personalized_users, process_chunk)
+from tailor.runs.fits import ProgressFactory, fit_for_spec
+from tailor.runs.folder import Appender, answered_queries, method_identity, open_run, record_fit_time
+from tailor.runs.scoring import finalize
+from tailor.runs.spec import EvalSpec, run_users
+from tailor.tasks.records import User
 
-Progress = Callable[[str, int, int], Callable[[int], None]] | None
 FAILURES = "failures.jsonl"
-PERSONALIZED = "personalized.jsonl"
-
-
 @dataclass
 class RayOptions:
     """Where and how wide a Ray run is. Retries are bounded: Ray restarts a dead worker at most `restarts` times and
@@ -137,13 +136,6 @@ class Worker:
 
     def personalize(self, users: Sequence[User], states_dir: str) -> list[dict]:
         return personalize_rows(self._fitted(), users, Path(states_dir))
-
-
-def personalize_rows(method: Personalizer, users: Sequence[User], states_dir: Path) -> list[dict]:
-    """Personalize (or reload) the users' states into `states_dir`: one summary row per user."""
-    states = personalize_with_states(method, users, states_dir)
-    return [{"user_id": s.user_id, "state": state_path(states_dir, s.user_id).name, "state_bytes": s.nbytes,
-             "personalize_s": s.header["personalize_s"]} for s in states]
 
 
 def _for_workers(spec: EvalSpec) -> EvalSpec:
@@ -338,7 +330,7 @@ def _pool(spec: EvalSpec, options: RayOptions, pool: WorkerPool | None) -> Itera
 
 
 def ray_eval(spec: EvalSpec, out_dir: str | Path, options: RayOptions | None = None, chunk_users: int = 16,
-             progress: Progress = None, pool: WorkerPool | None = None) -> dict:
+             progress: ProgressFactory | None = None, pool: WorkerPool | None = None) -> dict:
     """`run_eval` on a Ray cluster: same run folder, same resume, same predictions; returns metrics.json content.
 
     `pool` reuses running workers (built for this spec); otherwise workers are started, and the cluster joined or
@@ -362,48 +354,8 @@ def ray_eval(spec: EvalSpec, out_dir: str | Path, options: RayOptions | None = N
     return finalize(out, spec, users.query_ids)
 
 
-def personalized_users(out: Path) -> set[str]:
-    """Users whose state a personalize run has already recorded in personalized.jsonl."""
-    return {row["user_id"] for row in iter_predictions(out / PERSONALIZED)}
-
-
-def personalize_chunks(users: Iterable[User], chunk_users: int, done: set[str]) -> Iterator[Chunk]:
-    """Chunks of users without a recorded state, with the boundaries of the evaluation chunks (made lazily)."""
-    for index, group in user_groups(users, chunk_users):
-        todo = tuple(u for u in group if u.id not in done)
-        if todo:
-            yield Chunk(index, todo)
-
-
-def personalize_run(spec: EvalSpec, out_dir: str | Path, method: Personalizer, chunk_users: int = 16,
-                    progress: Progress = None) -> dict:
-    """Personalize the spec's users in this process into `out_dir`/states; resumable like an evaluation.
-
-    The folder's config.json is an evaluation's, so `tailor eval` on the same folder reuses the states and only
-    predicts. Returns a summary (users, bytes and seconds per user).
-    """
-    out = Path(out_dir)
-    users = run_users(spec)
-    open_run(spec, out, method_identity(method), len(users))
-    done = personalized_users(out)
-    finished = sum(u in done for u in users.ids)
-    if finished < len(users):
-        fit_for_spec(method, spec, progress)
-        tick = progress(f"personalize {spec.task} {spec.method}", finished, len(users)) if progress else None
-        appender = Appender(out / PERSONALIZED)
-        try:
-            for chunk in personalize_chunks(users, chunk_users, done):
-                rows = personalize_rows(method, chunk.users, out / "states")
-                appender.write(rows)
-                if tick:
-                    tick(len(rows))
-        finally:
-            appender.close()
-    return _summary(out, len(users))
-
-
 def ray_personalize(spec: EvalSpec, out_dir: str | Path, options: RayOptions | None = None, chunk_users: int = 16,
-                    progress: Progress = None, pool: WorkerPool | None = None) -> dict:
+                    progress: ProgressFactory | None = None, pool: WorkerPool | None = None) -> dict:
     """`personalize_run` on a Ray cluster (same folder, same states); raises UsersFailed if some users failed."""
     options = options or RayOptions()
     out = Path(out_dir).resolve()
@@ -416,12 +368,6 @@ def ray_personalize(spec: EvalSpec, out_dir: str | Path, options: RayOptions | N
         states = str(out / "states")
         run_chunks(workers.actors, out, out / PERSONALIZED, personalize_chunks(users, chunk_users, done),
                    lambda actor, chunk: actor.personalize.remote(chunk.users, states), tick, options.in_flight)
-    return _summary(out, len(users))
+    return personalize_summary(out, len(users))
 
 
-def _summary(out: Path, n_users: int) -> dict:
-    rows = read_predictions(out / PERSONALIZED)
-    return {"users": n_users, "personalized": len(rows),
-            "state_bytes_per_user": round(sum(r["state_bytes"] for r in rows) / max(len(rows), 1)),
-            "personalize_s_per_user": round(sum(r["personalize_s"] for r in rows) / max(len(rows), 1), 5),
-            "states": str(out / "states")}

@@ -1,8 +1,4 @@
-"""Markdown reports for evaluation run dirs: one run on its own, or several runs against a baseline.
-
-A run dir, as the eval runner writes it, holds config.json (task, method, optional display label, model, mode, ...),
-predictions.jsonl (one {"user_id", "query_id", "prediction", "gold"} object per query) and metrics.json ({"metrics":
-{name: {"value", "ci"}}, "wall_time_s", ...}).
+"""Markdown reports comparing run dirs against a baseline (`tailor report`), with a chart and a cost table.
 
 Each run's own numbers come from its metrics.json, as the runner measured them. Deltas against the baseline are
 recomputed from the predictions with a paired bootstrap over users, on the queries both runs answered only: runs may
@@ -11,172 +7,21 @@ cover different users, and a difference between unpaired sets would mix the meth
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from tailor.eval.metrics import higher_is_better, metric_names, resolve_task
-from tailor.eval.stats import PairedResult, paired_bootstrap
+from tailor.runs.record import Run, cell, load_run, metric_header, table, value_with_ci, wall_time
 from tailor.tasks.lamp import Task
-
-_PREDICTION_KEYS = ("user_id", "query_id", "prediction", "gold")
-
-
-class RunDirError(ValueError):
-    """A run dir is missing a file, or one of its files is not what the eval runner writes."""
+from tailor.tasks.metrics import higher_is_better, metric_names
+from tailor.tasks.stats import PairedResult, paired_bootstrap
 
 
 class CompareError(ValueError):
     """The runs given cannot be compared as asked (different tasks, no shared queries, no such baseline)."""
-
-
-@dataclass(frozen=True)
-class Run:
-    """One evaluation run dir, loaded."""
-
-    path: Path
-    config: dict[str, Any]
-    predictions: list[dict[str, Any]]
-    metrics: dict[str, Any]
-
-    @property
-    def task(self) -> Task:
-        return resolve_task(self.config["task"])
-
-    @property
-    def label(self) -> str:
-        """The name to show for the run: its configured display label, else its method."""
-        return str(self.config.get("label") or self.config["method"])
-
-    @property
-    def mode(self) -> str:
-        return str(self.config.get("mode") or self.metrics.get("mode") or "?")
-
-    def metric(self, name: str) -> tuple[float | None, tuple[float, float] | None]:
-        """A metric's recorded value and CI; None for whatever metrics.json does not hold."""
-        entry = self.metrics["metrics"].get(name) or {}
-        ci = entry.get("ci")
-        return entry.get("value"), (float(ci[0]), float(ci[1])) if ci else None
-
-
-# --- loading ----------------------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise RunDirError(f"{path}: file is missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise RunDirError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise RunDirError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _read_predictions(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise RunDirError(f"{path}: file is missing")
-    records = []
-    seen: set[str] = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RunDirError(f"{path}, line {number}: not valid JSON ({err})") from None
-        missing = [k for k in _PREDICTION_KEYS if not isinstance(record, dict) or k not in record]
-        if missing:
-            raise RunDirError(f"{path}, line {number}: missing {', '.join(missing)}")
-        query_id = str(record["query_id"])
-        if query_id in seen:
-            raise RunDirError(f"{path}, line {number}: query_id {query_id!r} appears twice")
-        seen.add(query_id)
-        records.append(record)
-    if not records:
-        raise RunDirError(f"{path}: holds no predictions")
-    return records
-
-
-def _require(data: dict[str, Any], keys: Sequence[str], path: Path) -> None:
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise RunDirError(f"{path}: missing {', '.join(missing)}")
-
-
-def load_run(run_dir: str | Path, predictions: bool = True) -> Run:
-    """Read a run dir, naming the offending file when it is missing or malformed. Without `predictions` the run's
-    predictions list is left empty: a one-run report needs only the config and the metrics, and a run of many users
-    has many prediction lines."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise RunDirError(f"{path}: run dir does not exist")
-    config = _read_json(path / "config.json")
-    _require(config, ("task", "method"), path / "config.json")
-    try:
-        resolve_task(config["task"])
-    except KeyError as err:
-        raise RunDirError(f"{path / 'config.json'}: {err.args[0]}") from None
-    if not (path / "metrics.json").is_file():
-        raise RunDirError(f"{path}: the run is not finished (no metrics.json yet); rerun its `tailor eval` command, "
-                          "which resumes it, or wait for the process writing it")
-    metrics = _read_json(path / "metrics.json")
-    _require(metrics, ("metrics",), path / "metrics.json")
-    if not isinstance(metrics["metrics"], dict):
-        raise RunDirError(f"{path / 'metrics.json'}: \"metrics\" must map metric names to {{value, ci}}")
-    rows = _read_predictions(path / "predictions.jsonl") if predictions else []
-    return Run(path=path, config=config, predictions=rows, metrics=metrics)
-
-
-# --- formatting -------------------------------------------------------------------------------------------------------
-def _cell(text: object) -> str:
-    """Text safe inside a markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _metric_header(metric: str) -> str:
-    return f"{metric} {'↑' if higher_is_better(metric) else '↓'}"
-
-
-def _value_with_ci(run: Run, metric: str) -> str:
-    value, ci = run.metric(metric)
-    if value is None:
-        return "n/a"
-    return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else f"{value:.4f}"
-
-
-def _wall_time(run: Run) -> str:
-    seconds = run.metrics.get("wall_time_s")
-    return "n/a" if seconds is None else f"{float(seconds):.1f} s"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-# --- one run ----------------------------------------------------------------------------------------------------------
-def write_run_report(run_dir: str | Path) -> Path:
-    """Write run_dir/report.md (configuration, metrics with CIs, size and wall time) and return its path."""
-    run = load_run(run_dir, predictions=False)
-    settings = [(key, json.dumps(value) if isinstance(value, (dict, list)) else value)
-                for key, value in run.config.items()]
-    sizes = [("users", run.metrics.get("n_users", "n/a")), ("queries", run.metrics.get("n_queries", "n/a")),
-             ("wall time", _wall_time(run))]
-    metric_rows = [(_metric_header(m), _value_with_ci(run, m)) for m in metric_names(run.task)]
-    text = "\n\n".join([
-        f"# {run.task.name}: {run.label}",
-        "## Configuration", _table(["setting", "value"], settings),
-        "## Metrics", _table(["metric", "value [CI]"], metric_rows),
-        "## Run", _table(["measure", "value"], sizes),
-    ]) + "\n"
-    out = run.path / "report.md"
-    out.write_text(text, encoding="utf-8")
-    return out
 
 
 # --- several runs -----------------------------------------------------------------------------------------------------
@@ -247,7 +92,7 @@ def _top_answer(answers: Sequence[str]) -> str:
     if not answers:
         return "—"
     answer, count = Counter(answers).most_common(1)[0]
-    return f"{_cell(answer)} ({count}/{len(answers)})"
+    return f"{cell(answer)} ({count}/{len(answers)})"
 
 
 def _comparison_table(runs: Sequence[Run], metrics: Sequence[str], pairings: Sequence[Pairing | None],
@@ -255,19 +100,19 @@ def _comparison_table(runs: Sequence[Run], metrics: Sequence[str], pairings: Seq
     """One row per run; `pairings` holds each run's comparison with the baseline, None for the baseline itself.
     With `answers` (labels and scores, not generated text), a column shows each run's most frequent answer."""
     header = ["run", "mode", "queries", *(["most frequent answer"] if answers else []),
-              *(_metric_header(m) for m in metrics), *(f"Δ {m} vs baseline (p)" for m in metrics), "paired queries",
+              *(metric_header(m) for m in metrics), *(f"Δ {m} vs baseline (p)" for m in metrics), "paired queries",
               "wall time"]
     rows = []
     for run, label, pairing in zip(runs, _display_labels(runs), pairings):
-        values = [_value_with_ci(run, m) for m in metrics]
+        values = [value_with_ci(run, m) for m in metrics]
         if pairing is None:
             name, deltas, paired = f"{label} (baseline)", ["—"] * len(metrics), "—"
         else:
             name, paired = label, pairing.n_queries
             deltas = [_delta_cell(pairing.results[m]) for m in metrics]
         top = [_top_answer([str(r["prediction"]) for r in run.predictions])] if answers else []
-        rows.append([name, run.mode, len(run.predictions), *top, *values, *deltas, paired, _wall_time(run)])
-    return _table(header, rows)
+        rows.append([name, run.mode, len(run.predictions), *top, *values, *deltas, paired, wall_time(run)])
+    return table(header, rows)
 
 
 def _write_chart(runs: Sequence[Run], base: Run, metrics: Sequence[str], path: Path) -> None:
@@ -332,7 +177,7 @@ def cost_table(runs: Sequence[Run]) -> str:
     header = ["run", "users", "fit s (once)", "personalize s/user mean", "p95", "max", "state bytes/user",
               "predict s/query"]
     return ("Cost per run (from each run's predictions.jsonl and metrics.json; wall seconds as measured, on whatever "
-            "else the machine was doing):\n\n" + _table(header, rows))
+            "else the machine was doing):\n\n" + table(header, rows))
 
 
 def compare_runs(

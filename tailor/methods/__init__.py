@@ -48,6 +48,8 @@ def method_class(name: str) -> type[Personalizer]:
                        f"{module.split('.')[0]} on PYTHONPATH?") from None
     if not (isinstance(cls, type) and issubclass(cls, Personalizer)):
         raise KeyError(f"method {name!r} is not a tailor.methods.Personalizer subclass")
+    if name in REGISTRY and cls.name != name:
+        raise RuntimeError(f"REGISTRY[{name!r}] names {target}, whose name is {cls.name!r}")
     return cls
 
 

@@ -1,12 +1,18 @@
 """The one interface every personalization method implements, and the shared path from prompt to answer.
 
-A method's life cycle (DESIGN.md): `fit(train_users)` once on many users, `personalize(user)` into a small saved
-`UserState` from that user's history alone, `predict(requests)` for batches of (state, query) pairs that may mix
-users. Evaluation, the store, the server and distributed runs are written once against this interface.
+A method's life cycle (docs/architecture.md): `fit(train_users)` once on many users, `personalize(user)` into a small
+saved `UserState` from that user's history alone, `update(old_state, user, new_items)` when history grows, and
+`predict(requests)` for batches of (state, query) pairs that may mix users. Evaluation, the store, the server and
+distributed runs are written once against this interface; a method owns everything about itself (its config, fit,
+checkpoints, update and state format), and nothing below it knows its name.
 
 Methods that answer through the backbone derive from `LMPersonalizer`: they say how a query becomes a prompt for a
 user and, optionally, which per-row edits a batch of users needs; answering (label scoring, contextual calibration or
 generation) is written here once.
+
+A method's config type is its generic parameter, `class RAG(LMPersonalizer[RAGConfig])`: `config_class` is read from
+it, and a base that is also a method in its own right takes a type variable with a default
+(`RC = TypeVar("RC", bound=RAGConfig, default=RAGConfig)`), so that subclasses can narrow it again.
 """
 
 from __future__ import annotations
@@ -16,20 +22,23 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Generic, Literal, Mapping, Sequence, get_args, get_origin
 
 import numpy as np
 import torch
+from typing_extensions import TypeVar
 
 from tailor.backbone.edits import Edit
 from tailor.backbone.layers import Site
 from tailor.backbone.model import Backbone
-from tailor.data.schema import Query, User
 from tailor.store.state import UserState
 from tailor.tasks.lamp import Task
+from tailor.tasks.records import HistoryItem, Query, User
 
 Progress = Callable[[int], None] | None
 Request = tuple[UserState, Query]
+HISTORY_UPDATE = "the state is the history: the new items are appended"
+"""The `update_note` of the methods whose state is the history (`state_is_history`)."""
 
 
 @dataclass(frozen=True)
@@ -72,45 +81,92 @@ class LMConfig(MethodConfig):
     max_new_tokens: int | None = None
 
 
-class Personalizer(ABC):
+C = TypeVar("C", bound=MethodConfig, default=MethodConfig)
+LC = TypeVar("LC", bound=LMConfig, default=LMConfig)
+
+
+def _config_type(cls: type) -> type[MethodConfig] | None:
+    """The config type a class names as its generic parameter (or its type variable's default), if it names one."""
+    for base in cls.__dict__.get("__orig_bases__", ()):
+        origin = get_origin(base)
+        if not (isinstance(origin, type) and issubclass(origin, Personalizer)):
+            continue
+        arg = get_args(base)[0]
+        arg = getattr(arg, "__default__", arg) if isinstance(arg, TypeVar) else arg
+        if isinstance(arg, type) and issubclass(arg, MethodConfig):
+            return arg
+    return None
+
+
+class Personalizer(ABC, Generic[C]):
     name: ClassVar[str]
+    """The method's registry key (`tailor.methods.REGISTRY`) and the name its states are saved under."""
     version: ClassVar[int] = 1
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
-    needs_backbone: ClassVar[bool] = True
-    fits: ClassVar[bool] = False
-    """True when `fit` learns weights worth keeping: the runner then caches them with save_fit / load_fit."""
+    """Set from the class's generic parameter."""
+    needs_backbone: ClassVar[bool] = False
+    state_is_history: ClassVar[bool] = False
+    """True when a state holds the user's history and what follows from it alone (or nothing), so that `update` is
+    `personalize` on the grown history: the contract test checks the two are equal."""
+    update_note: ClassVar[str] = "no incremental update; rebuilt from the whole history"
+    """What `update` does, or why the method cannot update, said to whoever asked (the server's job record)."""
 
-    def __init__(self, task: Task, backbone: Backbone | None = None, config: MethodConfig | None = None,
-                 **options: Any):
+    config: C
+    backbone: Backbone | None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.config_class = _config_type(cls) or cls.config_class
+
+    def __init__(self, task: Task, backbone: Backbone | None = None, config: C | None = None, **options: Any):
         if self.needs_backbone and backbone is None:
             raise ValueError(f"method {self.name!r} needs a backbone")
         self.task = task
         self.backbone = backbone
-        self.config = config if config is not None else self.config_class(**options)
+        built = config if config is not None else self.config_class(**options)
         if config is not None and options:
-            self.config = dataclasses.replace(config, **options)
+            built = dataclasses.replace(config, **options)
+        self.config = built  # type: ignore[assignment]
 
     @property
     def model_id(self) -> str | None:
         return self.backbone.model_id if self.backbone is not None else None
 
+    @property
+    def fits(self) -> bool:
+        """True when `fit` learns weights worth keeping: the runner then caches them with save_fit / load_fit."""
+        return False
+
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "version": self.version, **dataclasses.asdict(self.config)}
+
+    # --- fit ----------------------------------------------------------------------------------------------------
+    def prerequisites(self) -> Sequence[Personalizer]:
+        """Fitted methods this one builds on (OPPU: its multi-task LoRA). The runner fits, or loads, each from its own
+        place in the fit cache before calling `fit`, so runs of those methods share the fit."""
+        return ()
+
+    def fit_settings(self) -> dict[str, Any]:
+        """What `fit` depends on: the fit cache keys a fit by this (and the backbone, dtype, task and training users).
+        A method whose fit ignores some options narrows it, so runs differing only there share one fit."""
+        return self.describe()
 
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
         """Learn what is shared across users. Methods with nothing to learn keep this no-op.
 
-        `workdir` is where a long fit may keep checkpoints, so that a killed fit resumes instead of restarting.
+        `workdir` is where a long fit keeps its checkpoint (`tailor.methods.checkpoint`), so that a killed fit
+        resumes instead of restarting.
         """
 
     def save_fit(self, folder: Path) -> None:
         """Write what `fit` learned (only called when `fits` is True)."""
-        raise NotImplementedError(f"{self.name} declares fits=True but cannot save its fit")
+        raise NotImplementedError(f"{self.name} fits but cannot save its fit")
 
     def load_fit(self, folder: Path) -> None:
         """Read what `save_fit` wrote, instead of fitting again."""
-        raise NotImplementedError(f"{self.name} declares fits=True but cannot load its fit")
+        raise NotImplementedError(f"{self.name} fits but cannot load its fit")
 
+    # --- personalize ----------------------------------------------------------------------------------------------
     @abstractmethod
     def personalize(self, user: User) -> UserState:
         """Build one user's state from that user's history alone."""
@@ -131,6 +187,13 @@ class Personalizer(ABC):
         the users at once (methods whose `personalize_many` batches across users)."""
         return 1 if type(self).personalize_many is Personalizer.personalize_many else None
 
+    def update(self, old: UserState, user: User, new_items: Sequence[HistoryItem]) -> UserState | None:
+        """`old` brought up to date after `new_items` were appended to the user's history (`user` holds all of it,
+        the new items last), without starting over; None when the method cannot, and the caller personalizes the
+        user from scratch (batching several users through `personalize_many`)."""
+        return self.personalize(user) if self.state_is_history else None
+
+    # --- predict --------------------------------------------------------------------------------------------------
     @abstractmethod
     def predict(self, requests: Sequence[Request], progress: Progress = None) -> list[Prediction]:
         """Answer (state, query) pairs; the pairs may belong to different users."""
@@ -148,11 +211,11 @@ def content_free(task: Task, query_input: str) -> str:
     return query_input if at < 0 else query_input[:at + len(task.query_marker)] + " N/A"
 
 
-class LMPersonalizer(Personalizer):
+class LMPersonalizer(Personalizer[LC]):
     """A method that answers by prompting the backbone, possibly with per-user edits of its hidden states."""
 
-    config_class = LMConfig
-    config: LMConfig
+    needs_backbone = True
+    backbone: Backbone
 
     @abstractmethod
     def prompt(self, state: UserState, query_input: str) -> str:
@@ -184,7 +247,6 @@ class LMPersonalizer(Personalizer):
         return [self.prompt(s, q.input) for s, q in requests], edits, rows if edits else None
 
     def predict(self, requests: Sequence[Request], progress: Progress = None) -> list[Prediction]:
-        assert self.backbone is not None
         if not requests:
             return []
         prompts, edits, row_ids = self.forward_inputs(requests)
@@ -202,7 +264,6 @@ class LMPersonalizer(Personalizer):
     def _calibrate(self, scores: np.ndarray, requests: Sequence[Request], edits: Mapping[Site, Edit] | None,
                    rows: list[int] | None) -> np.ndarray:
         """Each row against the same user's prompt with the question's content replaced by "N/A"."""
-        assert self.backbone is not None
         cf_prompts = [self.prompt(s, content_free(self.task, q.input)) for s, q in requests]
         return self.backbone.calibrate(scores, cf_prompts, self.task.labels, self.config.batch_size, edits, rows)
 

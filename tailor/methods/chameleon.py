@@ -32,16 +32,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from typing_extensions import TypeVar
 
 from tailor.backbone.cache import HiddenCache, cached_best_label, cached_generate
 from tailor.backbone.layers import Site
-from tailor.data.schema import HistoryItem, User
 from tailor.methods.base import LMConfig, LMPersonalizer, Progress
 from tailor.methods.profile import format_history
 from tailor.methods.subspace import ProjectionEdit, ccs_layers, personal_direction
 from tailor.retrieval.embed import default_embedder
 from tailor.store.state import UserState
 from tailor.tasks.lamp import Task
+from tailor.tasks.records import HistoryItem, User
 
 
 @dataclass(frozen=True)
@@ -212,11 +213,14 @@ class Directions:
     seconds: float
 
 
-class Chameleon(LMPersonalizer):
+CC = TypeVar("CC", bound=ChameleonConfig, default=ChameleonConfig)
+
+
+class Chameleon(LMPersonalizer[CC]):
     name = "chameleon"
     version = 1
-    config_class = ChameleonConfig
-    config: ChameleonConfig
+    update_note = ("CHAMELEON's history selection (a PCA over all items), insights, pairs and CCS probes depend on the "
+                   "whole history; rebuilt, with unchanged generations and hidden states read from the caches")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -225,28 +229,24 @@ class Chameleon(LMPersonalizer):
         self.groups: list[dict] = []
 
     @property
-    def fits(self) -> bool:  # type: ignore[override]
+    def fits(self) -> bool:
         return self.config.scope != "user"
 
     @property
     def sites(self) -> list[Site]:
-        assert self.backbone is not None
         return [Site("mlp", layer) for layer in range(self.backbone.n_layers)]
 
     # --- section 3.1: self-generated preference data -------------------------------------------------------------
     def _formatted(self, items: Sequence[HistoryItem]) -> list[str]:
-        assert self.backbone is not None
         return format_history(self.task, self.backbone, items, self.config.history_tokens)
 
     def _insights(self, prompts: list[str]) -> list[str]:
-        assert self.backbone is not None
         texts = cached_generate(self.backbone, prompts, self.config.insight_tokens, self.config.batch_size)
         return [clean_insight(text) for text in texts]
 
     def _answers(self, prompts: list[str], content_free: list[str] | None) -> list[str]:
         """The synthetic answers, written the way this configuration answers queries (generation, label scoring or
         calibrated label scoring), so a pair differs only where the insight changes the model's own answer."""
-        assert self.backbone is not None
         if not self.scoring:
             max_new = self.config.answer_tokens or self.max_new_tokens
             raw = cached_generate(self.backbone, prompts, max_new, self.config.batch_size)
@@ -256,7 +256,6 @@ class Chameleon(LMPersonalizer):
 
     def preference_data(self, users: Sequence[User]) -> list[UserPairs]:
         """Selection, insights, pairs and their hidden states for several users, each stage batched across users."""
-        assert self.backbone is not None
         clock = time.perf_counter()
         embedder = default_embedder()
         selections, histories = [], []
@@ -330,7 +329,6 @@ class Chameleon(LMPersonalizer):
 
     # --- states ------------------------------------------------------------------------------------------------
     def _state(self, user: User, found: Directions | None, header: dict) -> UserState:
-        assert self.backbone is not None
         d = self.backbone.hidden_size
         if found is None:
             tensors = {"layers": torch.zeros(0, dtype=torch.long), "theta_p": torch.zeros(0, d),
@@ -459,7 +457,6 @@ class Chameleon(LMPersonalizer):
         """One ProjectionEdit per layer any user in the batch edits; users who do not edit a layer get zero gains.
 
         A state whose gains are both zero (the "no edit" control) edits nothing, so its rows cost no hook at all."""
-        assert self.backbone is not None
         d = self.backbone.hidden_size
         layers = sorted({int(layer) for s in states if s.header["gain_p"] or s.header["gain_n"]
                          for layer in s.tensors["layers"].tolist()})

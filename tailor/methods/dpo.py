@@ -29,11 +29,11 @@ import torch
 from tailor.backbone.edits import Edit
 from tailor.backbone.layers import Site
 from tailor.backbone.lora import LoRAStack, load_peft
-from tailor.data.schema import User
-from tailor.eval.runner import state_path
 from tailor.methods.base import Progress
 from tailor.methods.chameleon import Chameleon, ChameleonConfig
+from tailor.store.paths import state_path
 from tailor.store.state import UserState
+from tailor.tasks.records import User
 
 
 @dataclass
@@ -64,16 +64,15 @@ def native_bf16() -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
-class TimeConstrainedDPO(Chameleon):
+class TimeConstrainedDPO(Chameleon[DPOConfig]):
     """Reuses CHAMELEON's preference data (and its caches), then trains DPO for CHAMELEON's time per user."""
 
     name = "dpo"
     version = 2  # 2: warm-up rounded down, precision chosen by the CPU
-    config_class = DPOConfig
-    config: DPOConfig
+    update_note = "a per-user adapter trained on pairs made from the whole history: rebuilt"
 
     @property
-    def fits(self) -> bool:  # type: ignore[override]
+    def fits(self) -> bool:
         return False
 
     @property
@@ -114,7 +113,6 @@ class TimeConstrainedDPO(Chameleon):
         from trl import DPOConfig as TrlConfig
         from trl import DPOTrainer
 
-        assert self.backbone is not None
 
         class Deadline(TrainerCallback):
             def __init__(self) -> None:
@@ -154,7 +152,6 @@ class TimeConstrainedDPO(Chameleon):
     def _fit_prompt(self, prompt: str, answer: str) -> str:
         """Cut a long question from the left so question, chat markup and answer fit `max_length` (trl drops
         examples whose prompt fills it, and would cut the answer off otherwise)."""
-        assert self.backbone is not None
         room = self.config.max_length - self.backbone.count_tokens(answer) - 48
         ids = self.backbone.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return prompt if len(ids) <= room else self.backbone.tokenizer.decode(ids[-max(room, 1):])

@@ -30,18 +30,19 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
+from typing_extensions import TypeVar
 
-from tailor.atomic import atomic_path
 from tailor.backbone.edits import Edit, HookSet, hooked
 from tailor.backbone.layers import Site
 from tailor.backbone.lora import LoRAStack, combine, load_peft, lora_sites, rank_concat, save_peft, user_seed
 from tailor.backbone.model import Backbone
-from tailor.data.schema import HistoryItem, User
-from tailor.methods.base import Progress
+from tailor.methods.base import Personalizer, Progress
+from tailor.methods.checkpoint import Checkpoint
 from tailor.methods.profile import ProfileSummarizer, format_history
 from tailor.methods.prompting import RAG, RAGConfig, profile_header
 from tailor.retrieval.bm25 import BM25Index
 from tailor.store.state import UserState
+from tailor.tasks.records import HistoryItem, User
 
 CHECKPOINT_EVERY = 20
 """Steps between checkpoints of a multi-task fit, so that a killed fit resumes instead of restarting."""
@@ -262,19 +263,19 @@ def train_users(backbone: Backbone, init: LoRAStack, data: Sequence[Sequence[Exa
 
 
 # --- the methods --------------------------------------------------------------------------------------------------
-class LoRAFamily(RAG):
-    """Prompts, training examples and adapter bookkeeping the three LoRA baselines share."""
+FC = TypeVar("FC", bound=LoRAConfig, default=LoRAConfig)
+PC = TypeVar("PC", bound=LoRAPConfig, default=LoRAPConfig)
 
-    config: LoRAConfig
+
+class LoRAFamily(RAG[FC]):
+    """Prompts, training examples and adapter bookkeeping the three LoRA baselines share."""
 
     @property
     def sites(self) -> list[Site]:
-        assert self.backbone is not None
         return lora_sites(self.backbone.model, [t.strip() for t in self.config.targets.split(",") if t.strip()])
 
     def compose(self, query_input: str, items: Sequence[HistoryItem], summary: str | None = None) -> str:
         """The RAG prompt (retrieved items in the task's template, then the question), after the profile if any."""
-        assert self.backbone is not None
         formatted = format_history(self.task, self.backbone, items, self.config.history_tokens)
         block = self.task.join_history(formatted, query_input)
         return f"User profile: {summary}\n\n{block}" if summary else block
@@ -297,7 +298,6 @@ class LoRAFamily(RAG):
 
     def export_peft(self, state: UserState, folder: str | Path) -> Path:
         """The adapter that answers for this user, in PEFT's format."""
-        assert self.backbone is not None
         return save_peft(self.adapter(state), self.backbone.model, folder, base_model=self.backbone.name)
 
     @abstractmethod
@@ -305,13 +305,14 @@ class LoRAFamily(RAG):
         """The LoRA that answers for this user (all of it: base and personal parts)."""
 
 
-class MTLoRA(LoRAFamily):
+class MTLoRA(LoRAFamily[MTLoRAConfig]):
     """Multi-task LoRA: one adapter for the task, trained on every training user's history; state = the history."""
 
     name = "mt-lora"
-    config_class = MTLoRAConfig
-    config: MTLoRAConfig
-    fits = True
+
+    @property
+    def fits(self) -> bool:
+        return True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -319,19 +320,17 @@ class MTLoRA(LoRAFamily):
         self.fit_log: dict = {}
 
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
-        assert self.backbone is not None
         cfg = self.config
-        started = time.perf_counter()
+        checkpoint = Checkpoint(workdir, every=CHECKPOINT_EVERY)  # its clock counts the preparation too
         pairs = round_robin([self.training_pairs(user, cfg.max_examples) for user in users], cfg.max_total)
         examples = tokenise(self.backbone, pairs, cfg.max_target_tokens)
         batches = plan([len(e.ids) for e in examples], cfg.train_batch, cfg.seed, epochs=cfg.epochs)
         init = LoRAStack.init(self.backbone.model, self.sites, cfg.r, cfg.alpha, [user_seed(cfg.seed, self.task.name)])
         trainer = StackTrainer(self.backbone, init, cfg)
-        checkpoint = workdir / "checkpoint.pt" if workdir is not None else None
-        done, losses, spent = 0, [], 0.0  # spent: seconds of earlier, interrupted processes up to their checkpoint
-        if checkpoint is not None and checkpoint.exists():
-            saved = torch.load(checkpoint, weights_only=False)
-            done, losses, spent = saved["step"], saved["losses"], float(saved.get("seconds", 0.0))
+        losses: list[float] = []
+        saved = checkpoint.restore()
+        if saved is not None:
+            losses = saved["losses"]
             with torch.no_grad():
                 for param, value in zip(trainer.stack.parameters(), saved["params"]):
                     param.copy_(value)
@@ -339,29 +338,27 @@ class MTLoRA(LoRAFamily):
             torch.set_rng_state(saved["rng"])
         reported = 0
         with hooked(self.backbone.model, trainer.edits()) as hooks:
-            for t in range(done, len(batches)):
+            for t in range(checkpoint.step, len(batches)):
                 losses.append(float(trainer.step(hooks, [(0, examples[i]) for i in batches[t]])[0]))
-                if checkpoint is not None and ((t + 1) % CHECKPOINT_EVERY == 0 or t + 1 == len(batches)):
-                    _save_checkpoint(checkpoint, t + 1, trainer, losses, spent + time.perf_counter() - started)
+                checkpoint.save(t + 1, len(batches), lambda: {
+                    "params": [p.detach() for p in trainer.stack.parameters()], "losses": losses,
+                    "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state()})
                 if progress:
                     now = len(users) * (t + 1) // len(batches)
                     progress(now - reported)
                     reported = now
         self.stack = trainer.stack.detach()
         self.fit_log = {"users": len(users), "examples": len(examples), "steps": len(batches),
-                        "tokens": sum(len(e.ids) for e in examples),
-                        "seconds": round(spent + time.perf_counter() - started, 2), "resumed": done > 0,
-                        "loss_first": losses[:5], "loss_last": losses[-5:]}
+                        "tokens": sum(len(e.ids) for e in examples), "seconds": round(checkpoint.seconds, 2),
+                        "resumed": saved is not None, "loss_first": losses[:5], "loss_last": losses[-5:]}
 
     def save_fit(self, folder: Path) -> None:
-        assert self.backbone is not None and self.stack is not None
+        assert self.stack is not None
         save_peft(self.stack, self.backbone.model, folder / "adapter", base_model=self.backbone.name)
         if self.fit_log:
             (folder / "fit.json").write_text(json.dumps(self.fit_log, indent=2))
-        (folder / "checkpoint.pt").unlink(missing_ok=True)  # the adapter is saved: resuming is no longer needed
 
     def load_fit(self, folder: Path) -> None:
-        assert self.backbone is not None
         self.stack = load_peft(folder / "adapter", self.backbone.model)
 
     def edits(self, states: Sequence[UserState]) -> dict[Site, Edit]:
@@ -375,20 +372,12 @@ class MTLoRA(LoRAFamily):
         return self.stack
 
 
-def _save_checkpoint(path: Path, step: int, trainer: StackTrainer, losses: list[float], seconds: float) -> None:
-    """`seconds`: the fit's time so far over every process, so a resumed fit reports what the whole fit cost."""
-    with atomic_path(path) as tmp:
-        torch.save({"step": step, "params": [p.detach() for p in trainer.stack.parameters()],
-                    "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state(), "losses": losses,
-                    "seconds": seconds}, tmp)
-
-
-class LoRAP(LoRAFamily):
+class LoRAP(LoRAFamily[PC]):
     """A LoRA per user from scratch on the user's own history (PerFit's LoRA-P); state = the user's A and B."""
 
     name = "lora-p"
-    config_class = LoRAPConfig
-    config: LoRAPConfig
+    state_is_history = False
+    update_note = "a per-user LoRA is trained on the whole history: rebuilt"
 
     def base_edits(self) -> Mapping[Site, Edit] | None:
         """Edits every user trains and answers on top of (none here; OPPU's multi-task LoRA)."""
@@ -415,7 +404,6 @@ class LoRAP(LoRAFamily):
 
     def _train_group(self, users: Sequence[User]) -> list[UserState]:
         """Users train together, one adapter each; each state records the group's wall time per user."""
-        assert self.backbone is not None
         cfg = self.config
         started = time.perf_counter()
         summaries = self.summaries(users)
@@ -455,17 +443,14 @@ class LoRAP(LoRAFamily):
         return self.user_stack([state])
 
 
-class OPPU(LoRAP):
+class OPPU(LoRAP[OPPUConfig]):
     """One PEFT Per User on top of the multi-task LoRA, with retrieval (and optionally the profile) in the prompt."""
 
     name = "oppu"
-    config_class = OPPUConfig
-    config: OPPUConfig
-    fits = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.base: LoRAStack | None = None
+        self.base = self.base_method()
 
     def base_method(self) -> MTLoRA:
         """The multi-task LoRA this OPPU sits on: same prompts and adapter shape, the base_* training options, and
@@ -477,30 +462,22 @@ class OPPU(LoRAP):
                        train_batch=self.config.base_train_batch)
         return MTLoRA(self.task, self.backbone, MTLoRAConfig(**options))
 
+    def prerequisites(self) -> Sequence[Personalizer]:
+        return (self.base,)
+
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
-        from tailor.eval.runner import fit_method
-
-        base = self.base_method()
-        fit_method(base, users, (lambda *_: progress) if progress else None)  # type: ignore[arg-type, return-value]
-        self.base = base.stack
-
-    def save_fit(self, folder: Path) -> None:
-        assert self.backbone is not None and self.base is not None
-        save_peft(self.base, self.backbone.model, folder / "base", base_model=self.backbone.name)
-
-    def load_fit(self, folder: Path) -> None:
-        assert self.backbone is not None
-        self.base = load_peft(folder / "base", self.backbone.model)
+        """Fit the multi-task LoRA underneath, unless the runner has fitted (or loaded) it as a prerequisite."""
+        if self.base.stack is None:
+            self.base.fit(users, progress, workdir)
 
     def base_edits(self) -> Mapping[Site, Edit]:
-        if self.base is None:
-            raise RuntimeError("oppu needs fit(train_users) or load_fit first (it trains on top of mt-lora)")
-        return self.base.edits(shared=True)
+        if self.base.stack is None:
+            raise RuntimeError("oppu needs fit(train_users) first (it trains on top of mt-lora)")
+        return self.base.stack.edits(shared=True)
 
     def summaries(self, users: Sequence[User]) -> list[str | None]:
         if not self.config.profile:
             return [None] * len(users)
-        assert self.backbone is not None
         cfg = self.config
         summarizer = ProfileSummarizer(self.task, self.backbone, cfg.summary_items, cfg.summary_history_tokens,
                                        cfg.summary_tokens, cfg.batch_size)
@@ -508,6 +485,5 @@ class OPPU(LoRAP):
 
     def adapter(self, state: UserState) -> LoRAStack:
         """Base and personal LoRA as one adapter of rank 2r (exactly their sum), for PEFT and multi-LoRA servers."""
-        assert self.base is not None
-        return rank_concat([self.base, self.user_stack([state])])
+        return rank_concat([self.base.adapter(state), self.user_stack([state])])
 

@@ -55,9 +55,10 @@ from tailor.backbone.cache import HiddenCache
 from tailor.backbone.edits import Edit, hooked
 from tailor.backbone.layers import Site
 from tailor.backbone.lora import LoRAStack, lora_sites, projection, save_peft
-from tailor.data.schema import HistoryItem, Query, User
+from tailor.backbone.textcache import TextCache, text_key
 from tailor.data.splits import subset
 from tailor.methods.base import LMConfig, LMPersonalizer, Prediction, Progress, Request
+from tailor.methods.checkpoint import Checkpoint
 from tailor.methods.lora import Example, token_groups, tokenise
 from tailor.methods.profile import ProfileSummarizer, format_history
 from tailor.methods.prompting import bm25_of, history_of, profile_header
@@ -65,7 +66,7 @@ from tailor.retrieval.bm25 import BM25Index
 from tailor.retrieval.embed import default_embedder
 from tailor.store.state import UserState
 from tailor.tasks.lamp import Task, get_task
-from tailor.textcache import TextCache, text_key
+from tailor.tasks.records import HistoryItem, Query, User
 
 CHECKPOINT_EVERY = 5
 """Steps between checkpoints of the hypernetwork fit (a step costs ~9 s on the packaged model and one thread)."""
@@ -246,13 +247,15 @@ def plan_steps(data: TrainingSet, steps: int, batch: int, tasks_per_batch: int, 
 
 
 # --- the method ---------------------------------------------------------------------------------------------------
-class P2P(LMPersonalizer):
+class P2P(LMPersonalizer[P2PConfig]):
     """Profile-to-PEFT: a user's state is their summary, history and the LoRAs the hypernetwork wrote for them."""
 
     name = "p2p"
-    config_class = P2PConfig
-    config: P2PConfig
-    fits = True
+    update_note = "the profile summary and the LoRAs the hypernetwork writes depend on the whole history: rebuilt"
+
+    @property
+    def fits(self) -> bool:
+        return True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -266,7 +269,6 @@ class P2P(LMPersonalizer):
     # --- profile -> embedding -> LoRA --------------------------------------------------------------------------
     @property
     def sites(self) -> list[Site]:
-        assert self.backbone is not None
         return lora_sites(self.backbone.model, [t.strip() for t in self.config.targets.split(",") if t.strip()])
 
     def task_of(self, user: User) -> Task:
@@ -274,7 +276,6 @@ class P2P(LMPersonalizer):
 
     def summaries(self, users: Sequence[User]) -> list[str]:
         """Each user's profile summary: the pre-existing profile when there is one, else the profiler's (cached)."""
-        assert self.backbone is not None
         cfg = self.config
         if not cfg.summary:
             return [""] * len(users)
@@ -293,13 +294,11 @@ class P2P(LMPersonalizer):
 
     def profile_text(self, task: Task, summary: str, retrieved: Sequence[HistoryItem]) -> str:
         """p = [s || R(x, H, k)]: the summary, then the retrieved items in the task's RAG template."""
-        assert self.backbone is not None
         items = format_history(task, self.backbone, retrieved, self.config.history_tokens)
         return "\n".join(part for part in (summary, *items) if part)
 
     def embed(self, texts: Sequence[str], task: Task | None = None) -> Tensor:
         """e = Enc(p), L2-normalised, one row per profile text."""
-        assert self.backbone is not None
         if self.config.encoder == "sentence":
             vectors = torch.from_numpy(default_embedder()(list(texts))).float()
         else:
@@ -313,12 +312,10 @@ class P2P(LMPersonalizer):
         return torch.nn.functional.normalize(vectors, dim=-1)
 
     def embedding_dim(self) -> int:
-        assert self.backbone is not None
         return default_embedder().dim if self.config.encoder == "sentence" else self.backbone.hidden_size
 
     def new_hypernet(self) -> LoRAHypernetwork:
         """A freshly initialised hypernetwork (seeded, without touching the global random state)."""
-        assert self.backbone is not None
         cfg = self.config
         sites = self.sites
         shapes = {s.kind: (projection(self.backbone.model, s).in_features,
@@ -343,7 +340,6 @@ class P2P(LMPersonalizer):
     def training_set(self, users: Sequence[User]) -> TrainingSet:
         """Each user's later interactions as (question, output) examples, each with the embedding of the profile
         built from the user's earlier history: summary of H^{<t} plus the items retrieved for that question."""
-        assert self.backbone is not None
         cfg = self.config
         splits = []
         for user in users:
@@ -375,7 +371,6 @@ class P2P(LMPersonalizer):
 
     def row_losses(self, hypernet: LoRAHypernetwork, data: TrainingSet, rows: Sequence[int]) -> Tensor:
         """Each row's token-averaged SFT loss, row r through the LoRA written for its profile, in one forward."""
-        assert self.backbone is not None
         examples = [data.examples[i] for i in rows]
         batch = self.backbone.batch([e.ids for e in examples], [e.prompt_length for e in examples],
                                     [e.labels for e in examples])
@@ -407,6 +402,7 @@ class P2P(LMPersonalizer):
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
         """Train the hypernetwork end to end on the training users (resuming from `workdir`'s checkpoint)."""
         cfg = self.config
+        checkpoint = Checkpoint(workdir, every=CHECKPOINT_EVERY)  # its clock counts the preparation too
         started = time.perf_counter()
         total = len(users)  # what the caller's progress bar counts
         users = subset(users, cfg.train_users, cfg.seed)
@@ -415,19 +411,19 @@ class P2P(LMPersonalizer):
         plan = plan_steps(data, cfg.steps, cfg.batch, cfg.tasks_per_batch, cfg.seed) if data.examples else []
         hypernet = self.new_hypernet()
         optimizer = torch.optim.AdamW(hypernet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        checkpoint = workdir / "checkpoint.pt" if workdir is not None else None
-        done, losses, spent = 0, [], 0.0  # spent: seconds of earlier, interrupted processes up to their checkpoint
-        if checkpoint is not None and checkpoint.exists():
-            saved = torch.load(checkpoint, weights_only=False)
-            done, losses, spent = saved["step"], saved["losses"], float(saved.get("seconds", 0.0))
+        losses: list[float] = []
+        saved = checkpoint.restore()
+        if saved is not None:
+            losses = saved["losses"]
             hypernet.load_state_dict(saved["hypernet"])
             optimizer.load_state_dict(saved["optimizer"])
         reported = 0
-        for t in range(done, len(plan)):
+        for t in range(checkpoint.step, len(plan)):
             losses.append(self.train_step(hypernet, optimizer, data, plan[t]))
-            if checkpoint is not None and ((t + 1) % CHECKPOINT_EVERY == 0 or t + 1 == len(plan)):
-                _save_checkpoint(checkpoint, t + 1, hypernet, optimizer, losses,
-                                 spent + time.perf_counter() - started)
+            saved_now = checkpoint.save(t + 1, len(plan), lambda: {
+                "hypernet": hypernet.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses})
+            if saved_now and workdir is not None:
+                write_loss_curve(workdir / "loss.csv", losses)
             if progress:
                 now = total * (t + 1) // len(plan)
                 progress(now - reported)
@@ -437,7 +433,7 @@ class P2P(LMPersonalizer):
             param.requires_grad_(False)
         self.fit_log = {"users": len(users), "examples": len(data.examples), "steps": len(plan),
                         "tasks": sorted(set(data.tasks)), "prepare_s": round(prepared, 2),
-                        "seconds": round(spent + time.perf_counter() - started, 2), "resumed": done > 0,
+                        "seconds": round(checkpoint.seconds, 2), "resumed": saved is not None,
                         "losses": losses}
 
     def save_fit(self, folder: Path) -> None:
@@ -447,7 +443,6 @@ class P2P(LMPersonalizer):
         log = {k: v for k, v in self.fit_log.items() if k != "losses"}
         (folder / "fit.json").write_text(json.dumps(log, indent=2))
         write_loss_curve(folder / "loss.csv", self.fit_log.get("losses", []))
-        (folder / "checkpoint.pt").unlink(missing_ok=True)  # the weights are saved: resuming is no longer needed
 
     def load_fit(self, folder: Path) -> None:
         hypernet = self.new_hypernet()
@@ -466,7 +461,6 @@ class P2P(LMPersonalizer):
         """Summaries (cached), then every profile embedded and every adapter written in one hypernetwork pass.
 
         The state records the time of each part, per user, for the deployment-cost benchmark."""
-        assert self.backbone is not None
         cfg = self.config
         started = time.perf_counter()
         summaries = self.summaries(users)
@@ -563,7 +557,6 @@ class P2P(LMPersonalizer):
 
     def export_peft(self, state: UserState, folder: str | Path, query: Query | None = None) -> Path:
         """One adapter of this user in PEFT's format: the one for `query`, or the user's only adapter."""
-        assert self.backbone is not None
         if query is None:
             if len(state.header.get("adapters", [])) != 1:
                 raise ValueError("this user's adapters depend on the input (k > 0): name the query to export")
@@ -572,15 +565,6 @@ class P2P(LMPersonalizer):
             adapter = self.adapters_for([(state, query.input)])[0]
         assert adapter is not None
         return save_peft(adapter, self.backbone.model, folder, base_model=self.backbone.name)
-
-
-def _save_checkpoint(path: Path, step: int, hypernet: LoRAHypernetwork, optimizer: torch.optim.Optimizer,
-                     losses: list[float], seconds: float) -> None:
-    """`seconds`: the fit's time so far over every process, so a resumed fit reports what the whole fit cost."""
-    with atomic_path(path) as tmp:
-        torch.save({"step": step, "hypernet": hypernet.state_dict(), "optimizer": optimizer.state_dict(),
-                    "losses": losses, "seconds": seconds}, tmp)
-    write_loss_curve(path.with_name("loss.csv"), losses)
 
 
 def write_loss_curve(path: Path, losses: Sequence[float]) -> None:

@@ -38,21 +38,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 
-from tailor.atomic import atomic_path
 from tailor.backbone.edits import hooked
 from tailor.backbone.layers import Site, site_module
-from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone, Batch
 from tailor.backbone.partial import FrozenBatch, freeze, suffix_loss
-from tailor.data.schema import HistoryItem, User
 from tailor.methods.base import Progress
+from tailor.methods.checkpoint import Checkpoint
 from tailor.methods.profile import format_history
 from tailor.methods.prompting import RAG, RAGConfig, profile_header
 from tailor.methods.reft import LowRankIntervention, Params, PerFitEdit, Positions, count_parameters
 from tailor.retrieval.bm25 import BM25Index
 from tailor.store.state import UserState
 from tailor.tasks.lamp import Task
-from tailor.textcache import text_key
+from tailor.tasks.records import HistoryItem, User
 
 log = logging.getLogger(__name__)
 
@@ -240,17 +238,16 @@ def parameter_counts(backbone: Backbone, config: PerFitConfig) -> dict[str, int]
 
 # --- the method ---------------------------------------------------------------------------------------------------
 
-class PerFit(RAG):
+class PerFit(RAG[PerFitConfig]):
     name = "perfit"
-    config_class = PerFitConfig
-    config: PerFitConfig
+    state_is_history = False
+    update_note = "stage 2 continued from the old phi_2 on the new items only"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.layers = parse_layers(self.config.layers)
         self.positions = Positions.parse(self.config.positions)
         self.stages = str(self.config.stages)  # checked by the config
-        assert self.backbone is not None
         if self.layers[-1] >= self.backbone.n_layers:
             raise ValueError(f"layers {self.layers} beyond the backbone's {self.backbone.n_layers} layers")
         self.stage1: dict[str, torch.Tensor] | None = None
@@ -258,8 +255,14 @@ class PerFit(RAG):
         """Fingerprint of the fitted stage 1, written into every state so a state never meets another stage 1."""
 
     @property
-    def fits(self) -> bool:  # type: ignore[override]
+    def fits(self) -> bool:
         return "1" in self.stages
+
+    def fit_settings(self) -> dict[str, Any]:
+        """Stage 1 depends on its own settings only, so runs that differ in stage-2 settings or in `stages` share
+        it."""
+        return {"method": self.name, "version": self.version,
+                "stage1": {name: getattr(self.config, name) for name in STAGE1_FIELDS}}
 
     @property
     def uses_stage2(self) -> bool:
@@ -267,14 +270,12 @@ class PerFit(RAG):
 
     def _trainer(self, rank: int, lr: float, steps: int, seed: int, identity: bool,
                  below: list[list[Params]]) -> Trainer:
-        assert self.backbone is not None
         generator = torch.Generator().manual_seed(seed)
         modules = [LowRankIntervention(self.backbone.hidden_size, rank, generator, identity) for _ in self.layers]
         return Trainer(self.backbone, self.layers, self.positions, below, modules, lr, self.config.weight_decay,
                        self.config.max_grad_norm, steps)
 
     def _batch(self, examples: Sequence[Example]) -> Batch:
-        assert self.backbone is not None
         return self.backbone.sft_batch([p for p, _ in examples], [a for _, a in examples],
                                        self.config.max_target_tokens)
 
@@ -289,7 +290,6 @@ class PerFit(RAG):
     # --- stage 1 ---------------------------------------------------------------------------------------------------
     def collective_examples(self, users: Sequence[User]) -> list[Example]:
         """Every training user's history items and answered queries, sampled down to `stage1_examples`."""
-        assert self.backbone is not None
         slots = [(u, i) for u in users for i in range(len(u.profile))] + [(u, -1) for u in users if u.queries]
         if 0 < self.config.stage1_examples < len(slots):
             slots = random.Random(self.config.seed).sample(slots, self.config.stage1_examples)
@@ -306,24 +306,10 @@ class PerFit(RAG):
                 out += query_examples(self.task, self.backbone, user, cfg.k, cfg.history_tokens)
         return out
 
-    def _stage1_folder(self, users: Sequence[User]) -> Path:
-        """Stage 1 depends on its own settings only, so runs that differ in stage-2 settings or in `stages` share it."""
-        settings = {name: getattr(self.config, name) for name in STAGE1_FIELDS}
-        key = text_key("perfit-stage1", settings, self.model_id, str(self.backbone.dtype) if self.backbone else "",
-                       self.task.name, [u.id for u in users])
-        return cache_root() / "fits" / "perfit-stage1" / key[:20]
-
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
         """Train the collective intervention phi_1 (section 3, stage 1); resumes from its last finished epoch."""
         if not self.fits:
             return
-        folder = self._stage1_folder(users)
-        if (folder / "stage1.safetensors").exists():
-            self.load_fit(folder)
-            if progress:
-                progress(len(users))
-            return
-        folder.mkdir(parents=True, exist_ok=True)
         examples = self.collective_examples(users)
         if not examples:
             raise ValueError("PerFit stage 1 needs training users with history")
@@ -331,34 +317,26 @@ class PerFit(RAG):
         lengths = [len(p) + len(a) for p, a in examples]
         steps = math.ceil(len(examples) / cfg.batch1) * cfg.epochs1
         trainer = self._trainer(cfg.rank1, cfg.lr1, steps, cfg.seed, False, [[] for _ in self.layers])
-        first_epoch = self._resume(trainer, folder / "checkpoint.pt")
-        counts = parameter_counts(self.backbone, cfg)  # type: ignore[arg-type]
-        log.info("PerFit stage 1: %d examples, %d steps; parameters %s", len(examples), steps, counts)
+        checkpoint = Checkpoint(workdir)  # after every epoch
+        saved = checkpoint.restore()
+        if saved is not None:
+            for module, state in zip(trainer.modules, saved["modules"]):
+                module.load_state_dict(state)
+            trainer.optimizer.load_state_dict(saved["optimizer"])
+            trainer.schedule.load_state_dict(saved["schedule"])
+        log.info("PerFit stage 1: %d examples, %d steps; parameters %s", len(examples), steps,
+                 parameter_counts(self.backbone, cfg))
         rng = random.Random(cfg.seed)
         plans = [length_grouped(lengths, cfg.batch1, rng) for _ in range(cfg.epochs1)]
-        for epoch in range(first_epoch, cfg.epochs1):
+        for epoch in range(checkpoint.step, cfg.epochs1):
             losses = [trainer.step(trainer.freeze(self._batch([examples[i] for i in batch]))) for batch in plans[epoch]]
             log.info("PerFit stage 1 epoch %d: mean loss %.4f", epoch + 1, sum(losses) / len(losses))
-            with atomic_path(folder / "checkpoint.pt") as tmp:  # a fit killed while saving resumes all the same
-                torch.save({"epoch": epoch + 1, "modules": [m.state_dict() for m in trainer.modules],
-                            "optimizer": trainer.optimizer.state_dict(), "schedule": trainer.schedule.state_dict()},
-                           tmp)
+            checkpoint.save(epoch + 1, cfg.epochs1, lambda: {
+                "modules": [m.state_dict() for m in trainer.modules], "optimizer": trainer.optimizer.state_dict(),
+                "schedule": trainer.schedule.state_dict()})
             if progress:
                 progress(len(users) * (epoch + 1) // cfg.epochs1 - len(users) * epoch // cfg.epochs1)
         self._set_stage1(stacked(trainer.modules))
-        self.save_fit(folder)
-        (folder / "checkpoint.pt").unlink()
-
-    @staticmethod
-    def _resume(trainer: Trainer, path: Path) -> int:
-        if not path.exists():
-            return 0
-        saved = torch.load(path, weights_only=True)
-        for module, state in zip(trainer.modules, saved["modules"]):
-            module.load_state_dict(state)
-        trainer.optimizer.load_state_dict(saved["optimizer"])
-        trainer.schedule.load_state_dict(saved["schedule"])
-        return int(saved["epoch"])
 
     def save_fit(self, folder: Path) -> None:
         assert self.stage1 is not None
@@ -403,7 +381,6 @@ class PerFit(RAG):
         tokens, in the frozen pass, in the optimiser steps) and the prompt and answer tokens trained on: the frozen
         pass is one forward over every prompt token, so a user's prompt tokens set the floor of stage 2's cost.
         """
-        assert self.backbone is not None
         cfg = self.config
         started = time.perf_counter()
         first = max(0, len(user.profile) - cfg.stage2_examples) if cfg.stage2_examples else 0
@@ -429,6 +406,40 @@ class PerFit(RAG):
                           prompt_tokens=float(sum(int(b.prompt_lengths.sum()) for b in batches)),
                           tokens=float(sum(int(b.mask.sum()) for b in batches)), optimiser_steps=float(steps))
         return stacked(trainer.modules)
+
+    def update(self, old: UserState, user: User, new_items: Sequence[HistoryItem]) -> UserState | None:
+        """Continue stage 2 from the old phi_2 on the new items only (each with its retrieved earlier items, as in
+        `personalize`), instead of from the identity on every item. The cost scales with the new items; the result
+        is not what a from-scratch stage 2 gives (older items are not revisited). A state made with other layers,
+        positions, rank or stage 1 gives None: rebuilt. With stage 1 only, the state is the history."""
+        if not self.uses_stage2:
+            return self.personalize(user)
+        try:
+            self._check(old)
+        except ValueError:
+            return None
+        cfg = self.config
+        old_items = len(user.profile) - len(new_items)
+        examples = history_examples(self.task, self.backbone, user, cfg.k, cfg.history_tokens,
+                                    range(old_items, len(user.profile)))
+        header = {**self._header(user), "stage2_updates": int(old.header.get("stage2_updates", 0)) + 1}
+        if not examples:
+            return self.new_state(user, header, dict(old.tensors))
+        seed = self._user_seed(user) + old_items
+        trainer = self._trainer(cfg.rank2, cfg.lr2, math.ceil(len(examples) / cfg.batch2) * cfg.epochs2, seed, True,
+                                self._stage1_params())
+        with torch.no_grad():
+            for i, module in enumerate(trainer.modules):
+                module.rotate.weight = old.tensors["R"][i].float()  # through the orthogonal parametrization's inverse
+                module.source.weight.copy_(old.tensors["W"][i])
+                module.source.bias.copy_(old.tensors["b"][i])
+        rng = random.Random(seed)
+        plan = length_grouped([len(p) + len(a) for p, a in examples], cfg.batch2, rng)
+        prepared: list[FrozenBatch | Batch] = [trainer.freeze(self._batch([examples[i] for i in b])) for b in plan]
+        for _ in range(cfg.epochs2):
+            for index in rng.sample(range(len(prepared)), len(prepared)):
+                trainer.step(prepared[index])
+        return self.new_state(user, header, stacked(trainer.modules))
 
     # --- inference -------------------------------------------------------------------------------------------------
     def _check(self, state: UserState) -> None:

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-from tailor.data.schema import User
-from tailor.methods.base import MethodConfig, Personalizer, Prediction, Progress, Request
+from tailor.methods.base import HISTORY_UPDATE, MethodConfig, Personalizer, Prediction, Progress, Request
 from tailor.methods.prompting import bm25_of, history_of, profile_header
 from tailor.store.state import UserState
+from tailor.tasks.records import User
 
 
 def _format_score(value: float) -> str:
@@ -46,11 +46,10 @@ def _center(scores: Sequence[float], center: str) -> str:
     return _format_score(statistics.median(scores) if center == "median" else sum(scores) / len(scores))
 
 
-class GlobalPrior(Personalizer):
+class GlobalPrior(Personalizer[PriorConfig]):
     name = "global-prior"
-    needs_backbone = False
-    config_class = PriorConfig
-    config: PriorConfig
+    state_is_history = True
+    update_note = "the state holds nothing of the user: nothing to update"
 
     answer: str | None = None
 
@@ -80,11 +79,10 @@ class GlobalPrior(Personalizer):
         return out
 
 
-class UserPrior(Personalizer):
+class UserPrior(Personalizer[PriorConfig]):
     name = "user-prior"
-    needs_backbone = False
-    config_class = PriorConfig
-    config: PriorConfig
+    state_is_history = True
+    update_note = HISTORY_UPDATE
 
     def personalize(self, user: User) -> UserState:
         header = profile_header(user)

@@ -12,9 +12,9 @@ from typing import Sequence
 
 from tailor.backbone.cache import cached_generate
 from tailor.backbone.model import Backbone
-from tailor.data.schema import HistoryItem, User
+from tailor.backbone.textcache import TextCache
 from tailor.tasks.lamp import Task
-from tailor.textcache import TextCache
+from tailor.tasks.records import HistoryItem, User
 
 PROFILER_PROMPT = """# Instruction
 Generate a targeted user profile for {task_description} based on the provided user history data. This profile will be used to understand user behavior patterns specific to this task.

@@ -15,12 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from tailor.data.schema import HistoryItem, User
-from tailor.methods.base import LMConfig, LMPersonalizer, Progress
+from typing_extensions import TypeVar
+
+from tailor.methods.base import HISTORY_UPDATE, LMConfig, LMPersonalizer, Progress
 from tailor.methods.profile import ProfileSummarizer, format_history, newest_that_fit
 from tailor.retrieval.bm25 import BM25Index
 from tailor.store.state import UserState
 from tailor.tasks.lamp import Task
+from tailor.tasks.records import HistoryItem, User
 
 
 def history_of(state: UserState) -> tuple[HistoryItem, ...]:
@@ -44,8 +46,10 @@ def profile_header(user: User) -> dict:
     return {"task": user.task, "profile": [item.to_json() for item in user.profile]}
 
 
-class NonPersonalized(LMPersonalizer):
+class NonPersonalized(LMPersonalizer[LMConfig]):
     name = "none"
+    state_is_history = True
+    update_note = "the state holds nothing of the user: nothing to update"
 
     def personalize(self, user: User) -> UserState:
         return self.new_state(user)
@@ -60,10 +64,13 @@ class RAGConfig(LMConfig):
     history_tokens: int = 512
 
 
-class RAG(LMPersonalizer):
+RC = TypeVar("RC", bound=RAGConfig, default=RAGConfig)
+
+
+class RAG(LMPersonalizer[RC]):
     name = "rag"
-    config_class = RAGConfig
-    config: RAGConfig
+    state_is_history = True
+    update_note = HISTORY_UPDATE
 
     def personalize(self, user: User) -> UserState:
         return self.new_state(user, profile_header(user))
@@ -73,7 +80,6 @@ class RAG(LMPersonalizer):
         return [history_of(state)[i] for i in top]
 
     def history_block(self, state: UserState, query_input: str) -> str:
-        assert self.backbone is not None
         items = self.retrieve(state, query_input)
         formatted = format_history(self.task, self.backbone, items, self.config.history_tokens)
         return self.task.join_history(formatted, query_input)
@@ -89,14 +95,14 @@ class PAGConfig(RAGConfig):
     summary_tokens: int = 128
 
 
-class PAG(RAG):
+class PAG(RAG[PAGConfig]):
     name = "pag"
-    config_class = PAGConfig
-    config: PAGConfig
+    state_is_history = False
+    update_note = "PAG's profile summary is written over the newest items; rebuilt (the summary cache serves " \
+                  "unchanged histories)"
 
     @property
     def summarizer(self) -> ProfileSummarizer:
-        assert self.backbone is not None
         return ProfileSummarizer(self.task, self.backbone, self.config.summary_items,
                                  self.config.summary_history_tokens, self.config.summary_tokens,
                                  self.config.batch_size)
@@ -120,16 +126,15 @@ class FullHistoryConfig(LMConfig):
     history_tokens: int = 1536
 
 
-class FullHistory(LMPersonalizer):
+class FullHistory(LMPersonalizer[FullHistoryConfig]):
     name = "full"
-    config_class = FullHistoryConfig
-    config: FullHistoryConfig
+    state_is_history = True
+    update_note = HISTORY_UPDATE
 
     def personalize(self, user: User) -> UserState:
         return self.new_state(user, profile_header(user))
 
     def prompt(self, state: UserState, query_input: str) -> str:
-        assert self.backbone is not None
         formatted = state.runtime.get("full")
         if formatted is None:
             formatted = newest_that_fit(self.task, self.backbone, history_of(state), self.config.history_tokens)

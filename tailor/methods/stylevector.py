@@ -24,9 +24,9 @@ from torch import Tensor
 from tailor.backbone.cache import HiddenCache, cached_best_label, cached_generate
 from tailor.backbone.edits import ForwardContext
 from tailor.backbone.layers import Site
-from tailor.data.schema import User
 from tailor.methods.base import LMConfig, LMPersonalizer, Progress
 from tailor.store.state import UserState
+from tailor.tasks.records import User
 
 
 @dataclass
@@ -63,14 +63,13 @@ class Steer:
         return hidden + shift * answer[:, :, None].to(hidden.dtype)
 
 
-class StyleVector(LMPersonalizer):
+class StyleVector(LMPersonalizer[StyleVectorConfig]):
     name = "stylevector"
-    config_class = StyleVectorConfig
-    config: StyleVectorConfig
+    update_note = "the style vector is a mean over every history item's hidden states: rebuilt (the hidden-state " \
+                  "cache serves unchanged items)"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        assert self.backbone is not None
         if not 0 <= self.config.layer < self.backbone.n_layers:
             raise ValueError(f"stylevector layer {self.config.layer}: the model has layers "
                              f"0..{self.backbone.n_layers - 1}")
@@ -82,7 +81,6 @@ class StyleVector(LMPersonalizer):
 
     def own_answers(self, inputs: Sequence[str]) -> list[str]:
         """The backbone's answers to the bare questions, as the non-personalized model gives them."""
-        assert self.backbone is not None
         if self.scoring:
             return cached_best_label(self.backbone, inputs, self.task.labels, self.config.batch_size)
         max_new = self.config.answer_tokens or self.task.max_new_tokens
@@ -92,7 +90,6 @@ class StyleVector(LMPersonalizer):
     def contrast(self, users: Sequence[User], sites: Sequence[Site]) -> list[tuple[Tensor, Tensor, int]]:
         """Per user: hidden states (items, sites, d) after the user's outputs and after the model's, and how many
         items the model already answered as the user did (their difference is zero)."""
-        assert self.backbone is not None
         examples = [[self.task.example(item) for item in u.profile[-self.config.max_items:]] for u in users]
         inputs = [x for pairs in examples for x, _ in pairs]
         own = self.own_answers(inputs)
@@ -117,7 +114,6 @@ class StyleVector(LMPersonalizer):
         return self.personalize_many([user])[0]
 
     def personalize_many(self, users: Sequence[User], progress: Progress = None) -> list[UserState]:
-        assert self.backbone is not None
         states = []
         for user, (h_user, h_model, same) in zip(users, self.contrast(users, [self.site])):
             vector = (h_user[:, 0].mean(0) - h_model[:, 0].mean(0)) if len(h_user) else \

@@ -15,9 +15,6 @@ from typing import Sequence
 import bm25s
 import numpy as np
 
-from tailor.data.schema import HistoryItem, User
-from tailor.tasks.lamp import Task, get_task
-
 # bm25s sets its own logger to DEBUG, which floods any application that configures root logging.
 logging.getLogger("bm25s").setLevel(logging.WARNING)
 
@@ -52,15 +49,3 @@ class BM25Index:
         scores = self.scores(query)
         order = np.lexsort((-np.arange(self.size), -scores))
         return order[:k].tolist()
-
-
-class UserRetriever:
-    """BM25 over one user's profile with LaMP's corpus and query makers for the task."""
-
-    def __init__(self, user: User, task: Task | None = None):
-        self.task = task or get_task(user.task)
-        self.items: tuple[HistoryItem, ...] = user.profile
-        self.index = BM25Index([self.task.document(item) for item in self.items])
-
-    def retrieve(self, query_input: str, k: int) -> list[HistoryItem]:
-        return [self.items[i] for i in self.index.top_k(self.task.retrieval_query(query_input), k)]

@@ -1,3 +1,2 @@
-"""Serving personalized models over HTTP: the app (tailor.serve.app), mixed-user micro-batching
-(tailor.serve.batcher) and the `tailor serve` command (tailor.serve.cli). Nothing is imported here, so that the
-command line starts without loading torch."""
+"""Serving personalized models over HTTP: the app (`tailor.serve.app`) and its parts. Nothing is imported here, so
+that the command line starts without loading torch; the `tailor serve` command is `tailor.cli.serve`."""

@@ -23,9 +23,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from tailor.data.schema import Query
 from tailor.methods.base import Prediction
 from tailor.store.state import UserState
+from tailor.tasks.records import Query
 
 Row = tuple[str, UserState, Query]
 """(method key, state, query): the key picks which method answers the row."""

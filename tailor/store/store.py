@@ -35,12 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from tailor.data.schema import HistoryItem, User
+from tailor.store.paths import is_safe_user_id
 from tailor.store.state import StateError, UserState
+from tailor.tasks.records import HistoryItem, User
 
 SCHEMA_VERSION = 1
-USER_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-"""Letters, digits, `_`, `.`, `-`; 1 to 128 characters; not starting with a dot or a dash (no `..`, no options)."""
 LOCK_STRIPES = 64
 _SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1, "dklen": 32}
 
@@ -81,7 +80,7 @@ class TaskMismatch(StoreError):
 
 
 def check_user_id(user_id: str) -> str:
-    if not isinstance(user_id, str) or not USER_ID.fullmatch(user_id):
+    if not is_safe_user_id(user_id):
         raise InvalidId(f"invalid user id {str(user_id)[:140]!r}: use 1-128 letters, digits, '_', '.' or '-', "
                         "not starting with '.' or '-'")
     return user_id
@@ -195,7 +194,7 @@ class Store:
     # --- tenants ---------------------------------------------------------------------------------------------------
     def create_tenant(self, name: str) -> tuple[str, str]:
         """A new tenant; returns (tenant id, API key). The key is shown once: only its salted hash is kept."""
-        if not USER_ID.fullmatch(name):
+        if not is_safe_user_id(name):
             raise InvalidId(f"invalid tenant name {name!r}: use 1-128 letters, digits, '_', '.' or '-'")
         tenant = secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)

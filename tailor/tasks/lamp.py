@@ -3,7 +3,7 @@
 Each task is data, not a class hierarchy: a `Task` names the profile fields an item must have, how a history item is
 written into a retrieval-augmented prompt (the per-item templates of LaMP's `prompts.py`), how an item becomes an
 (input, output) training example in the same wording as the task's questions, and how a raw model output is parsed.
-The metric family says which of LaMP's official metrics apply (see `tailor.eval.metrics`).
+The metric family says which of LaMP's official metrics apply (see `tailor.tasks.metrics`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from tailor.data.schema import HistoryItem
+from tailor.tasks.records import HistoryItem
 
 MetricFamily = Literal["classification", "regression", "generation"]
 

@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from tailor.eval.metrics import ItemScores, score_items
 from tailor.tasks.lamp import Task
+from tailor.tasks.metrics import ItemScores, score_items
 
 _MAX_WEIGHT_CELLS = 4_000_000
 """Resamples are processed in batches of at most this many (resample, item) weights, to bound memory."""

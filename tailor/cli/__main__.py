@@ -1,0 +1,5 @@
+"""`python -m tailor.cli ...` runs the `tailor` command."""
+
+from tailor.cli.main import main
+
+main()

@@ -1,0 +1,204 @@
+"""What tailor's subcommands share: option types, `--set` parsing, checks that fail before a model loads, progress
+bars, and the `--ray [ADDRESS]` option. A leaf: it imports no subcommand, and heavy modules only inside functions, so
+`tailor --help` stays fast."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Callable, Iterator, Optional, Sequence
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:  # the runner imports torch; `tailor --help` should not
+    from tailor.backbone.model import Backbone
+    from tailor.distributed.ray_runner import RayOptions
+    from tailor.methods.base import Personalizer
+    from tailor.runs.spec import EvalSpec
+
+console = Console(stderr=True)
+
+TaskName = Annotated[str, typer.Option(help="lamp1, lamp2n, lamp2m, lamp3, lamp4, lamp5, lamp7")]
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="LaMP data folder (default: $TAILOR_DATA, "
+                                                 "then ../shared/lamp)")]
+Model = Annotated[str, typer.Option(help="packaged model (smollm2-135m, qwen2.5-coder-0.5b) or a local HF folder")]
+Dtype = Annotated[str, typer.Option(help="float32 or bfloat16")]
+SetOptions = Annotated[list[str], typer.Option("--set", help="method option KEY=VALUE (repeatable)")]
+Users = Annotated[Optional[int], typer.Option(help="a seeded sample of this many users (default: all)")]
+Variant = Annotated[str, typer.Option(help="user (LaMP's user-based split) or time")]
+ChunkUsers = Annotated[int, typer.Option(help="users per checkpointed chunk")]
+BatchSize = Annotated[Optional[int], typer.Option(help="rows per forward pass (default 8)")]
+
+LOCAL = "local"
+"""The value of a bare `--ray`: start a local cluster (with an address, the run joins that cluster)."""
+RayAddress = Annotated[Optional[str], typer.Option(
+    "--ray", metavar="[ADDRESS]",
+    help="run on Ray: alone, start a local cluster; with an address (auto, host:6379, ray://host:10001), join it")]
+Workers = Annotated[int, typer.Option(help="Ray workers (actors), each with its own backbone")]
+WorkerThreads = Annotated[int, typer.Option(help="torch threads (and Ray CPUs) per Ray worker")]
+
+DEFAULT_BATCH_SIZE = 8
+
+
+def threads() -> None:
+    """Torch threads: $TAILOR_THREADS, else every core."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("TAILOR_THREADS", os.cpu_count() or 1)))
+
+
+@contextmanager
+def progress_bars() -> Iterator[Callable[[str, int, int], Callable[[int], None]]]:
+    """`start(description, done, total)` adds a bar and returns its `advance(n)`."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as bar:
+        def start(description: str, done: int, total: int) -> Callable[[int], None]:
+            task_id = bar.add_task(description, total=total, completed=done)
+            return lambda n: bar.advance(task_id, n)
+        yield start
+
+
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """`--set KEY=VALUE` pairs as method options: ints, floats and true/false cast, dashes in keys read as
+    underscores. The benchmark scripts parse their `--set` with this too, so a value means the same everywhere."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set takes KEY=VALUE, got {pair!r}")
+        value: object = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        options[key.strip().replace("-", "_")] = value
+    return options
+
+
+def merge_flags(options: dict[str, object], flags: dict[str, object | None]) -> dict[str, object]:
+    """The method options of `--set` and of the flags (`--k 2`, `--batch-size 4`, ...), with the default batch size.
+
+    The flags are shorthands for `--set` options; a flag left out leaves the `--set` value alone, and one option
+    given both ways with different values is refused, not silently resolved.
+    """
+    merged = {"batch_size": DEFAULT_BATCH_SIZE, **options}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name in options and options[name] != value:
+            flag = "--" + name.replace("_", "-")
+            raise typer.BadParameter(f"{flag} {value} and --set {name}={options[name]} disagree; give one")
+        merged[name] = value
+    return merged
+
+
+def resolve_method(method: str) -> type[Personalizer]:
+    """The method's class: a registered name or module:Class; an unknown one fails in one line at --method."""
+    from tailor.methods import method_class
+
+    try:
+        return method_class(method)
+    except KeyError as error:
+        raise typer.BadParameter(error.args[0], param_hint="--method") from None
+
+
+def check_options(method: str, options: dict[str, object]) -> None:
+    """Unknown options and values the method's config refuses fail in one line, before anything loads."""
+    cls = resolve_method(method)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise typer.BadParameter(f"{method} has no option {', '.join(unknown)}; it has {', '.join(sorted(fields))}")
+    try:
+        cls.config_class(**options)  # a config that checks its values says what is wrong before anything loads
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--set") from None
+
+
+def check_spec(spec: EvalSpec) -> None:
+    """A bad task, split, user count or data folder fails in one line before the model loads."""
+    from tailor.data.lamp import DataError
+
+    try:
+        spec.check()
+    except DataError:
+        raise  # main() prints it in one line, as for bad data found later
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+def checked_spec(method: str, options: dict[str, object], model: str, data_dir: Path | None,
+                 **fields: object) -> EvalSpec:
+    """The run's spec, its method options and the spec itself checked (one line each, before anything loads); the
+    model is recorded only for methods that use one."""
+    from tailor.runs.spec import EvalSpec
+
+    check_options(method, options)
+    spec = EvalSpec(method=method, options=options, model=model if resolve_method(method).needs_backbone else None,
+                    data_dir=str(data_dir) if data_dir else None, **fields)  # type: ignore[arg-type]
+    check_spec(spec)
+    return spec
+
+
+def load_backbone(model: str, dtype: str) -> Backbone:
+    from tailor.backbone.model import Backbone
+
+    with console.status(f"loading {model} ({dtype})"):
+        return Backbone.load(model, dtype=dtype)  # type: ignore[arg-type]
+
+
+def build(method: str, task: str, model: str, dtype: str, options: dict[str, object]) -> Personalizer:
+    """The method on its backbone (loaded only when the method needs one), in this process."""
+    from tailor.methods import build_method
+    from tailor.tasks.lamp import get_task
+
+    threads()
+    backbone = load_backbone(model, dtype) if resolve_method(method).needs_backbone else None
+    return build_method(method, get_task(task), backbone, **options)
+
+
+def ray_argv(argv: Sequence[str]) -> list[str]:
+    """The arguments with a bare `--ray` given its LOCAL value.
+
+    Typer has no options with an optional value, so `tailor.cli.main.main` passes its arguments through this: a
+    `--ray` at the end or followed by another option becomes `--ray local`; `--ray ADDRESS` and `--ray=ADDRESS` are
+    kept.
+    """
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append(LOCAL)
+    return out
+
+
+def ray_options(address: str, workers: int, threads: int) -> RayOptions:
+    from tailor.distributed.ray_runner import RayOptions
+
+    if workers < 1 or threads < 1:
+        raise typer.BadParameter("--workers and --worker-threads must be at least 1")
+    return RayOptions(address=None if address == LOCAL else address, workers=workers, threads=threads)
+
+
+@contextmanager
+def ray_errors() -> Iterator[None]:
+    """Failed users end the command with exit code 1 (every other user is saved); a worker that cannot start (bad
+    method options, a fit that raises) with exit code 2, like tailor's other user errors. One line each."""
+    from tailor.distributed.ray_runner import UsersFailed, WorkerStartError
+
+    try:
+        yield
+    except UsersFailed as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except WorkerStartError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
