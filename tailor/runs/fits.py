@@ -1,0 +1,69 @@
+"""The fit cache: what a method learns from training users, fitted once and reused by every run, worker and server.
+
+A fitted method is kept in one folder per (what the fit depends on, backbone, dtype, task, training users) under
+$TAILOR_CACHE/fits/<method>/. The fit runs with that folder as its workdir, so a killed fit resumes from its
+checkpoint (`tailor.methods.checkpoint`); `DONE` marks a folder whose fit is complete. A method that builds on
+another fitted method (OPPU on MT-LoRA) names it in `prerequisites()`, and that one is fitted, or loaded, from its own
+folder first: runs of both methods share one fit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tailor.backbone.loading import cache_root
+from tailor.backbone.textcache import text_key
+from tailor.methods.base import Personalizer
+from tailor.methods.checkpoint import Checkpoint
+from tailor.runs.spec import EvalSpec, fit_users
+from tailor.tasks.records import User
+
+ProgressFactory = Callable[[str, int, int], Callable[[int], None]]
+"""`progress(description, done, total)` returns a callback told how many more units finished (a progress bar)."""
+
+
+def fit_folder(method: Personalizer, users: Sequence[User]) -> Path:
+    """Where a fitted method is kept."""
+    backbone = method.backbone
+    key = text_key("fit", method.fit_settings(), method.model_id, str(backbone.dtype) if backbone else None,
+                   method.task.name, [u.id for u in users])
+    return cache_root() / "fits" / method.name / key[:20]
+
+
+def fit_method(method: Personalizer, users: Sequence[User], progress: ProgressFactory | None = None) -> Path | None:
+    """Fit on the training users, or load the fit an earlier run cached for exactly this configuration."""
+    for needed in method.prerequisites():
+        fit_method(needed, users, progress)
+    if not method.fits:
+        method.fit(users)
+        return None
+    folder = fit_folder(method, users)
+    if (folder / "DONE").exists():
+        method.load_fit(folder)
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    bar = progress(f"fit {method.name}", 0, len(users)) if progress else None
+    ticked = 0
+
+    def tick(n: int) -> None:
+        nonlocal ticked
+        ticked += n
+        bar(n)  # type: ignore[misc]
+
+    method.fit(users, progress=tick if bar else None, workdir=folder)
+    if bar and ticked < len(users):  # a fit whose work was cached elsewhere ticks less or not at all
+        bar(len(users) - ticked)
+    method.save_fit(folder)
+    Checkpoint.discard(folder)
+    (folder / "DONE").write_text(json.dumps({"users": len(users), "method": method.describe()}, indent=2))
+    return folder
+
+
+def fit_for_spec(method: Personalizer, spec: EvalSpec, progress: ProgressFactory | None = None) -> float:
+    """Fit `method` on the spec's training users (or load the cached fit); returns the seconds it took."""
+    started = time.perf_counter()
+    fit_method(method, fit_users(spec), progress)
+    return time.perf_counter() - started
