@@ -62,17 +62,22 @@ def tiny_config(family: str = "llama", vocab: int = 400):
     raise ValueError(family)
 
 
-def tiny_backbone(family: str = "llama", seed: int = 0) -> Backbone:
+def tiny_backbone(family: str = "llama", seed: int = 0, device: str = "cpu") -> Backbone:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family))
-    return Backbone(model, tiny_tokenizer(), name=f"tiny-{family}")
+    return Backbone(model.to(device), tiny_tokenizer(), name=f"tiny-{family}")
 
 
-@pytest.fixture(scope="session")
-def backbone() -> Backbone:
-    return tiny_backbone()
+DEVICES = [pytest.param("cpu", id="cpu")] + (
+    [pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
+"""Every device this machine has: tests on the tiny backbone run on each (`pytest -m gpu` runs the CUDA ones)."""
+
+
+@pytest.fixture(scope="session", params=DEVICES)
+def backbone(request: pytest.FixtureRequest) -> Backbone:
+    return tiny_backbone(device=request.param)
 
 
 @pytest.fixture(scope="session")

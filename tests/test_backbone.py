@@ -77,6 +77,74 @@ def test_label_scores_equal_full_forward(backbone: Backbone) -> None:
             assert scores[i, j] == pytest.approx(full_forward_logprob(backbone, prompt, label), abs=1e-4)
 
 
+QUESTION = ("Which category does this article relate to among the following categories? Just answer with the category "
+            "name without further explanation. categories: [women, politics, sports, travel] article: ")
+
+
+class LastTokenShift(AddVector):
+    """A per-row edit of the last prompt token and what follows only, which says so (`untouched`)."""
+
+    def untouched(self, prompt_lengths: torch.Tensor) -> torch.Tensor:
+        return prompt_lengths - 1
+
+    def __call__(self, hidden: torch.Tensor, ctx: ForwardContext, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        assert ctx.positions is not None and ctx.prompt_lengths is not None
+        late = (ctx.positions >= ctx.prompt_lengths[:, None].to(ctx.positions.device) - 1)[:, :, None]
+        return torch.where(late, super().__call__(hidden, ctx, inputs), hidden)
+
+
+def edit_kinds(bb: Backbone) -> dict[str, tuple[dict, list[int] | None]]:
+    """One edit of each kind the prefix plan tells apart, with the rows a batch of four uses."""
+    from tailor.backbone.lora import LoRAStack, lora_sites
+
+    torch.manual_seed(3)
+    stack = LoRAStack.init(bb.model, lora_sites(bb.model, ["q_proj", "v_proj"]), 4, 8.0, [1, 2, 3])
+    stack = LoRAStack(stack.A, {s: torch.randn_like(b) * 0.3 for s, b in stack.B.items()}, 8.0)
+    return {"none": ({}, None),
+            "clean": ({Site("mlp", 1): LastTokenShift(torch.randn(3, bb.hidden_size) * 3)}, [2, 0, 1, 0]),
+            "shared": (stack.select([0]).edits(shared=True), None),
+            "per_row": (stack.edits(), [2, 0, 1, 0])}
+
+
+@pytest.mark.parametrize("kind", ["none", "clean", "shared", "per_row"])
+def test_a_shared_prefix_runs_once_and_scores_as_each_prompt_alone(backbone: Backbone, kind: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import tailor.backbone.model as model_module
+
+    prompts = [QUESTION + text for text in ("the game was won", "a vote in the senate today", "new beaches",
+                                            "women and the story of a great film")]
+    edits, rows = edit_kinds(backbone)[kind]
+    lengths = torch.tensor([len(e) for e in backbone.prompt_ids(prompts)])
+    assert backbone._prefix_plan(edits, lengths)[1] == ("clean" if kind == "none" else kind)
+    tokens: list[int] = []
+    handle = backbone.model.get_input_embeddings().register_forward_hook(lambda _m, a, _o: tokens.append(a[0].numel()))
+    try:
+        shared = backbone.score_labels(prompts, LABELS, batch_size=4, edits=edits, rows=rows)
+        generated = backbone.generate(prompts, 4, batch_size=4, edits=edits, rows=rows)
+    finally:
+        handle.remove()
+    prefix = model_module._common_prefix(backbone.prompt_ids(prompts))
+    assert prefix > 20 and tokens[0] <= (4 if kind == "per_row" else 1) * prefix  # the prefix ran once (per row)
+    monkeypatch.setattr(model_module, "MIN_SHARED_PREFIX", 10 ** 6)  # today's path: every prompt run whole
+    whole = backbone.score_labels(prompts, LABELS, batch_size=4, edits=edits, rows=rows)
+    assert shared == pytest.approx(whole, abs=1e-4)
+    for i, prompt in enumerate(prompts):
+        alone = {site: type(e)(*_select(e, rows[i])) for site, e in edits.items()} if rows else edits
+        assert shared[i] == pytest.approx(backbone.score_labels([prompt], LABELS, edits=alone)[0], abs=1e-4)
+        assert generated[i] == backbone.generate([prompt], 4, edits=alone)[0]
+    if kind == "none":
+        for i, prompt in enumerate(prompts):
+            for j, label in enumerate(LABELS):
+                assert shared[i, j] == pytest.approx(full_forward_logprob(backbone, prompt, label), abs=1e-4)
+
+
+def _select(edit: object, row: int) -> tuple:
+    """The constructor arguments of a one-user copy of a per-row edit (row `row` of its stack)."""
+    if isinstance(edit, AddVector):
+        return (edit.vectors[row:row + 1], edit.scale)
+    return (edit.A[row:row + 1], edit.B[row:row + 1], edit.scaling)
+
+
 def test_mixed_user_edits_equal_each_user_alone(backbone: Backbone) -> None:
     torch.manual_seed(1)
     vectors = torch.randn(3, backbone.hidden_size) * 3

@@ -70,7 +70,8 @@ def start_server(store: Path, model_dir: Path, lamp_dir: Path, cache: Path, args
     log = store.parent / f"server-{port}.log"
     env = {**os.environ, "TAILOR_THREADS": "1", "TAILOR_CACHE": str(cache)}
     command = [sys.executable, "-m", "tailor.cli", "serve", "--store", str(store), "--model", str(model_dir),
-               "--data-dir", str(lamp_dir), "--task", "lamp2n", "--host", "127.0.0.1", "--port", str(port), *args]
+               "--data-dir", str(lamp_dir), "--task", "lamp2n", "--host", "127.0.0.1", "--port", str(port),
+               "--device", "cpu", "--dtype", "float32", *args]  # where the in-process fixtures it is compared with run
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -37,6 +37,17 @@ class ForwardContext:
 
 
 class Edit(Protocol):
+    """An edit of one site's output. Two optional attributes let the backbone compute a prompt prefix that many rows
+    share once instead of once per row (`Backbone._prefill`):
+
+    - `untouched(prompt_lengths) -> Tensor`: per row, how many leading prompt tokens the edit never changes. An edit
+      that reads `ctx.prompt_lengths` must define it (the shared prefix then ends before what it edits).
+    - `same_for_every_row = True`: the edit does not depend on `ctx.rows` (a task-wide LoRA), so a prefix it edits
+      is still the same for every row.
+
+    An edit with neither is taken to change every position of each row in its own way.
+    """
+
     def __call__(self, hidden: Tensor, ctx: ForwardContext, inputs: Tensor) -> Tensor: ...
 
 
@@ -62,6 +73,8 @@ class HookSet:
 
     ctx: ForwardContext = field(default_factory=ForwardContext)
     captured: dict[Site, list[Tensor]] = field(default_factory=dict)
+    editing: bool = True
+    """False runs the edits' sites unchanged (a prompt prefix no edit reaches, computed once for every row)."""
 
 
 @contextmanager
@@ -81,6 +94,8 @@ def hooked(
     try:
         for site, edit in (edits or {}).items():
             def edit_hook(_m: nn.Module, args: tuple, output: object, edit: Edit = edit) -> object:
+                if not hooks.editing:
+                    return None
                 return _replace_output(output, edit(_hidden_of(output), hooks.ctx, args[0] if args else None))
             handles.append(site_module(model, site).register_forward_hook(edit_hook))
         for site in capture:
@@ -98,12 +113,12 @@ def hooked(
 
 def last_token(hidden: Tensor, _ctx: ForwardContext) -> Tensor:
     """Capture function keeping each row's last token: with left padding, the last prompt token of a prefill."""
-    return hidden[:, -1, :].detach().float()
+    return hidden[:, -1, :].detach().float().cpu()
 
 
 def mean_over_tokens(hidden: Tensor, ctx: ForwardContext) -> Tensor:
     """Capture function averaging each row's real tokens (padding excluded)."""
     if ctx.mask is None:
-        return hidden.detach().float().mean(dim=1)
+        return hidden.detach().float().mean(dim=1).cpu()
     weights = ctx.mask.to(hidden.dtype)[:, :, None]
-    return ((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)).detach().float()
+    return ((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)).detach().float().cpu()

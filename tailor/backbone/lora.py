@@ -71,16 +71,23 @@ class LoRAEdit:
         self.shared = shared
         self.dropout = dropout
 
+    @property
+    def same_for_every_row(self) -> bool:
+        """A shared adapter edits every row alike, so a prompt prefix the rows share is still shared under it."""
+        return self.shared
+
     def __call__(self, hidden: Tensor, ctx: ForwardContext, inputs: Tensor) -> Tensor:
-        x = F.dropout(inputs, self.dropout, training=True) if self.dropout > 0 else inputs
+        """The adapter's product in the adapter's own precision (float32 under a bfloat16 backbone, as peft computes
+        it), added to the projection's output in the backbone's."""
+        A, B = self.A.to(inputs.device), self.B.to(inputs.device)
+        x = inputs.to(A.dtype)
+        x = F.dropout(x, self.dropout, training=True) if self.dropout > 0 else x
         if self.shared or ctx.rows is None:
-            if not self.shared and self.A.shape[0] != 1:
-                raise ValueError(f"a stack of {self.A.shape[0]} adapters needs per-row `rows` in the forward")
-            delta = (x @ self.A[0].to(x.dtype).T) @ self.B[0].to(x.dtype).T
+            if not self.shared and A.shape[0] != 1:
+                raise ValueError(f"a stack of {A.shape[0]} adapters needs per-row `rows` in the forward")
+            delta = (x @ A[0].T) @ B[0].T
         else:
-            a = self.A[ctx.rows].to(x.dtype)  # (batch, r, in)
-            b = self.B[ctx.rows].to(x.dtype)  # (batch, out, r)
-            delta = torch.matmul(torch.matmul(x, a.transpose(1, 2)), b.transpose(1, 2))
+            delta = torch.matmul(torch.matmul(x, A[ctx.rows].transpose(1, 2)), B[ctx.rows].transpose(1, 2))
         return hidden + (self.scaling * delta).to(hidden.dtype)
 
 
@@ -154,6 +161,11 @@ class LoRAStack:
 
     def parameters(self) -> list[Tensor]:
         return [t for s in self.sites for t in (self.A[s], self.B[s])]
+
+    def to(self, device: torch.device | str) -> "LoRAStack":
+        """The same adapters on `device` (their dtype is kept: float32 adapters stay float32 on any backbone)."""
+        return LoRAStack({s: t.to(device) for s, t in self.A.items()}, {s: t.to(device) for s, t in self.B.items()},
+                         self.alpha)
 
     def trainable(self) -> "LoRAStack":
         """A copy whose tensors are leaves that require gradients."""
@@ -239,8 +251,8 @@ def save_peft(stack: LoRAStack, model: nn.Module, folder: str | Path, user: int 
     tensors = {}
     for site in stack.sites:
         prefix = f"base_model.model.{names[site]}"
-        tensors[f"{prefix}.lora_A.weight"] = stack.A[site][user].detach().float().contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = stack.B[site][user].detach().float().contiguous()
+        tensors[f"{prefix}.lora_A.weight"] = stack.A[site][user].detach().float().cpu().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = stack.B[site][user].detach().float().cpu().contiguous()
     with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     config.save_pretrained(str(folder))
@@ -248,7 +260,8 @@ def save_peft(stack: LoRAStack, model: nn.Module, folder: str | Path, user: int 
 
 
 def load_peft(folder: str | Path, model: nn.Module) -> LoRAStack:
-    """Read a PEFT LoRA folder written for `model` (by tailor or by PEFT) into a one-user stack."""
+    """Read a PEFT LoRA folder written for `model` (by tailor or by PEFT) into a one-user stack, in float32 on the
+    model's device."""
     folder = Path(folder)
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA" or config.get("use_rslora") or config.get("use_dora"):
@@ -271,4 +284,4 @@ def load_peft(folder: str | Path, model: nn.Module) -> LoRAStack:
                 if name not in by_name:
                     raise ValueError(f"{folder}: {key} names no projection of this model")
                 store[by_name[name]] = tensor[None].float()
-    return LoRAStack(A, B, float(config["lora_alpha"]))
+    return LoRAStack(A, B, float(config["lora_alpha"])).to(next(model.parameters()).device)

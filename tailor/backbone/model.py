@@ -1,9 +1,14 @@
 """A frozen causal LM with the operations every method needs: generate, score labels, read hidden states, train.
 
 All batches are left-padded and sorted by length, positions are computed from the attention mask, and every
-forward goes through `_forward`, which tells the installed edits which user row and which positions they are
-looking at. So an edit written once works the same in generation, label scoring, hidden-state capture and
-training.
+forward goes through `_forward`, which moves the batch to the model's device and tells the installed edits which
+user row and which positions they are looking at. So an edit written once works the same in generation, label
+scoring, hidden-state capture and training, on any device.
+
+Prompts are run the way a serving engine runs them (vLLM's automatic prefix caching is the model): the token prefix
+that every prompt of a batch shares (the chat template's opening and the task's instruction) runs once and its KV
+cache is reused by every row (`_prefill`), and a label set's continuations run in one forward over the cached prompt,
+each label's tokens seeing the prompt and their own label only (`score_labels`).
 """
 
 from __future__ import annotations
@@ -18,12 +23,52 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tailor.backbone.device import DTypeName, resolve_device, resolve_dtype
 from tailor.backbone.edits import Edit, HookSet, hooked, last_token, mean_over_tokens
 from tailor.backbone.layers import Site, num_layers
 from tailor.backbone.loading import DEFAULT_MODEL, resolve_model
 
-DType = Literal["float32", "bfloat16"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MIN_SHARED_PREFIX = 8
+"""Shared prompt tokens below which a batch is run whole: a separate prefix pass would cost more than it saves."""
+
+
+def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence shares."""
+    first = sequences[0]
+    shared = min(len(s) for s in sequences)
+    for seq in sequences[1:]:
+        k = 0
+        while k < shared and seq[k] == first[k]:
+            k += 1
+        shared = k
+    return shared
+
+
+class _LabelTree:
+    """A label set's continuation tokens laid out for one forward: label j's tokens after its first, in turn.
+
+    `inputs[c]` is the token fed at column c (a label's token k, which predicts its token k+1, `targets[c]`);
+    `offsets[c]` is its position after the prompt; `owner[c]` the label it belongs to; `visible[c, c']` whether
+    column c may attend to column c' (same label, not later). `first[j]` is label j's first token, read from the
+    prompt's own last logits.
+    """
+
+    def __init__(self, label_ids: Sequence[Sequence[int]]):
+        inputs, targets, offsets, owner = [], [], [], []
+        for j, ids in enumerate(label_ids):
+            for k in range(len(ids) - 1):
+                inputs.append(ids[k])
+                targets.append(ids[k + 1])
+                offsets.append(k)
+                owner.append(j)
+        self.first = torch.tensor([ids[0] for ids in label_ids])
+        self.width = len(inputs)
+        self.inputs = torch.tensor([inputs], dtype=torch.long)
+        self.targets = torch.tensor([targets], dtype=torch.long)
+        self.offsets = torch.tensor([offsets], dtype=torch.long)
+        self.owner = torch.tensor(owner, dtype=torch.long)
+        same = self.owner[:, None] == self.owner[None, :]
+        self.visible = same & (self.offsets[0][None, :] <= self.offsets[0][:, None])
 
 
 def log_normalise(scores: np.ndarray) -> np.ndarray:
@@ -72,19 +117,27 @@ class Backbone:
         self._render = lru_cache(maxsize=65536)(self._render_uncached)
 
     @classmethod
-    def load(cls, name_or_path: str = DEFAULT_MODEL, dtype: DType = "float32", chat: bool | None = None,
-             max_length: int = 2048) -> "Backbone":
+    def load(cls, name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: DTypeName | str = "auto",
+             chat: bool | None = None, max_length: int = 2048) -> "Backbone":
+        """A packaged model or a local Hugging Face folder on `device` in `dtype` (`auto`: see
+        `tailor.backbone.device`). A device or dtype this machine cannot use fails before the model loads."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        where = resolve_device(device)
+        precision = resolve_dtype(dtype, where)
         name, folder = resolve_model(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=precision).to(where)
         return cls(model, tokenizer, name, chat=chat, max_length=max_length)
 
     # --- identity ------------------------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def model_id(self) -> str:
@@ -152,13 +205,71 @@ class Backbone:
     def _forward(self, hooks: HookSet | None, ids: Tensor, mask: Tensor, positions: Tensor, rows: Tensor | None,
                  prompt_lengths: Tensor, cache=None, step_mask: Tensor | None = None, logits_to_keep: int = 0,
                  use_cache: bool = False):
+        device = self.device
+        ids, mask, positions, prompt_lengths = (t.to(device) for t in (ids, mask, positions, prompt_lengths))
+        rows = rows.to(device) if rows is not None else None
         if hooks is not None:
             hooks.ctx.rows = rows
             hooks.ctx.positions = positions
             hooks.ctx.prompt_lengths = prompt_lengths
-            hooks.ctx.mask = (step_mask if step_mask is not None else mask).bool()
+            hooks.ctx.mask = (step_mask.to(device) if step_mask is not None else mask).bool()
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                           use_cache=use_cache or cache is not None, logits_to_keep=logits_to_keep)
+
+    def _prefix_plan(self, edits: Mapping[Site, Edit] | None, lengths: Tensor) -> tuple[int, str]:
+        """How far a prefix shared by every prompt may run once for all rows, and how: "clean" (no edit reaches it:
+        run without edits), "shared" (edits reach it the same way for every row: run once with them) or "per_row"
+        (run once per distinct row of the batch)."""
+        limit = int(lengths.min()) - 1  # every row keeps at least its last token, whose logits are read
+        reaching = []
+        for edit in (edits or {}).values():
+            untouched = getattr(edit, "untouched", None)
+            if untouched is not None:
+                limit = min(limit, int(untouched(lengths).min()))
+            else:
+                reaching.append(edit)
+        if not reaching:
+            return limit, "clean"
+        if all(getattr(edit, "same_for_every_row", False) for edit in reaching):
+            return limit, "shared"
+        return limit, "per_row"
+
+    def _prefill(self, hooks: HookSet | None, edits: Mapping[Site, Edit] | None, encoded: Sequence[Sequence[int]],
+                 rows: Tensor | None) -> tuple[object, object, Tensor, Tensor]:
+        """Run prompts into a KV cache: (output with the last position's logits, cache, 2D mask over the cache, real
+        prompt lengths). Tokens every prompt starts with run once (once per distinct row when per-row edits reach
+        them) and their cache is shared; the rest of each prompt follows, left-padded after the prefix."""
+        lengths = torch.tensor([len(e) for e in encoded])
+        limit, how = self._prefix_plan(edits, lengths)
+        shared = min(_common_prefix(encoded), limit)
+        if shared < MIN_SHARED_PREFIX:
+            batch = self.batch(encoded)
+            out = self._forward(hooks, batch.ids, batch.mask, batch.positions, rows, batch.prompt_lengths,
+                                logits_to_keep=1, use_cache=True)
+            return out, out.cache, batch.mask.to(self.device), lengths
+        n = len(encoded)
+        if how == "per_row" and rows is not None:
+            distinct, index = torch.unique(rows, return_inverse=True)
+        else:
+            distinct, index = None, torch.zeros(n, dtype=torch.long)
+        prefix_rows = 1 if distinct is None else len(distinct)
+        ids = torch.tensor([list(encoded[0][:shared])] * prefix_rows)
+        ones = torch.ones_like(ids)
+        if hooks is not None:
+            hooks.editing = how != "clean"
+        try:
+            first = self._forward(hooks, ids, ones, torch.arange(shared).expand(prefix_rows, -1), distinct,
+                                  torch.full((prefix_rows,), shared), logits_to_keep=1, use_cache=True)
+        finally:
+            if hooks is not None:
+                hooks.editing = True
+        cache = first.cache
+        cache.batch_select_indices(index.to(self.device))
+        rest = self.batch([e[shared:] for e in encoded])
+        mask = torch.cat([torch.ones(n, shared, dtype=rest.mask.dtype), rest.mask], dim=1)
+        out = self._forward(hooks, rest.ids, mask, rest.positions + shared, rows, lengths, cache=cache,
+                            step_mask=rest.mask, logits_to_keep=1)
+        return out, out.cache, mask.to(self.device), lengths
 
     def _hooks(self, edits: Mapping[Site, Edit] | None):
         return hooked(self.model, edits) if edits else nullcontext(None)
@@ -188,29 +299,28 @@ class Backbone:
         if the edit changed how long the answers are."""
         encoded = self.prompt_ids(prompts, room=max_new_tokens)
         outputs: list[str] = [""] * len(prompts)
-        eos = torch.tensor(self.eos_ids)
+        device = self.device
+        eos = torch.tensor(self.eos_ids, device=device)
+        pad = torch.tensor(self.tokenizer.pad_token_id, device=device)
         with self._hooks(edits) as hooks:
             for index in self._order([len(e) for e in encoded], batch_size):
-                batch = self.batch([encoded[i] for i in index])
                 row_ids = self._rows(rows, index)
-                out = self._forward(hooks, batch.ids, batch.mask, batch.positions, row_ids, batch.prompt_lengths,
-                                    logits_to_keep=1, use_cache=True)
-                cache, mask = out.cache, batch.mask
-                next_pos = batch.prompt_lengths.clone()
-                finished = torch.zeros(len(index), dtype=torch.bool)
+                out, cache, mask, lengths = self._prefill(hooks, edits, [encoded[i] for i in index], row_ids)
+                next_pos = lengths.to(device)
+                n = len(index)
+                finished = torch.zeros(n, dtype=torch.bool, device=device)
                 tokens: list[Tensor] = []
                 for _ in range(max_new_tokens):
-                    nxt = out.logits[:, -1].argmax(-1)
-                    nxt = torch.where(finished, torch.tensor(self.tokenizer.pad_token_id), nxt)
+                    nxt = torch.where(finished, pad, out.logits[:, -1].argmax(-1))
                     tokens.append(nxt)
                     finished |= torch.isin(nxt, eos)
                     if (stop_at_eos and bool(finished.all())) or len(tokens) == max_new_tokens:
                         break
-                    mask = torch.cat([mask, torch.ones(len(index), 1, dtype=mask.dtype)], dim=1)
-                    out = self._forward(hooks, nxt[:, None], mask, next_pos[:, None], row_ids,
-                                        batch.prompt_lengths, cache=cache, step_mask=torch.ones(len(index), 1))
-                    next_pos += 1
-                generated = torch.stack(tokens, dim=1)
+                    mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
+                    out = self._forward(hooks, nxt[:, None], mask, next_pos[:, None], row_ids, lengths, cache=cache,
+                                        step_mask=torch.ones(n, 1))
+                    next_pos = next_pos + 1
+                generated = torch.stack(tokens, dim=1).cpu()
                 for row, i in enumerate(index):
                     seq = generated[row].tolist()
                     cut = next((k for k, t in enumerate(seq) if t in self.eos_ids), len(seq))
@@ -247,35 +357,45 @@ class Backbone:
                      on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         """Log-likelihood of each label as the answer to each prompt, shape (len(prompts), len(labels)).
 
-        The prompt runs once; its KV cache is then extended by each label's tokens and cropped back, so a
-        15-label task costs one prompt forward plus 15 tiny ones instead of 15 full forwards.
+        The prompt runs once (its shared prefix once per batch, `_prefill`); every label's first token is read from
+        the prompt's last logits, and the later tokens of all labels run together in one forward over the cached
+        prompt, each label's tokens attending to the prompt and to the earlier tokens of the same label only. A
+        15-label task costs one prompt forward plus one short one, and the cache is never copied per label.
         """
         label_ids = self.label_ids(labels)
         encoded = self.prompt_ids(prompts, room=max(len(i) for i in label_ids))
         scores = np.zeros((len(prompts), len(labels)), dtype=np.float64)
+        tree = _LabelTree(label_ids)
         with self._hooks(edits) as hooks:
             for index in self._order([len(e) for e in encoded], batch_size):
-                batch = self.batch([encoded[i] for i in index])
                 row_ids = self._rows(rows, index)
-                out = self._forward(hooks, batch.ids, batch.mask, batch.positions, row_ids, batch.prompt_lengths,
-                                    logits_to_keep=1, use_cache=True)
+                out, cache, mask, lengths = self._prefill(hooks, edits, [encoded[i] for i in index], row_ids)
                 first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
-                cache, n = out.cache, len(index)
-                for j, lab in enumerate(label_ids):
-                    total = first[:, lab[0]].clone()
-                    if len(lab) > 1:
-                        rest = torch.tensor(lab[:-1]).expand(n, -1)
-                        mask = torch.cat([batch.mask, torch.ones(n, len(lab) - 1, dtype=batch.mask.dtype)], dim=1)
-                        pos = batch.prompt_lengths[:, None] + torch.arange(len(lab) - 1)
-                        step = self._forward(hooks, rest, mask, pos, row_ids, batch.prompt_lengths, cache=cache,
-                                             step_mask=torch.ones(n, len(lab) - 1))
-                        logp = F.log_softmax(step.logits.float(), dim=-1)
-                        total += logp.gather(-1, torch.tensor(lab[1:]).expand(n, -1)[..., None]).squeeze(-1).sum(-1)
-                        cache.crop(-(len(lab) - 1))
-                    scores[index, j] = total.numpy()
+                total = first[:, tree.first]  # (n, labels)
+                if tree.width:
+                    n, device = len(index), self.device
+                    step = self._forward(hooks, tree.inputs.expand(n, -1), self._tree_mask(mask, tree),
+                                         lengths[:, None] + tree.offsets, row_ids, lengths, cache=cache,
+                                         step_mask=torch.ones(n, tree.width), logits_to_keep=tree.width)
+                    logp = F.log_softmax(step.logits.float(), dim=-1)
+                    picked = logp.gather(-1, tree.targets.to(device).expand(n, -1)[..., None]).squeeze(-1)
+                    total = total.index_add(1, tree.owner.to(device), picked)
+                    cache.crop(-tree.width)
+                scores[index] = total.cpu().numpy()
                 if on_batch:
                     on_batch(len(index))
         return scores
+
+    def _tree_mask(self, mask: Tensor, tree: "_LabelTree") -> Tensor:
+        """The 4D attention mask of the label continuations: each sees the cached prompt (its real tokens) and the
+        tokens of its own label up to itself, in the form the model's attention takes (boolean, or additive)."""
+        device = self.device
+        allowed = torch.cat([mask.bool()[:, None, None, :].expand(-1, 1, tree.width, -1),
+                             tree.visible.to(device)[None, None].expand(mask.shape[0], -1, -1, -1)], dim=-1)
+        if getattr(self.model.config, "_attn_implementation", "sdpa") == "eager":
+            return torch.zeros(allowed.shape, dtype=self.dtype, device=device).masked_fill(
+                ~allowed, torch.finfo(self.dtype).min)
+        return allowed
 
     # --- hidden states -------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -344,7 +464,7 @@ class Backbone:
         out = self._forward(hooks, batch.ids, batch.mask, batch.positions, rows, batch.prompt_lengths,
                             logits_to_keep=keep)
         logits = out.logits[:, :-1].float()
-        target = batch.labels[:, width - keep + 1:]
+        target = batch.labels[:, width - keep + 1:].to(logits.device)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
                                reduction="none").view(target.shape)
         counts = (target != -100).sum(-1).clamp(min=1)

@@ -177,6 +177,7 @@ def freeze(backbone: Backbone, batch: Batch, start: int, split: Tensor) -> Froze
     if window is not None and int(lengths.max()) > window:
         split = torch.zeros_like(split)
     width = batch.ids.shape[1]
+    device = backbone.device
     real = [batch.ids[row, width - int(n):].tolist() for row, n in enumerate(lengths)]
     labels = [batch.labels[row, width - int(n):].tolist() for row, n in enumerate(lengths)] \
         if batch.labels is not None else None
@@ -185,15 +186,15 @@ def freeze(backbone: Backbone, batch: Batch, start: int, split: Tensor) -> Froze
     pad = backbone.tokenizer.pad_token_id
     prefix_width = max(len(p) for p in prefixes)
     suffix_width = max(len(s) for s in suffixes)
-    prefix_mask = _rows_to([[1] * len(p) for p in prefixes], prefix_width, 0, "left")
-    suffix_mask = _rows_to([[1] * len(s) for s in suffixes], suffix_width, 0, "right")
-    suffix_ids = _rows_to(suffixes, suffix_width, pad, "right")
-    positions = split[:, None] + torch.arange(suffix_width)[None, :]
+    prefix_mask = _rows_to([[1] * len(p) for p in prefixes], prefix_width, 0, "left").to(device)
+    suffix_mask = _rows_to([[1] * len(s) for s in suffixes], suffix_width, 0, "right").to(device)
+    suffix_ids = _rows_to(suffixes, suffix_width, pad, "right").to(device)
+    positions = (split[:, None] + torch.arange(suffix_width)[None, :]).to(device)
     keys: list[Tensor] = []
     values: list[Tensor] = []
     cache = None
     if prefix_width:
-        prefix_ids = _rows_to(prefixes, prefix_width, pad, "left")
+        prefix_ids = _rows_to(prefixes, prefix_width, pad, "left").to(device)
         prefix_positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=backbone.model.config)
         hidden = embed(backbone, prefix_ids)
@@ -206,10 +207,10 @@ def freeze(backbone: Backbone, batch: Batch, start: int, split: Tensor) -> Froze
     if start:
         inputs = layer_inputs(backbone, hidden, full_mask, positions, cache)
         hidden = run_layers(backbone, hidden, inputs, 0, start, cache)
-    suffix_labels = _rows_to([lab[int(s):] for lab, s in zip(labels, split)], suffix_width, -100, "right") \
+    suffix_labels = _rows_to([lab[int(s):] for lab, s in zip(labels, split)], suffix_width, -100, "right").to(device) \
         if labels is not None else None
-    return FrozenBatch(start, keys, values, prefix_mask, hidden, suffix_mask, positions, batch.prompt_lengths.clone(),
-                       suffix_labels)
+    return FrozenBatch(start, keys, values, prefix_mask, hidden, suffix_mask, positions,
+                       batch.prompt_lengths.to(device), suffix_labels)
 
 
 def suffix_hidden(backbone: Backbone, frozen: FrozenBatch, hooks: HookSet | None = None,
@@ -242,5 +243,5 @@ def suffix_loss(backbone: Backbone, frozen: FrozenBatch, hooks: HookSet | None =
     counts = (target != -100).sum(-1)
     if reduction == "mean":
         return loss.sum() / counts.sum().clamp(min=1)
-    per_row = torch.zeros(target.shape[0], dtype=loss.dtype).index_add(0, where[0], loss)
+    per_row = torch.zeros(target.shape[0], dtype=loss.dtype, device=loss.device).index_add(0, where[0], loss)
     return per_row / counts.clamp(min=1)

@@ -26,7 +26,9 @@ TaskName = Annotated[str, typer.Option(help="lamp1, lamp2n, lamp2m, lamp3, lamp4
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="LaMP data folder (default: $TAILOR_DATA, "
                                                  "then ../shared/lamp)")]
 Model = Annotated[str, typer.Option(help="packaged model (smollm2-135m, qwen2.5-coder-0.5b) or a local HF folder")]
-Dtype = Annotated[str, typer.Option(help="float32 or bfloat16")]
+Device = Annotated[str, typer.Option(help="auto (a CUDA GPU when present, else the CPU), cpu, cuda, cuda:N or mps")]
+Dtype = Annotated[str, typer.Option(help="auto (bfloat16 where the device computes it in hardware, else float32), "
+                                         "float32, bfloat16 or float16")]
 SetOptions = Annotated[list[str], typer.Option("--set", help="method option KEY=VALUE (repeatable)")]
 Users = Annotated[Optional[int], typer.Option(help="a seeded sample of this many users (default: all)")]
 Variant = Annotated[str, typer.Option(help="user (LaMP's user-based split) or time")]
@@ -40,6 +42,7 @@ RayAddress = Annotated[Optional[str], typer.Option(
     help="run on Ray: alone, start a local cluster; with an address (auto, host:6379, ray://host:10001), join it")]
 Workers = Annotated[int, typer.Option(help="Ray workers (actors), each with its own backbone")]
 WorkerThreads = Annotated[int, typer.Option(help="torch threads (and Ray CPUs) per Ray worker")]
+GpusPerWorker = Annotated[float, typer.Option(help="GPUs per Ray worker (fractions share a GPU); 0: CPU workers")]
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -148,20 +151,32 @@ def checked_spec(method: str, options: dict[str, object], model: str, data_dir: 
     return spec
 
 
-def load_backbone(model: str, dtype: str) -> Backbone:
+def check_device(device: str, dtype: str) -> None:
+    """A device this machine does not have, or a precision it cannot compute in, is one line before anything loads."""
+    from tailor.backbone.device import DeviceError, resolve_device, resolve_dtype
+
+    try:
+        resolve_dtype(dtype, resolve_device(device))
+    except DeviceError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+def load_backbone(model: str, device: str, dtype: str) -> Backbone:
+    from tailor.backbone.device import dtype_name, resolve_device, resolve_dtype
     from tailor.backbone.model import Backbone
 
-    with console.status(f"loading {model} ({dtype})"):
-        return Backbone.load(model, dtype=dtype)  # type: ignore[arg-type]
+    where = resolve_device(device)
+    with console.status(f"loading {model} on {where} in {dtype_name(resolve_dtype(dtype, where))}"):
+        return Backbone.load(model, device=device, dtype=dtype)
 
 
-def build(method: str, task: str, model: str, dtype: str, options: dict[str, object]) -> Personalizer:
+def build(method: str, task: str, model: str, device: str, dtype: str, options: dict[str, object]) -> Personalizer:
     """The method on its backbone (loaded only when the method needs one), in this process."""
     from tailor.methods import build_method
     from tailor.tasks.lamp import get_task
 
     threads()
-    backbone = load_backbone(model, dtype) if resolve_method(method).needs_backbone else None
+    backbone = load_backbone(model, device, dtype) if resolve_method(method).needs_backbone else None
     return build_method(method, get_task(task), backbone, **options)
 
 
@@ -180,12 +195,18 @@ def ray_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def ray_options(address: str, workers: int, threads: int) -> RayOptions:
+def ray_options(address: str, workers: int, threads: int, gpus: float = 0.0) -> RayOptions:
+    import torch
+
     from tailor.distributed.ray_runner import RayOptions
 
     if workers < 1 or threads < 1:
         raise typer.BadParameter("--workers and --worker-threads must be at least 1")
-    return RayOptions(address=None if address == LOCAL else address, workers=workers, threads=threads)
+    if gpus < 0:
+        raise typer.BadParameter("--gpus-per-worker must be 0 or more")
+    if gpus > 0 and address == LOCAL and not torch.cuda.is_available():
+        raise typer.BadParameter(f"--gpus-per-worker {gpus}: this machine has no CUDA device for a local cluster")
+    return RayOptions(address=None if address == LOCAL else address, workers=workers, threads=threads, gpus=gpus)
 
 
 @contextmanager

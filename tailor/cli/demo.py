@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tailor.cli._options import DataDir, Model, check_spec, console, load_backbone, progress_bars, threads
+from tailor.cli._options import (DataDir, Device, Dtype, Model, check_spec, console, load_backbone, progress_bars,
+                                 threads)
 
 
 def demo_command(
@@ -13,6 +14,8 @@ def demo_command(
     seed: int = 0,
     out: Path = Path("runs/demo"),
     model: Model = "smollm2-135m",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     data_dir: DataDir = None,
 ) -> None:
     """The main job on the embedded default: priors, non-personalized and RAG on a few dev users, one table."""
@@ -22,12 +25,12 @@ def demo_command(
 
     plan = [("user-prior", {}), ("global-prior", {}), ("none", {}), ("rag", {"k": 4})]
     specs = [EvalSpec(task=task, method=method, options=options,
-                      model=model if method not in ("user-prior", "global-prior") else None,
-                      users=users, seed=seed, data_dir=str(data_dir) if data_dir else None)
+                      model=model if method not in ("user-prior", "global-prior") else None, device=device,
+                      dtype=dtype, users=users, seed=seed, data_dir=str(data_dir) if data_dir else None)
              for method, options in plan]
     check_spec(specs[0])
     threads()
-    backbone = load_backbone(model, "float32")
+    backbone = load_backbone(model, device, dtype)
     folders = []
     with progress_bars() as progress:
         for spec in specs:

@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from tailor.cli._options import (BatchSize, ChunkUsers, DataDir, Dtype, Model, RayAddress, SetOptions, TaskName, Users,
-                                 Variant, Workers, WorkerThreads, build, checked_spec, console, merge_flags,
-                                 parse_options, progress_bars, ray_errors, ray_options, resolve_method)
+from tailor.cli._options import (BatchSize, ChunkUsers, DataDir, Device, Dtype, GpusPerWorker, Model, RayAddress,
+                                 SetOptions, TaskName, Users, Variant, Workers, WorkerThreads, build, checked_spec,
+                                 console, merge_flags, parse_options, progress_bars, ray_errors, ray_options,
+                                 resolve_method)
 
 
 def eval_command(
@@ -32,32 +33,35 @@ def eval_command(
     batch_size: BatchSize = None,
     set_: SetOptions = [],
     model: Model = "smollm2-135m",
-    dtype: Dtype = "float32",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     label: Annotated[Optional[str], typer.Option(help="name shown in reports")] = None,
     chunk_users: ChunkUsers = 16,
     data_dir: DataDir = None,
     ray: RayAddress = None,
     workers: Workers = 2,
     worker_threads: WorkerThreads = 1,
+    gpus_per_worker: GpusPerWorker = 0.0,
 ) -> None:
     """Evaluate one method on one task and write config, predictions, metrics and a report to OUT."""
     explicit = parse_options(set_)
     options = merge_flags(explicit, {"k": k, "mode": mode, "calibrate": calibrate or None, "batch_size": batch_size})
     if not resolve_method(method).needs_backbone:  # --k, --mode, --calibrate are for LM methods; a prior takes
         options = {key: v for key, v in options.items() if key in explicit or key == "batch_size"}  # only --set
-    spec = checked_spec(method, options, model, data_dir, task=task, dtype=dtype, split=split, variant=variant,
-                        users=users, seed=seed, label=label, histories=histories)
+    spec = checked_spec(method, options, model, data_dir, task=task, device=device, dtype=dtype, split=split,
+                        variant=variant, users=users, seed=seed, label=label, histories=histories)
     with progress_bars() as progress:
         if ray is not None:
             from tailor.distributed.ray_runner import ray_eval
 
             with ray_errors():
-                metrics = ray_eval(spec, out, ray_options(ray, workers, worker_threads), chunk_users, progress)
+                cluster = ray_options(ray, workers, worker_threads, gpus_per_worker)
+                metrics = ray_eval(spec, out, cluster, chunk_users, progress)
         else:
             from tailor.eval.runner import run_eval
 
-            metrics = run_eval(spec, out, method=build(method, task, model, dtype, options), chunk_users=chunk_users,
-                               progress=progress)
+            built = build(method, task, model, device, dtype, options)
+            metrics = run_eval(spec, out, method=built, chunk_users=chunk_users, progress=progress)
     console.print(metrics_table([metrics]))
     console.print(f"run folder: {out}")
 

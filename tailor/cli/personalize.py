@@ -10,9 +10,9 @@ from typing import Annotated
 
 import typer
 
-from tailor.cli._options import (BatchSize, ChunkUsers, DataDir, Dtype, Model, RayAddress, SetOptions, TaskName, Users,
-                                 Variant, Workers, WorkerThreads, build, checked_spec, console, merge_flags,
-                                 parse_options, progress_bars, ray_errors, ray_options)
+from tailor.cli._options import (BatchSize, ChunkUsers, DataDir, Device, Dtype, GpusPerWorker, Model, RayAddress,
+                                 SetOptions, TaskName, Users, Variant, Workers, WorkerThreads, build, checked_spec,
+                                 console, merge_flags, parse_options, progress_bars, ray_errors, ray_options)
 
 
 def personalize_command(
@@ -26,27 +26,31 @@ def personalize_command(
     batch_size: BatchSize = None,
     set_: SetOptions = [],
     model: Model = "smollm2-135m",
-    dtype: Dtype = "float32",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     chunk_users: ChunkUsers = 16,
     data_dir: DataDir = None,
     ray: RayAddress = None,
     workers: Workers = 2,
     worker_threads: WorkerThreads = 1,
+    gpus_per_worker: GpusPerWorker = 0.0,
 ) -> None:
     """Personalize every user of a task and split into OUT/states, in this process or on Ray."""
     options = merge_flags(parse_options(set_), {"batch_size": batch_size})
-    spec = checked_spec(method, options, model, data_dir, task=task, dtype=dtype, split=split, variant=variant,
-                        users=users, seed=seed)
+    spec = checked_spec(method, options, model, data_dir, task=task, device=device, dtype=dtype, split=split,
+                        variant=variant, users=users, seed=seed)
     with progress_bars() as progress:
         if ray is not None:
             from tailor.distributed.ray_runner import ray_personalize
 
             with ray_errors():
-                summary = ray_personalize(spec, out, ray_options(ray, workers, worker_threads), chunk_users, progress)
+                cluster = ray_options(ray, workers, worker_threads, gpus_per_worker)
+                summary = ray_personalize(spec, out, cluster, chunk_users, progress)
         else:
             from tailor.runs.chunks import personalize_run
 
-            summary = personalize_run(spec, out, build(method, task, model, dtype, options), chunk_users, progress)
+            built = build(method, task, model, device, dtype, options)
+            summary = personalize_run(spec, out, built, chunk_users, progress)
     console.print(f"{summary['personalized']} of {summary['users']} users personalized, "
                   f"{summary['state_bytes_per_user']} state bytes and {summary['personalize_s_per_user']} s per "
                   f"user; states in {summary['states']}")

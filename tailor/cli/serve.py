@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from tailor.cli._options import DataDir, Dtype, Model, SetOptions, build, check_options, console, parse_options
+from tailor.cli._options import (DataDir, Device, Dtype, Model, SetOptions, build, check_device, check_options, console,
+                                 parse_options)
 
 
 def serve_command(
@@ -19,7 +20,8 @@ def serve_command(
     host: str = "127.0.0.1",
     port: int = 8000,
     model: Model = "smollm2-135m",
-    dtype: Dtype = "float32",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     set_: SetOptions = [],
     max_batch: Annotated[int, typer.Option(help="rows answered in one forward")] = 16,
     max_wait_ms: Annotated[float, typer.Option(help="how long a request waits for others to share its forward")] = 5.0,
@@ -51,7 +53,8 @@ def serve_command(
 
     options = {"batch_size": max_batch, **parse_options(set_)}
     check_options(method, options)
-    personalizer = build(method, task, model, dtype, options)
+    check_device(device, dtype)
+    personalizer = build(method, task, model, device, dtype, options)
     try:
         train = load_users(personalizer.task, "train", data_dir)
     except DataError as error:

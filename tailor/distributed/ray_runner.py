@@ -51,6 +51,9 @@ class RayOptions:
     workers: int = 2
     threads: int = 1
     """Torch threads (and Ray CPUs) per worker; more threads than cores only slows every worker down."""
+    gpus: float = 0.0
+    """GPUs per worker (Ray's num_gpus; a fraction packs several workers on one GPU). With GPUs, `--device auto`
+    puts each worker's backbone on the GPU Ray assigns it."""
     in_flight: int = 2
     """Chunks queued per worker: enough to keep it busy, few enough that memory does not grow with the run."""
     task_retries: int = 2
@@ -113,7 +116,7 @@ class Worker:
 
         os.environ.update(env)  # the driver's TAILOR_* settings: where caches and data are
         torch.set_num_threads(threads)
-        backbone = Backbone.load(spec.model, dtype=spec.dtype) \
+        backbone = Backbone.load(spec.model, device=spec.device, dtype=spec.dtype) \
             if method_class(spec.method).needs_backbone and spec.model else None  # type: ignore[arg-type]
         self.spec = spec
         self.method: Personalizer = build_method(spec.method, get_task(spec.task), backbone, **spec.options)
@@ -156,7 +159,8 @@ class WorkerPool:
         self.spec = spec
         worker_spec = _for_workers(spec)
         env = {k: v for k, v in os.environ.items() if k.startswith("TAILOR_")}
-        remote = ray.remote(Worker).options(num_cpus=options.threads, max_restarts=options.restarts,
+        remote = ray.remote(Worker).options(num_cpus=options.threads, num_gpus=options.gpus,
+                                            max_restarts=options.restarts,
                                             max_task_retries=options.task_retries)
         self.actors = [remote.remote(worker_spec, options.threads, env) for _ in range(options.workers)]
         try:

@@ -200,7 +200,13 @@ class Personalizer(ABC, Generic[C]):
 
     def new_state(self, user: User, header: dict[str, Any] | None = None,
                   tensors: dict[str, torch.Tensor] | None = None) -> UserState:
-        return UserState(self.name, self.version, user.id, self.model_id, header or {}, tensors or {})
+        dtype = str(self.backbone.dtype).removeprefix("torch.") if self.backbone is not None else None
+        return UserState(self.name, self.version, user.id, self.model_id, header or {}, tensors or {}, dtype)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the method's tensors live: the backbone's device (the CPU for methods without one)."""
+        return self.backbone.device if self.backbone is not None else torch.device("cpu")
 
 
 def content_free(task: Task, query_input: str) -> str:

@@ -39,7 +39,7 @@ from tailor.backbone.layers import Site
 from tailor.methods.base import LMConfig, LMPersonalizer, Progress
 from tailor.methods.profile import format_history
 from tailor.methods.subspace import ProjectionEdit, ccs_layers, personal_direction
-from tailor.retrieval.embed import default_embedder
+from tailor.retrieval.embed import Embedder, default_embedder
 from tailor.store.state import UserState
 from tailor.tasks.lamp import Task
 from tailor.tasks.records import HistoryItem, User
@@ -233,6 +233,11 @@ class Chameleon(LMPersonalizer[CC]):
         return self.config.scope != "user"
 
     @property
+    def _embed(self) -> Embedder:
+        """The sentence embedder, where the backbone runs."""
+        return default_embedder(str(self.backbone.device))
+
+    @property
     def sites(self) -> list[Site]:
         return [Site("mlp", layer) for layer in range(self.backbone.n_layers)]
 
@@ -257,7 +262,7 @@ class Chameleon(LMPersonalizer[CC]):
     def preference_data(self, users: Sequence[User]) -> list[UserPairs]:
         """Selection, insights, pairs and their hidden states for several users, each stage batched across users."""
         clock = time.perf_counter()
-        embedder = default_embedder()
+        embedder = self._embed
         selections, histories = [], []
         for user in users:
             embeddings = embedder([self.task.format_item(item) for item in user.profile])
@@ -369,7 +374,7 @@ class Chameleon(LMPersonalizer[CC]):
             for user, pairs in zip(users, self.preference_data(users)):
                 hidden_p, hidden_n, header = pairs.hidden_p, pairs.hidden_n, self._pairs_header(pairs)
                 if self.config.scope == "group":
-                    group = self._nearest("insight_centroid", default_embedder()([pairs.insight_p])[0])
+                    group = self._nearest("insight_centroid", self._embed([pairs.insight_p])[0])
                     hidden_p = torch.cat([self.groups[group]["hidden_p"], hidden_p])
                     hidden_n = torch.cat([self.groups[group]["hidden_n"], hidden_n])
                     header["group"] = group
@@ -396,7 +401,7 @@ class Chameleon(LMPersonalizer[CC]):
             data.extend(self.preference_data(chosen[start:start + 16]))
             if progress:
                 progress(len(chosen[start:start + 16]))
-        insight_vectors = default_embedder()([p.insight_p for p in data])
+        insight_vectors = self._embed([p.insight_p for p in data])
         k = min(self.config.groups, len(data))
         labels = KMeans(k, n_init=10, random_state=self.config.seed).fit_predict(insight_vectors)
         self.groups = []
@@ -420,7 +425,7 @@ class Chameleon(LMPersonalizer[CC]):
     def _unseen_state(self, user: User) -> UserState:
         """A user outside the fitted groups: nearest group by the mean embedding of their history, nothing generated."""
         clock = time.perf_counter()
-        vector = default_embedder()([self.task.format_item(item) for item in user.profile]).mean(axis=0)
+        vector = self._embed([self.task.format_item(item) for item in user.profile]).mean(axis=0)
         group = self._nearest("history_centroid", vector)
         header = {"group": group, "seconds": {"assign": round(time.perf_counter() - clock, 4)}}
         return self._state(user, self.groups[group]["directions"], header)
@@ -475,5 +480,7 @@ class Chameleon(LMPersonalizer[CC]):
                     theta_p[row] = state.tensors["theta_p"][i].float()
                     theta_n[row] = state.tensors["theta_n"][i].float()
                     gain_p[row], gain_n[row] = state.header["gain_p"], state.header["gain_n"]
-            edits[Site("mlp", layer)] = ProjectionEdit(theta_p, theta_n, gain_p, gain_n)
+            device = self.backbone.device
+            edits[Site("mlp", layer)] = ProjectionEdit(theta_p.to(device), theta_n.to(device), gain_p.to(device),
+                                                       gain_n.to(device))
         return edits

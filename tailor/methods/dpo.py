@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from tailor.backbone.device import native_bf16_cpu
 from tailor.backbone.edits import Edit
 from tailor.backbone.layers import Site
 from tailor.backbone.lora import LoRAStack, load_peft
@@ -54,14 +55,9 @@ class DPOConfig(ChameleonConfig):
     step's worth of pairs (on LaMP-2M, 6 of 12 users with pairs) would train at learning rate 0, adapter left at 0."""
     max_length: int = 768
     bf16: bool | None = None
-    """Train under bfloat16 autocast (the paper's precision); None: when the CPU has bfloat16 arithmetic (AMX or
-    AVX512-BF16), where a step is faster than in float32 (BENCHMARKS.md section 12), not where it is emulated."""
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 matrix products in hardware."""
-    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
-    return any(probe() for probe in probes if probe is not None)
+    """Train under bfloat16 autocast (the paper's precision); None: where the backbone's device computes bfloat16 in
+    hardware (a CUDA device that supports it, a CPU with AMX or AVX512-BF16), where a step is faster than in float32
+    (BENCHMARKS.md section 12), not where it is emulated."""
 
 
 class TimeConstrainedDPO(Chameleon[DPOConfig]):
@@ -134,8 +130,8 @@ class TimeConstrainedDPO(Chameleon[DPOConfig]):
                              per_device_train_batch_size=config.train_batch, max_grad_norm=config.max_grad_norm,
                              warmup_steps=int(config.warmup_ratio * epoch_steps), lr_scheduler_type="cosine",
                              beta=config.beta, max_length=config.max_length, report_to=[], save_strategy="no",
-                             logging_steps=1, seed=config.seed, use_cpu=True, disable_tqdm=True,
-                             bf16=native_bf16() if config.bf16 is None else config.bf16,
+                             logging_steps=1, seed=config.seed, use_cpu=self.backbone.device.type == "cpu",
+                             disable_tqdm=True, bf16=self._bf16(),
                              gradient_checkpointing=False)  # trl's default recomputes activations; not needed
             lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                               target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -148,6 +144,12 @@ class TimeConstrainedDPO(Chameleon[DPOConfig]):
             trainer.train()
             trainer.model.save_pretrained(scratch + "/adapter")
             return load_peft(scratch + "/adapter", self.backbone.model), int(trainer.state.global_step)
+
+    def _bf16(self) -> bool:
+        if self.config.bf16 is not None:
+            return self.config.bf16
+        device = self.backbone.device
+        return torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and native_bf16_cpu()
 
     def _fit_prompt(self, prompt: str, answer: str) -> str:
         """Cut a long question from the left so question, chat markup and answer fit `max_length` (trl drops

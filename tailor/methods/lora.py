@@ -209,7 +209,7 @@ class StackTrainer:
     def __init__(self, backbone: Backbone, stack: LoRAStack, config: LoRAConfig,
                  frozen: Mapping[Site, Edit] | None = None):
         self.backbone = backbone
-        self.stack = stack.trainable()
+        self.stack = stack.to(backbone.device).trainable()
         self.config = config
         self.frozen = frozen
         self.optimizer = torch.optim.AdamW(self.stack.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -219,24 +219,24 @@ class StackTrainer:
 
     def step(self, hooks: HookSet, rows: Sequence[tuple[int, Example]]) -> Tensor:
         """One optimizer step on (adapter, example) rows; returns each adapter's loss (NaN for absent adapters)."""
-        users = self.stack.users
-        adapters = torch.tensor([a for a, _ in rows], dtype=torch.long)
-        tokens = torch.tensor([max(labelled_tokens(e), 1) for _, e in rows], dtype=torch.float32)
-        token_sum = torch.zeros(users).index_add_(0, adapters, tokens)
-        per_adapter = torch.zeros(users)
+        users, device = self.stack.users, self.backbone.device
+        adapters = torch.tensor([a for a, _ in rows], dtype=torch.long, device=device)
+        tokens = torch.tensor([max(labelled_tokens(e), 1) for _, e in rows], dtype=torch.float32, device=device)
+        token_sum = torch.zeros(users, device=device).index_add_(0, adapters, tokens)
+        per_adapter = torch.zeros(users, device=device)
         self.optimizer.zero_grad(set_to_none=True)
         for group in token_groups([len(e.ids) for _, e in rows]):
             part = [rows[i][1] for i in group]
             batch = self.backbone.batch([e.ids for e in part], [e.prompt_length for e in part],
                                         [e.labels for e in part])
             per_row = self.backbone.sft_loss(batch, hooks, adapters[group], reduction="per_row")
-            share = torch.zeros(users).index_add(0, adapters[group], per_row.float() * tokens[group])
+            share = torch.zeros(users, device=device).index_add(0, adapters[group], per_row.float() * tokens[group])
             share = share / token_sum.clamp(min=1)
             share.sum().backward()
             per_adapter += share.detach()
         self._clip()
         self.optimizer.step()
-        return torch.where(token_sum > 0, per_adapter.detach(), torch.full_like(per_adapter, float("nan")))
+        return torch.where(token_sum > 0, per_adapter.detach(), torch.full_like(per_adapter, float("nan"))).cpu()
 
     def _clip(self) -> None:
         if self.config.max_grad_norm <= 0:
@@ -410,7 +410,7 @@ class LoRAP(LoRAFamily[PC]):
         data = [tokenise(self.backbone, self.training_pairs(u, cfg.max_examples, s), cfg.max_target_tokens)
                 for u, s in zip(users, summaries)]
         seeds = [user_seed(cfg.seed, u.id) for u in users]
-        init = LoRAStack.init(self.backbone.model, self.sites, cfg.r, cfg.alpha, seeds)
+        init = LoRAStack.init(self.backbone.model, self.sites, cfg.r, cfg.alpha, seeds).to(self.backbone.device)
         with_data = [i for i, d in enumerate(data) if d]
         trained, losses = init, torch.zeros(0, len(users))
         if with_data:

@@ -300,7 +300,7 @@ class P2P(LMPersonalizer[P2PConfig]):
     def embed(self, texts: Sequence[str], task: Task | None = None) -> Tensor:
         """e = Enc(p), L2-normalised, one row per profile text."""
         if self.config.encoder == "sentence":
-            vectors = torch.from_numpy(default_embedder()(list(texts))).float()
+            vectors = torch.from_numpy(default_embedder(str(self.backbone.device))(list(texts))).float()
         else:
             task = task or self.task
             prompts = [EMBED_PROMPT.format(task_description=task.description, user_profile=t) for t in texts]
@@ -312,7 +312,8 @@ class P2P(LMPersonalizer[P2PConfig]):
         return torch.nn.functional.normalize(vectors, dim=-1)
 
     def embedding_dim(self) -> int:
-        return default_embedder().dim if self.config.encoder == "sentence" else self.backbone.hidden_size
+        return default_embedder(str(self.backbone.device)).dim if self.config.encoder == "sentence" \
+            else self.backbone.hidden_size
 
     def new_hypernet(self) -> LoRAHypernetwork:
         """A freshly initialised hypernetwork (seeded, without touching the global random state)."""
@@ -320,15 +321,16 @@ class P2P(LMPersonalizer[P2PConfig]):
         sites = self.sites
         shapes = {s.kind: (projection(self.backbone.model, s).in_features,
                            projection(self.backbone.model, s).out_features) for s in sites}
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # initialised on the CPU: the same weights on every device
             torch.manual_seed(cfg.seed)
-            return LoRAHypernetwork(self.embedding_dim(), sites, shapes, self.backbone.n_layers, cfg.r, cfg.hidden,
-                                    cfg.module_dim, cfg.depth_dim)
+            net = LoRAHypernetwork(self.embedding_dim(), sites, shapes, self.backbone.n_layers, cfg.r, cfg.hidden,
+                                   cfg.module_dim, cfg.depth_dim)
+        return net.to(self.backbone.device)
 
     def generate(self, embeddings: Tensor, hypernet: LoRAHypernetwork | None = None) -> LoRAStack:
         """Gen_theta: one hypernetwork pass writing one LoRA per embedding row (differentiable when training)."""
         net = hypernet or self._fitted()
-        A, B = net(embeddings)
+        A, B = net(embeddings.to(self.backbone.device))
         return LoRAStack(A, B, self.config.alpha)
 
     def _fitted(self) -> LoRAHypernetwork:
@@ -439,7 +441,8 @@ class P2P(LMPersonalizer[P2PConfig]):
     def save_fit(self, folder: Path) -> None:
         hypernet = self._fitted()
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in hypernet.state_dict().items()}, str(folder / "hypernet.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in hypernet.state_dict().items()},
+                  str(folder / "hypernet.safetensors"))
         log = {k: v for k, v in self.fit_log.items() if k != "losses"}
         (folder / "fit.json").write_text(json.dumps(log, indent=2))
         write_loss_curve(folder / "loss.csv", self.fit_log.get("losses", []))

@@ -219,7 +219,7 @@ def stacked(modules: Sequence[LowRankIntervention]) -> dict[str, torch.Tensor]:
 def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        digest.update(name.encode() + tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(name.encode() + tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -270,8 +270,9 @@ class PerFit(RAG[PerFitConfig]):
 
     def _trainer(self, rank: int, lr: float, steps: int, seed: int, identity: bool,
                  below: list[list[Params]]) -> Trainer:
-        generator = torch.Generator().manual_seed(seed)
-        modules = [LowRankIntervention(self.backbone.hidden_size, rank, generator, identity) for _ in self.layers]
+        generator = torch.Generator().manual_seed(seed)  # on the CPU: the same start on every device
+        modules = [LowRankIntervention(self.backbone.hidden_size, rank, generator, identity).to(self.backbone.device)
+                   for _ in self.layers]
         return Trainer(self.backbone, self.layers, self.positions, below, modules, lr, self.config.weight_decay,
                        self.config.max_grad_norm, steps)
 
@@ -340,7 +341,7 @@ class PerFit(RAG[PerFitConfig]):
 
     def save_fit(self, folder: Path) -> None:
         assert self.stage1 is not None
-        save_file(self.stage1, str(folder / "stage1.safetensors"))
+        save_file({name: t.cpu() for name, t in self.stage1.items()}, str(folder / "stage1.safetensors"))
         (folder / "stage1.json").write_text(json.dumps(
             {"layers": self.layers, "positions": str(self.positions), "rank": self.config.rank1,
              "fingerprint": self.stage1_id}, indent=1))
@@ -353,7 +354,7 @@ class PerFit(RAG[PerFitConfig]):
         self._set_stage1(load_file(str(folder / "stage1.safetensors")))
 
     def _set_stage1(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.stage1 = tensors
+        self.stage1 = {name: t.to(self.backbone.device) for name, t in tensors.items()}
         self.stage1_id = fingerprint(tensors)
 
     # --- stage 2 ---------------------------------------------------------------------------------------------------
@@ -430,7 +431,8 @@ class PerFit(RAG[PerFitConfig]):
                                 self._stage1_params())
         with torch.no_grad():
             for i, module in enumerate(trainer.modules):
-                module.rotate.weight = old.tensors["R"][i].float()  # through the orthogonal parametrization's inverse
+                here = module.source.weight.device  # through the orthogonal parametrization's inverse:
+                module.rotate.weight = old.tensors["R"][i].float().to(here)
                 module.source.weight.copy_(old.tensors["W"][i])
                 module.source.bias.copy_(old.tensors["b"][i])
         rng = random.Random(seed)

@@ -126,6 +126,10 @@ class PerFitEdit:
         self.stages = list(stages)
         self.positions = positions
 
+    def untouched(self, prompt_lengths: Tensor) -> Tensor:
+        """The leading prompt tokens no stage edits: with last-position edits only, a prefix the rows share."""
+        return self.positions.untouched(prompt_lengths)
+
     def __call__(self, hidden: Tensor, ctx: ForwardContext, inputs: Tensor | None = None) -> Tensor:
         # Only the chosen tokens are computed: a handful per row, and none at all in the label-scoring passes that
         # continue a cached prompt.
@@ -134,8 +138,10 @@ class PerFitEdit:
             return hidden
         x = hidden[batch, token].float().unsqueeze(-2)  # (n, 1, d): one "token" per chosen position
         for R, W, b in self.stages:
+            R, W, b = R.to(x.device), W.to(x.device), b.to(x.device)  # no-op where they already are
             if R.dim() == 3:
-                rows = ctx.rows if ctx.rows is not None else torch.zeros(hidden.shape[0], dtype=torch.long)
+                rows = ctx.rows if ctx.rows is not None else torch.zeros(hidden.shape[0], dtype=torch.long,
+                                                                         device=x.device)
                 user = rows.to(batch.device)[batch]
                 R, W, b = R[user], W[user], b[user]
             x = loreft(x, R, W, b)

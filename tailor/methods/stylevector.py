@@ -51,6 +51,10 @@ class Steer:
         self.scale = scale
         self.positions = positions
 
+    def untouched(self, prompt_lengths: Tensor) -> Tensor:
+        """Steering from the last prompt token on leaves every earlier token alone; steering all tokens, none."""
+        return (prompt_lengths - 1).clamp(min=0) if self.positions == "answer" else torch.zeros_like(prompt_lengths)
+
     def __call__(self, hidden: Tensor, ctx: ForwardContext, inputs: Tensor | None = None) -> Tensor:
         vec = self.vectors[ctx.rows] if ctx.rows is not None else self.vectors[:1].expand(hidden.shape[0], -1)
         shift = self.scale * vec[:, None, :].to(hidden.dtype)
@@ -133,5 +137,5 @@ class StyleVector(LMPersonalizer[StyleVectorConfig]):
         if layers != {self.config.layer}:
             raise ValueError(f"states made at layer(s) {sorted(layers)}, this StyleVector steers layer "
                              f"{self.config.layer}; personalize the users again")
-        vectors = torch.stack([s.tensors["vector"] for s in states])
+        vectors = torch.stack([s.tensors["vector"].to(self.backbone.device) for s in states])
         return {self.site: Steer(vectors, self.config.scale, self.config.positions)}

@@ -125,7 +125,8 @@ class ProjectionEdit:
         self.theta_p, self.theta_n, self.gain_p, self.gain_n = theta_p, theta_n, gain_p, gain_n
 
     def __call__(self, hidden: Tensor, ctx: ForwardContext, inputs: Tensor | None = None) -> Tensor:
-        rows = ctx.rows if ctx.rows is not None else torch.zeros(hidden.shape[0], dtype=torch.long)
+        rows = ctx.rows if ctx.rows is not None else torch.zeros(hidden.shape[0], dtype=torch.long,
+                                                                 device=self.theta_p.device)
         tp, tn = self.theta_p[rows][:, None, :], self.theta_n[rows][:, None, :]
         gp, gn = self.gain_p[rows][:, None], self.gain_n[rows][:, None]
         return project_edit(hidden.float(), tp, tn, gp, gn).to(hidden.dtype)

@@ -25,10 +25,10 @@ def packaged_embedder_path() -> Path:
 class Embedder:
     """Normalised sentence embeddings with an in-process cache keyed by the text's hash."""
 
-    def __init__(self, model_path: str | Path | None = None, batch_size: int = 64):
+    def __init__(self, model_path: str | Path | None = None, batch_size: int = 64, device: str = "cpu"):
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(str(model_path or packaged_embedder_path()), device="cpu")
+        self.model = SentenceTransformer(str(model_path or packaged_embedder_path()), device=device)
         self.batch_size = batch_size
         self.dim = int(self.model.get_embedding_dimension())
         self._cache: dict[bytes, np.ndarray] = {}
@@ -46,7 +46,8 @@ class Embedder:
         return np.stack([self._cache[k] for k in keys])
 
 
-@lru_cache(maxsize=1)
-def default_embedder() -> Embedder:
-    """One shared embedder per process: loading it costs about 0.4 s and 90 MB."""
-    return Embedder()
+@lru_cache(maxsize=4)
+def default_embedder(device: str = "cpu") -> Embedder:
+    """One shared embedder per process and device: loading it costs about 0.4 s and 90 MB. Methods run it where
+    their backbone runs; the user splits of `tailor.runs` keep it on the CPU, independent of the backbone."""
+    return Embedder(device=device)

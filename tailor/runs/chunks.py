@@ -75,7 +75,7 @@ def personalize_with_states(method: Personalizer, users: Sequence[User], folder:
         path = state_path(folder, user.id)
         if path.exists():
             states[user.id] = UserState.load(path, method=method.name, version=method.version,
-                                             model_id=method.model_id)
+                                             model_id=method.model_id, device=method.device)
     missing = [u for u in users if u.id not in states]
     size = method.personalize_group or max(len(missing), 1)
     for start in range(0, len(missing), size):

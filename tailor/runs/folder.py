@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from tailor.atomic import write_json
+from tailor.backbone.device import describe_device, dtype_name
 from tailor.methods import method_class
 from tailor.methods.base import Personalizer
 from tailor.runs.spec import EvalSpec, spec_defaults
@@ -35,7 +36,9 @@ def _check_config(path: Path, config: dict) -> None:
         except KeyError:  # a method this install cannot import: compare the options as written
             defaults = {}
         old["method_config"] = {**defaults, **old["method_config"]}
-    volatile = {"data_dir", "label"}
+    volatile = {"data_dir", "label", "device", "hardware"}  # a run may resume on another machine or device
+    if config.get("model") is None:
+        volatile.add("dtype")  # a method without a backbone computes in no precision
     diffs = [k for k in sorted(set(old) | set(config)) if k not in volatile and old.get(k) != config.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diffs)
@@ -87,9 +90,13 @@ class Appender:
 
 
 def method_identity(method: Personalizer) -> dict[str, Any]:
-    """What config.json records about a built method; computed wherever the method lives (here or in a worker)."""
+    """What config.json records about a built method, computed wherever the method lives (here or in a worker): the
+    device and precision its backbone resolved to, and the hardware behind the device."""
+    backbone = method.backbone
     return {"method": method.name, "method_config": method.describe(), "mode": getattr(method, "mode", "prior"),
-            "model": method.model_id}
+            "model": method.model_id, "device": str(backbone.device) if backbone else None,
+            "dtype": dtype_name(backbone.dtype) if backbone else None,
+            "hardware": describe_device(backbone.device) if backbone else None}
 
 
 @contextmanager

@@ -8,6 +8,7 @@ so it survives resumes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -50,9 +51,11 @@ def finalize(out: Path, spec: EvalSpec, query_ids: Iterable[str] | None = None) 
     cis = bootstrap_ci(task, preds, golds, user_ids, seed=spec.seed)
     n_users = len(set(user_ids))
     n_rows = len(preds)
+    config = json.loads((out / "config.json").read_text())
     metrics = {
         "task": task.name, "method": spec.method, "label": spec.label or spec.method,
         "mode": mode, "n_users": n_users, "n_queries": n_rows,
+        **{key: config.get(key) for key in ("model", "device", "dtype", "hardware")},
         "metrics": {k: {"value": v, "ci": list(cis[k])} for k, v in values.items()},
         "wall_time_s": round(predict_s + personalize_s + fit_s, 3),
         "predict_s_per_query": round(predict_s / max(n_rows, 1), 5),

@@ -11,6 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from functools import lru_cache
 from typing import Any, Callable, Iterator, Sequence
 
+from tailor.backbone.device import resolve_device, resolve_dtype
 from tailor.data.lamp import SPLITS, VARIANTS, iter_users, load_users, question_ids, resolve_data_dir
 from tailor.data.splits import ood_split, random_split, subset, subset_positions, swap_histories
 from tailor.tasks.lamp import get_task
@@ -32,7 +33,11 @@ class EvalSpec:
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     model: str | None = "smollm2-135m"
-    dtype: str = "float32"
+    device: str = "auto"
+    """Where the backbone runs (auto, cpu, cuda, cuda:N, mps); config.json records the device a run used."""
+    dtype: str = "auto"
+    """The backbone's precision (auto, float32, bfloat16, float16); config.json records the one it resolved to, so a
+    run resumed where `auto` means another precision is refused instead of mixing two."""
     split: str = "dev"
     variant: str = "user"
     users: int | None = None
@@ -57,8 +62,8 @@ class EvalSpec:
             raise ValueError(f"{self.histories!r} is not one of {', '.join(HISTORIES)}")
         if self.users is not None and self.users < 1:
             raise ValueError(f"users must be at least 1 (or unset for all users), not {self.users}")
+        resolve_dtype(self.dtype, resolve_device(self.device))  # DeviceError (a ValueError) names what is missing
         resolve_data_dir(self.data_dir)
-
 
 
 def spec_defaults(cls: type) -> dict[str, Any]:

@@ -70,7 +70,7 @@ class StateCache:
                 self._states.move_to_end(key)
                 return self._states[key]
         m = self.method
-        state = self.store.load_state(tenant, record.user_id, m.name, m.version, m.model_id, record)
+        state = self.store.load_state(tenant, record.user_id, m.name, m.version, m.model_id, record).to(m.device)
         if isinstance(m, LMPersonalizer):
             try:  # a state this method cannot apply fails here, alone, instead of inside a shared batch
                 m.edits([state])

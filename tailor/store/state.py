@@ -5,6 +5,11 @@ steering directions, a low-rank intervention, LoRA weights), the container does 
 its version and the backbone, so a state is never silently used with a method or model it was not made for, and a
 checksum over header and tensors, so a corrupt file is an error instead of a wrong answer. Files are written to a
 temporary name and renamed, so a killed process never leaves half a state.
+
+Tensors are saved from the CPU and loaded onto the device a method asks for. A state also records the precision of
+the backbone it was made with (`dtype`); used with the same backbone in another precision it is cast, not refused:
+methods apply a state's tensors in the hidden states' precision (LoRA in float32), and tests/test_contract.py checks
+that answers from float32 and bfloat16 agree within the tolerance it states.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class UserState:
     model_id: str | None
     header: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, Tensor] = field(default_factory=dict)
+    dtype: str | None = None
+    """The backbone's precision when the state was made (None: made without a backbone, or before it was kept)."""
     runtime: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """Objects derived from the state (a BM25 index, stacked tensors) kept for reuse; never saved."""
 
@@ -46,8 +53,9 @@ class UserState:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def _meta(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, "method": self.method, "version": self.version, "user_id": self.user_id,
+        meta = {"format": FORMAT_VERSION, "method": self.method, "version": self.version, "user_id": self.user_id,
                 "model_id": self.model_id, "header": self.header}
+        return meta if self.dtype is None else {**meta, "dtype": self.dtype}
 
     def checksum(self) -> str:
         digest = hashlib.sha256(json.dumps(self._meta(), sort_keys=True).encode())
@@ -66,10 +74,16 @@ class UserState:
             save_file(tensors, str(tmp), metadata=metadata)
         return path
 
+    def to(self, device: torch.device | str) -> "UserState":
+        """The state with its tensors on `device` (what a method creates on an accelerator is saved from the CPU)."""
+        return UserState(self.method, self.version, self.user_id, self.model_id, self.header,
+                         {k: v.to(device) for k, v in self.tensors.items()}, self.dtype)
+
     @classmethod
     def load(cls, path: str | Path, method: str | None = None, version: int | None = None,
-             model_id: str | None = None) -> "UserState":
-        """Read a state, refusing it (with the reason) if it is corrupt or made for another method or backbone."""
+             model_id: str | None = None, device: torch.device | str = "cpu") -> "UserState":
+        """Read a state onto `device`, refusing it (with the reason) if it is corrupt or made for another method or
+        backbone."""
         path = Path(path)
         try:
             tensors = load_file(str(path))
@@ -80,7 +94,8 @@ class UserState:
         if "tailor" not in metadata:
             raise StateError(f"{path}: not a tailor state (no tailor header)")
         meta = json.loads(metadata["tailor"])
-        state = cls(meta["method"], meta["version"], meta["user_id"], meta["model_id"], meta["header"], tensors)
+        state = cls(meta["method"], meta["version"], meta["user_id"], meta["model_id"], meta["header"], tensors,
+                    meta.get("dtype"))
         if state.checksum() != metadata.get("sha256"):
             raise StateError(f"{path}: checksum mismatch for user {state.user_id!r}; the file is corrupt")
         if method is not None and state.method != method:
@@ -90,4 +105,4 @@ class UserState:
                              f"version {version}; personalize the user again")
         if model_id is not None and state.model_id not in (None, model_id):
             raise StateError(f"{path}: state made for backbone {state.model_id!r}, not {model_id!r}")
-        return state
+        return state.to(device) if str(device) != "cpu" else state
