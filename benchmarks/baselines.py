@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import BASELINE, chosen, machine, publish, run, section
+from benchmarks.common import BASELINE, add_device_options, chosen, machine, publish, run, section
 from tailor.tasks import get_task
 
 CLASSIFICATION_PLAN = [
@@ -37,14 +37,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None,
                         help="labels to run (default: the whole plan); the baseline row is always included")
     parser.add_argument("--report", type=Path, default=None, help="also write the markdown here")
+    add_device_options(parser)
     args = parser.parse_args()
 
-    sections = [f"Machine: {machine()}. Model: {args.model}, float32. Data: ../shared/lamp dev split, "
+    sections = [f"Machine: {machine(args.device, args.dtype)}. Model: {args.model}. Data: ../shared/lamp dev split, "
                 f"{'all' if args.users is None else args.users} users, seed 0.\n"]
     for name in args.tasks:
         plan = CLASSIFICATION_PLAN if get_task(name).family != "generation" else GENERATION_PLAN
-        runs = [run(label, name, method_args, args.out, args.model, args.users)
-                for label, method_args in plan if chosen(label, args.only)]
+        runs = [run(label, name, method_args, args.out, args.model, args.users, device=args.device,
+                    dtype=args.dtype) for label, method_args in plan if chosen(label, args.only)]
         sections.append(section(name, runs, BASELINE, args.out / args.model / name))
     text = "\n".join(sections)
     publish(text, args.report)

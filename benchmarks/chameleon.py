@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import BASELINE, chosen, fresh_cache, machine, publish, run, section, slug
+from benchmarks.common import BASELINE, add_device_options, chosen, fresh_cache, machine, publish, run, section, slug
+from tailor.backbone.device import dtype_name
 from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
@@ -57,7 +58,8 @@ TUNING = [("tune no edit", "--method chameleon --set scale_p=0 --set scale_n=0")
             for layers in (1, 3, 5) for scale in (0.5, 1.0, 2.0, 4.0, 8.0)]]
 
 
-def cost(task_name: str, model: str, users: int, out: Path, calibrate: bool = False) -> str:
+def cost(task_name: str, model: str, users: int, out: Path, calibrate: bool = False, device: str = "auto",
+         dtype: str = "auto") -> str:
     """Per-user seconds by stage, state bytes, and predict throughput at batch 16 with the edit on and off.
 
     Generations and hidden states go to a fresh cache (OUT/chameleon-cost-cache), so the stage times are a first
@@ -65,7 +67,7 @@ def cost(task_name: str, model: str, users: int, out: Path, calibrate: bool = Fa
     in the pairs and at predict time alike (on LaMP-3 uncalibrated pairs collapse, so there is nothing to edit)."""
     torch.set_num_threads(2)
     os.environ["TAILOR_CACHE"] = str(fresh_cache(out / "chameleon-cost-cache", cache_root()))
-    backbone = Backbone.load(model)
+    backbone = Backbone.load(model, device=device, dtype=dtype)
     task = get_task(task_name)
     chosen = subset(load_users(task, "dev"), users, seed=1)
     method = Chameleon(task, backbone, calibrate=calibrate)
@@ -79,8 +81,9 @@ def cost(task_name: str, model: str, users: int, out: Path, calibrate: bool = Fa
     edited = [(state, user) for state, user in zip(states, chosen) if state.tensors["layers"].numel()]
     scoring = ", calibrated label scoring" if calibrate else ""
     lines = [f"Per-user cost on {len(chosen)} dev users of {task.name} (first run, empty caches), {model}, "
-             f"float32, 2 threads{scoring}. Every stage but the directions runs batched over all the users, and each "
-             f"user records the batch's time divided by the users, so those stages' max equals their mean:\n",
+             f"{backbone.device}, {dtype_name(backbone.dtype)}, 2 threads{scoring}. Every stage but the directions "
+             "runs batched over all the users, and each user records the batch's time divided by the users, so those "
+             "stages' max equals their mean:\n",
              "| stage | mean s/user | max s/user |", "|---|---|---|"]
     for stage, values in stages.items():
         lines.append(f"| {stage} | {statistics.mean(values):.3f} | {max(values):.3f} |")
@@ -177,14 +180,15 @@ def main() -> None:
     parser.add_argument("--pair-stats", type=Path, nargs="+", default=None, metavar="FOLDER",
                         help="instead of running anything: kept pairs and edited users of finished runs' states "
                              "(RUN_DIR) or of a serve store (STORE_DIR)")
+    add_device_options(parser)
     args = parser.parse_args()
     if args.pair_stats:
         print("\n".join(pair_stats(folder) for folder in args.pair_stats))
         return
-    sections = [f"Machine: {machine()}. Model: {args.model}, float32, seed 0.\n"]
+    sections = [f"Machine: {machine(args.device, args.dtype)}. Model: {args.model}, seed 0.\n"]
     for name in args.tasks:
         if args.cost:
-            measured = cost(name, args.model, args.users or 16, args.out, args.calibrate)
+            measured = cost(name, args.model, args.users or 16, args.out, args.calibrate, args.device, args.dtype)
             sections.append(f"### CHAMELEON cost, {get_task(name).name}\n\n{measured}")
             continue
         if args.tune:
@@ -197,8 +201,8 @@ def main() -> None:
             per_user = args.out / args.model / name / slug("CHAMELEON history prompt, no edit")
             plan = MAIN_PLAN + [("time-constrained DPO", f"--method dpo --set budget_run={per_user}")]
             split, users, title = "dev", args.users, "main"
-        runs = [run(label, name, method_args, args.out, args.model, users, split) for label, method_args in plan
-                if chosen(label, args.only)]
+        runs = [run(label, name, method_args, args.out, args.model, users, split, args.device, args.dtype)
+                for label, method_args in plan if chosen(label, args.only)]
         sections.append(section(name, runs, BASELINE, args.out / args.model / name,
                                 title=f"{get_task(name).name}, CHAMELEON {title}"))
     text = "\n".join(sections)

@@ -1,8 +1,11 @@
 """Shared by the benchmark scripts: run `tailor eval` commands exactly as printed, and turn run folders into the
-markdown sections of BENCHMARKS.md."""
+markdown sections of BENCHMARKS.md. Every script that runs the backbone takes `--device` and `--dtype`
+(`add_device_options`), passes them on to what it loads or runs, and prints what they resolved to in its header
+(`machine`), so each number says where and in what precision it was measured."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shlex
@@ -12,14 +15,38 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from tailor.backbone.device import DTYPES, describe_device, dtype_name, resolve_device, resolve_dtype
 from tailor.eval.report import compare_runs
 from tailor.tasks import get_task
 
 
-def machine() -> str:
+def add_device_options(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """`--device` and (unless the script chooses precisions itself) `--dtype`, with `tailor eval`'s values and
+    defaults."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (the first CUDA device when present, else the CPU), cpu, cuda, cuda:N or mps")
+    if dtype:
+        parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                            help="the backbone's precision; auto: bfloat16 where the device computes it in hardware, "
+                                 "else float32")
+
+
+def machine(device: str | None = None, dtype: str | None = None) -> str:
+    """The CPU, cores and Python; with `device` (and `dtype`), also what they resolve to here and the hardware behind
+    the device. A device or precision this machine lacks raises DeviceError (one line)."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    text = f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    if device is None:
+        return text
+    where = resolve_device(device)
+    precision = f" in {dtype_name(resolve_dtype(dtype, where))}" if dtype is not None else ""
+    return f"{text}; backbone on {where} ({describe_device(where)}){precision}"
+
+
+def device_flags(device: str, dtype: str) -> str:
+    """The `--device X --dtype Y` of a `tailor eval` or `tailor serve` command line."""
+    return f"--device {device} --dtype {dtype}"
 
 
 def slug(label: str) -> str:
@@ -27,10 +54,10 @@ def slug(label: str) -> str:
 
 
 def run(label: str, task: str, method_args: str, out: Path, model: str, users: int | None = None,
-        split: str = "dev") -> tuple[Path, str]:
+        split: str = "dev", device: str = "auto", dtype: str = "auto") -> tuple[Path, str]:
     """Run one `tailor eval` (resuming if its folder exists) and return (folder, the command as run)."""
     folder = out / model / task / (slug(label) if split == "dev" else f"{split}-{slug(label)}")
-    command = (f"tailor eval --task {task} {method_args} --model {model} --seed 0 "
+    command = (f"tailor eval --task {task} {method_args} --model {model} {device_flags(device, dtype)} --seed 0 "
                + (f"--split {split} " if split != "dev" else "")
                + (f"--users {users} " if users else "") + f"--out {folder} --label '{label}'")
     print(f"$ {command}", file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from benchmarks.common import BASELINE, chosen, machine, publish, section, slug
+from benchmarks.common import BASELINE, add_device_options, chosen, device_flags, machine, publish, section, slug
 from benchmarks.common import run as run_command
 from tailor.backbone.layers import Site
 from tailor.backbone.lora import LoRAStack, lora_sites, save_peft
@@ -87,14 +87,16 @@ def build(run: Run, task: str, backbone: Backbone | None):
 def execute(task: str, run: Run, args: argparse.Namespace, backbone: Callable[[], Backbone]) -> tuple[Path, str]:
     """Run one configuration as its `tailor eval` command, or (`--in-process`) through run_eval with the same spec."""
     if not args.in_process:
-        return run_command(run.label, task, run.args(), args.out, args.model, args.users)
+        return run_command(run.label, task, run.args(), args.out, args.model, args.users, device=args.device,
+                           dtype=args.dtype)
     folder = args.out / args.model / task / slug(run.label)
-    text = (f"tailor eval --task {task} {run.args()} --model {args.model} --seed 0 "
+    text = (f"tailor eval --task {task} {run.args()} --model {args.model} {device_flags(args.device, args.dtype)} "
+            "--seed 0 "
             + (f"--users {args.users} " if args.users else "") + f"--out {folder} --label '{run.label}'")
     print(f"$ {text}", file=sys.stderr, flush=True)
     needs = run.method not in ("user-prior", "global-prior")
     spec = EvalSpec(task=task, method=run.method, options=dict(run.options), model=args.model if needs else None,
-                    users=args.users, seed=0, label=run.label)
+                    device=args.device, dtype=args.dtype, users=args.users, seed=0, label=run.label)
     run_eval(spec, folder, method=build(run, task, backbone() if needs else None))
     return folder, text
 
@@ -143,6 +145,13 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def synchronized(backbone: Backbone, result: object) -> object:
+    """`result` once the GPU has finished computing it: a timed forward is its kernels, not only their launch."""
+    if backbone.device.type == "cuda":
+        torch.cuda.synchronize(backbone.device)
+    return result
+
+
 def throughput(backbone: Backbone, task_name: str, n_users: int = 16, repeats: int = 3) -> str:
     """Label scoring of one batch of `n_users` queries: no adapter, one adapter for all rows, each row its own
     adapter (tailor's per-row LoRA edit, and PEFT's mixed-adapter batch with `adapter_names` for the prefill), and
@@ -161,12 +170,13 @@ def throughput(backbone: Backbone, task_name: str, n_users: int = 16, repeats: i
     for site in stack.sites:
         stack.B[site] = torch.randn(stack.B[site].shape, generator=generator) * 0.01
     rows = list(range(len(queries)))
-    vectors = torch.randn(len(queries), backbone.hidden_size, generator=generator)
+    vectors = torch.randn(len(queries), backbone.hidden_size, generator=generator).to(backbone.device)
     layer = Site("layer", backbone.n_layers // 2)
+    placed = stack.to(backbone.device)  # where the backbone is, as a method's adapters are (no copy per forward)
     cases = {
         "no adapter": dict(edits=None, rows=None),
-        "one LoRA for all rows": dict(edits=stack.select([0]).edits(), rows=None),
-        f"{len(queries)} LoRAs, one per row": dict(edits=stack.edits(), rows=rows),
+        "one LoRA for all rows": dict(edits=placed.select([0]).edits(), rows=None),
+        f"{len(queries)} LoRAs, one per row": dict(edits=placed.edits(), rows=rows),
         "one StyleVector for all rows": dict(edits={layer: Steer(vectors[:1], 1.0, "answer")}, rows=None),
         f"{len(queries)} StyleVectors, one per row": dict(edits={layer: Steer(vectors, 1.0, "answer")}, rows=rows),
     }
@@ -194,8 +204,9 @@ def throughput(backbone: Backbone, task_name: str, n_users: int = 16, repeats: i
         def prefill(adapter_names: list[str] | None) -> object:
             with torch.inference_mode():
                 extra = {"adapter_names": adapter_names} if adapter_names else {}
-                return model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions,
-                             logits_to_keep=1, **extra)
+                out = model(input_ids=batch.ids.to(backbone.device), attention_mask=batch.mask.to(backbone.device),
+                            position_ids=batch.positions.to(backbone.device), logits_to_keep=1, **extra)
+            return synchronized(backbone, out)
 
         one = _median_time(lambda: prefill(["u0"] * len(queries)), repeats)
         mixed = _median_time(lambda: prefill(names), repeats)
@@ -204,9 +215,9 @@ def throughput(backbone: Backbone, task_name: str, n_users: int = 16, repeats: i
 
     def tailor_prefill(edits, row_ids) -> object:
         with torch.inference_mode(), backbone._hooks(edits) as hooks:
-            return backbone._forward(hooks, batch.ids, batch.mask, batch.positions,
-                                     None if row_ids is None else torch.tensor(row_ids), batch.prompt_lengths,
-                                     logits_to_keep=1)
+            return synchronized(backbone, backbone._forward(hooks, batch.ids, batch.mask, batch.positions,
+                                                            None if row_ids is None else torch.tensor(row_ids),
+                                                            batch.prompt_lengths, logits_to_keep=1))
 
     for name, case in list(cases.items())[:3]:
         seconds = _median_time(lambda: tailor_prefill(case["edits"], case["rows"]), repeats)
@@ -254,7 +265,7 @@ def stylevector_search(backbone: Backbone, tasks: list[str], n_users: int, layer
         results = {}
         for i, layer in enumerate(layers):
             vectors = torch.stack([h_u[:, i].mean(0) - h_m[:, i].mean(0) if len(h_u) else
-                                   torch.zeros(backbone.hidden_size) for h_u, h_m, _ in contrast])
+                                   torch.zeros(backbone.hidden_size) for h_u, h_m, _ in contrast]).to(backbone.device)
             for scale in scales:
                 edits = {Site("layer", layer): Steer(vectors, scale, "answer")}
                 results[(layer, scale)] = (gold_nll(backbone, prompts, golds, edits, rows), vectors)
@@ -283,6 +294,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=None, help="write the markdown here (default: stdout)")
     parser.add_argument("--search-stylevector", type=int, default=0, metavar="USERS",
                         help="instead of the benchmark: pick StyleVector's layer and scale on this many training users")
+    add_device_options(parser)
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9, 12, 15, 18, 21, 24])
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
     args = parser.parse_args()
@@ -292,13 +304,13 @@ def main() -> None:
 
     def backbone() -> Backbone:
         if not loaded:
-            loaded.append(Backbone.load(args.model))
+            loaded.append(Backbone.load(args.model, device=args.device, dtype=args.dtype))
         return loaded[0]
 
     if args.search_stylevector:
         print(stylevector_search(backbone(), args.tasks, args.search_stylevector, args.layers, args.scales))
         return
-    sections = [f"Machine: {machine()}. Model: {args.model}, float32. Data: ../shared/lamp dev split, "
+    sections = [f"Machine: {machine(args.device, args.dtype)}. Model: {args.model}. Data: ../shared/lamp dev split, "
                 f"{'all' if args.users is None else args.users} users, seed 0.\n"]
     for name in args.tasks:
         task = get_task(name)

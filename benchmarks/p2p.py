@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine, publish, run, section
+from benchmarks.common import add_device_options, machine, publish, run, section
 from tailor.backbone.model import Backbone
 from tailor.backbone.textcache import TextCache
 from tailor.cli._options import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
@@ -87,13 +87,14 @@ def main() -> None:
                              "pass); each user's summary, embedding and hypernetwork time is its share of the batch's")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--report", type=Path, default=None)
+    add_device_options(parser)
     args = parser.parse_args()
     if args.batch < 1:
         parser.error("--batch must be at least 1")
 
     torch.set_num_threads(args.threads)
     task = get_task(args.task)
-    backbone = Backbone.load(args.model)
+    backbone = Backbone.load(args.model, device=args.device, dtype=args.dtype)
     train = subset(load_users(task, "train", args.data_dir), args.train_users, 0)
     users = subset(load_users(task, "dev", args.data_dir), args.users, 0)
 
@@ -146,19 +147,19 @@ def main() -> None:
                   f"{p2p_fit_s / saving:.0f} |" if saving > 0 else "| break-even users | never (P2P costs more) |"]
     command = "python -m benchmarks.p2p " + shlex.join(sys.argv[1:])
     text = (f"### Profile-to-PEFT deployment cost, {task.name} ({args.model}, {len(users)} dev users)\n\n"
-            f"Machine: {machine()}, torch threads {args.threads}, users personalized {args.batch} at a time. "
-            f"Options: {p2p.describe()}.\n\n"
+            f"Machine: {machine(args.device, args.dtype)}, torch threads {args.threads}, users personalized "
+            f"{args.batch} at a time. Options: {p2p.describe()}.\n\n"
             + "\n".join(lines) + f"\n\nCommand:\n\n    {command}\n")
     if args.quality:
-        runs = [run(label, args.task, method_args, args.out, args.model, args.users)
-                for label, method_args in QUALITY_PLAN]
+        runs = [run(label, args.task, method_args, args.out, args.model, args.users, device=args.device,
+                    dtype=args.dtype) for label, method_args in QUALITY_PLAN]
         text += "\n" + section(args.task, runs, "non-personalized", args.out / args.model / args.task,
                                f"{task.name}, P2P and baselines")
     for split in args.splits:
         # held-out training users: every fitted method is refitted on the rest, so the split plan leaves out the
         # LoRA baselines whose fits this CPU cannot afford twice more
-        runs = [run(label, args.task, method_args, args.out, args.model, split=split)
-                for label, method_args in QUALITY_PLAN if label in SPLIT_PLAN]
+        runs = [run(label, args.task, method_args, args.out, args.model, split=split, device=args.device,
+                    dtype=args.dtype) for label, method_args in QUALITY_PLAN if label in SPLIT_PLAN]
         text += "\n" + section(args.task, runs, "non-personalized", args.out / args.model / args.task,
                                f"{task.name}, P2P on the {split} split (held-out training users)")
     publish(text, args.report)

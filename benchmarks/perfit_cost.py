@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine, publish
+from benchmarks.common import add_device_options, machine, publish
+from tailor.backbone.device import dtype_name
 from tailor.backbone.model import Backbone
 from tailor.cli._options import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.data.lamp import load_users
@@ -54,7 +55,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", default="lamp2m")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--users", type=int, default=30, help="dev users personalized and timed")
     parser.add_argument("--queries", type=int, default=64, help="requests in the throughput measurement")
     parser.add_argument("--repeats", type=int, default=2)
@@ -64,11 +64,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--report", type=Path, default=None)
+    add_device_options(parser)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     task = get_task(args.task)
-    backbone = Backbone.load(args.model, dtype=args.dtype)  # type: ignore[arg-type]
+    backbone = Backbone.load(args.model, device=args.device, dtype=args.dtype)
     options = {**parse_set(args.set_), "batch_size": 16}
     method = PerFit(task, backbone, **options)
     counts = parameter_counts(backbone, method.config)
@@ -119,9 +120,9 @@ def main() -> None:
     mode = "label scoring" if method.scoring else "greedy generation"
     comparison = (f"{statistics.mean(u for u, _ in uncached):.2f} (vs {statistics.mean(c for _, c in uncached):.2f})"
                   if uncached else "not measured")
-    text = f"""### PerFit cost, {task.name} ({args.model}, {args.dtype}, {len(users)} dev users)
+    text = f"""### PerFit cost, {task.name} ({args.model}, {dtype_name(backbone.dtype)}, {len(users)} dev users)
 
-Machine: {machine()}, torch threads {args.threads}. Options: {method.describe()}.
+Machine: {machine(args.device, args.dtype)}, torch threads {args.threads}. Options: {method.describe()}.
 
 | quantity | value |
 |---|---|

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine
+from benchmarks.common import add_device_options, device_flags, machine
 from tailor.backbone.model import Backbone
 from tailor.cli._options import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.eval.runner import run_eval
@@ -51,7 +51,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", default="lamp2m")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--layers", default=None, help="comma-separated (default: every 3rd layer and the last)")
     parser.add_argument("--best", type=Path, default=None, help="best.json of perfit_search.py: options to keep")
     parser.add_argument("--set", dest="set_", action="append", default=[], help="PerFit option KEY=VALUE")
@@ -59,11 +58,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/perfit/layers"))
+    add_device_options(parser)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     task = get_task(args.task)
-    backbone = Backbone.load(args.model, dtype=args.dtype)  # type: ignore[arg-type]
+    backbone = Backbone.load(args.model, device=args.device, dtype=args.dtype)
     base = json.loads(args.best.read_text()) if args.best else {}
     base = {k: v for k, v in {**base, **parse_set(args.set_)}.items() if k != "layers"}
     layers = [int(x) for x in args.layers.split(",")] if args.layers else \
@@ -74,10 +74,11 @@ def main() -> None:
         options = {**parse_set(pairs), "batch_size": 8}  # what `tailor eval --set ...` passes, cast alike
         folder = args.out / f"layer-{layer:02d}"
         label = f"PerFit layer {layer}"
-        spec = EvalSpec(task=args.task, method="perfit", options=options, model=args.model, dtype=args.dtype,
-                        users=args.users, label=label, data_dir=args.data_dir)
+        spec = EvalSpec(task=args.task, method="perfit", options=options, model=args.model, device=args.device,
+                        dtype=args.dtype, users=args.users, label=label, data_dir=args.data_dir)
         sets = " ".join(f"--set {pair}" for pair in pairs)
-        command = (f"tailor eval --task {args.task} --method perfit {sets} --model {args.model} --dtype {args.dtype} "
+        command = (f"tailor eval --task {args.task} --method perfit {sets} --model {args.model} "
+                   f"{device_flags(args.device, args.dtype)} "
                    + (f"--users {args.users} " if args.users else "") + f"--out {folder} --label {shlex.quote(label)}")
         print(f"$ {command}", file=sys.stderr, flush=True)
         results.append(run_eval(spec, folder, backbone=backbone, method=PerFit(task, backbone, **options)))
@@ -93,7 +94,7 @@ def main() -> None:
     listing = "\n".join(f"    {c}" for c in commands)
     text = f"""### PerFit, single intervened layer, {task.name} ({args.model}, {results[0]['n_users']} dev users)
 
-Machine: {machine()}. Other options: {base or 'the defaults'}. Plot: `{png}`.
+Machine: {machine(args.device, args.dtype)}. Other options: {base or 'the defaults'}. Plot: `{png}`.
 
 {chr(10).join(rows)}
 

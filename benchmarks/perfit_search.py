@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from benchmarks.common import machine
+from benchmarks.common import add_device_options, machine
 from tailor.backbone.model import Backbone
 from tailor.cli._options import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.data.lamp import load_users
@@ -95,7 +95,9 @@ def run_trial(task: Task, backbone: Backbone, options: dict[str, Any], fit_users
 
 
 def report(task: Task, records: list[dict[str, Any]], command: str, fit_users: int, tune_users: int,
-           fixed: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+           fixed: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+    """The markdown of the search, ranked by the task's main metric, and the chosen options. `where`: `machine(...)`
+    of the search's device and precision."""
     main_metric = metric_names(task)[0]
     sign = 1 if higher_is_better(main_metric) else -1
     ranked = sorted(records, key=lambda r: -sign * r["metrics"][main_metric])
@@ -112,7 +114,7 @@ def report(task: Task, records: list[dict[str, Any]], command: str, fit_users: i
 
 {len(records)} trials on training users only: stage 1 fitted on {fit_users} of them, each trial scored on the queries
 of {tune_users} held-out training users (stage 2 from their own history). Fixed options: {fixed}.
-Machine: {machine()}. Chosen by {main_metric}: `{" ".join(f"--set {k}={v}" for k, v in chosen.items())}`.
+Machine: {where}. Chosen by {main_metric}: `{" ".join(f"--set {k}={v}" for k, v in chosen.items())}`.
 
 {chr(10).join(rows)}
 
@@ -127,7 +129,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", default="lamp2m")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--tune-users", type=int, default=40, help="held-out training users scored per trial")
     parser.add_argument("--stage1-examples", type=int, default=256, help="stage-1 budget per trial")
@@ -136,11 +137,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/perfit/search"))
+    add_device_options(parser)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     task = get_task(args.task)
-    backbone = Backbone.load(args.model, dtype=args.dtype)  # type: ignore[arg-type]
+    backbone = Backbone.load(args.model, device=args.device, dtype=args.dtype)
     fit_users, tune_users = split_train(load_users(task, "train", args.data_dir), args.tune_users, args.seed)
     fixed = {"stage1_examples": args.stage1_examples, "seed": args.seed, **parse_set(args.set_)}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +161,8 @@ def main() -> None:
             handle.write(json.dumps(record) + "\n")
         done[trial] = record
     command = "python -m benchmarks.perfit_search " + shlex.join(sys.argv[1:])
-    text, chosen = report(task, [done[t] for t in sorted(done)], command, len(fit_users), len(tune_users), fixed)
+    text, chosen = report(task, [done[t] for t in sorted(done)], command, len(fit_users), len(tune_users), fixed,
+                          machine(args.device, args.dtype))
     (args.out / "best.json").write_text(json.dumps({**chosen, "stage1_examples": args.stage1_examples}, indent=1))
     (args.out / "search.md").write_text(text)
     print(text)

@@ -9,6 +9,10 @@ measurement; running the same command again keeps those of the same setting and 
 
     .venv/bin/python -m benchmarks.ray_scaling --task lamp2m --users 100 --out runs/ray-scaling
     .venv/bin/python -m benchmarks.ray_scaling --plan "rag k=4" --plan chameleon --plan perfit --workers 1 2
+
+`--device` and `--dtype` go to every worker's backbone through the spec. Ray hides the GPUs from a worker it gave
+none, so on a GPU the workers need `--gpus-per-worker` (a fraction packs several on one GPU); the report names the
+device, precision and hardware that the runs themselves recorded.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import fresh_cache, machine, slug
+from benchmarks.common import add_device_options, fresh_cache, machine, slug
 from tailor.atomic import write_text
 from tailor.backbone.loading import cache_root
 from tailor.cli._options import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
@@ -43,13 +47,13 @@ def parse_plan(entry: str) -> tuple[str, dict]:
     return name, options
 
 
-def measure(spec: EvalSpec, workers: int, out: Path, chunk_users: int, shared_root: Path) -> dict:
+def measure(spec: EvalSpec, workers: int, out: Path, chunk_users: int, shared_root: Path, gpus: float = 0.0) -> dict:
     """One timed run on `workers` workers: start-up seconds, run seconds, users per second, the run's metrics."""
     name = f"{slug(spec.label or spec.method)}-w{workers}"
     run_dir = out / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     os.environ["TAILOR_CACHE"] = str(fresh_cache(out / "caches" / name, shared_root))  # workers inherit TAILOR_*
-    options = RayOptions(workers=workers)
+    options = RayOptions(workers=workers, gpus=gpus)
     started = time.perf_counter()
     with WorkerPool(spec, options) as pool:
         startup_s = time.perf_counter() - started
@@ -63,10 +67,10 @@ def measure(spec: EvalSpec, workers: int, out: Path, chunk_users: int, shared_ro
             "run_dir": str(run_dir)}
 
 
-def warm_fit(spec: EvalSpec, shared_root: Path, out: Path) -> float:
+def warm_fit(spec: EvalSpec, shared_root: Path, out: Path, gpus: float = 0.0) -> float:
     """Fit the method once (or load its cached fit) on one worker with every core, so no timed run includes a fit."""
     os.environ["TAILOR_CACHE"] = str(fresh_cache(out / "caches" / "warm-up", shared_root))
-    with WorkerPool(spec, RayOptions(workers=1, threads=os.cpu_count() or 1)) as pool:
+    with WorkerPool(spec, RayOptions(workers=1, threads=os.cpu_count() or 1, gpus=gpus)) as pool:
         return pool.fit_s
 
 
@@ -103,7 +107,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="lamp2m")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--users", type=int, default=100, help="dev users per run (a seeded sample)")
     parser.add_argument("--plan", action="append", help="'method [key=value ...]', repeatable (default: "
                         + ", ".join(repr(p) for p in DEFAULT_PLAN) + ")")
@@ -111,14 +114,19 @@ def main() -> None:
     parser.add_argument("--chunk-users", type=int, default=8, help="users per chunk (one full predict batch at 8)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/ray-scaling"))
+    add_device_options(parser)
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0,
+                        help="GPUs per Ray worker (Ray's num_gpus); 0: the workers see no GPU and run on the CPU")
     args = parser.parse_args()
+    if args.gpus_per_worker == 0 and args.device.startswith("cuda"):
+        parser.error(f"--device {args.device} needs --gpus-per-worker: Ray gives a worker without one no GPU")
     command = "python -m benchmarks.ray_scaling " + shlex.join(sys.argv[1:])
     plan = [parse_plan(entry) for entry in args.plan or DEFAULT_PLAN]
     out = args.out.resolve()
     shared_root = cache_root()
     raw = out / "ray_scaling.json"
-    setting = {"task": args.task, "model": args.model, "dtype": args.dtype, "users": args.users,
-               "chunk_users": args.chunk_users}
+    setting = {"task": args.task, "model": args.model, "device": args.device, "dtype": args.dtype,
+               "gpus_per_worker": args.gpus_per_worker, "users": args.users, "chunk_users": args.chunk_users}
     done = json.loads(raw.read_text()) if raw.exists() else {}
     if done.get("setting") != setting:  # measurements of another setting are not reused
         done = {}
@@ -126,20 +134,24 @@ def main() -> None:
     results, fits = [], dict(done.get("fit_s", {}))
     with ray_session(RayOptions(workers=max(args.workers))):
         for (name, options), entry in zip(plan, args.plan or DEFAULT_PLAN):
-            spec = EvalSpec(task=args.task, method=name, options=options, model=args.model, dtype=args.dtype,
-                            users=args.users, seed=0, label=entry, data_dir=args.data_dir)
+            spec = EvalSpec(task=args.task, method=name, options=options, model=args.model, device=args.device,
+                            dtype=args.dtype, users=args.users, seed=0, label=entry, data_dir=args.data_dir)
             if entry not in fits or any((entry, w) not in kept for w in args.workers):
-                fits[entry] = warm_fit(spec, shared_root, out)
+                fits[entry] = warm_fit(spec, shared_root, out, args.gpus_per_worker)
             for workers in args.workers:
-                result = kept.get((entry, workers)) or measure(spec, workers, out, args.chunk_users, shared_root)
+                result = kept.get((entry, workers)) or measure(spec, workers, out, args.chunk_users, shared_root,
+                                                               args.gpus_per_worker)
                 print(json.dumps({k: v for k, v in result.items() if k != "metrics"}), file=sys.stderr, flush=True)
                 results.append(result)
                 kept[(entry, workers)] = result
                 # after every measurement, so a killed benchmark keeps what it measured and a re-run resumes
                 write_text(raw, json.dumps({"setting": setting, "results": list(kept.values()), "fit_s": fits},
                                            indent=1))
-    spec_line = (f"{args.task} dev, {args.users} users (seed 0), {args.model} {args.dtype}, 1 torch thread per "
-                 f"worker, {args.chunk_users} users per chunk; {machine()}.")
+    ran_on = sorted({f"{m['device']} ({m['hardware']}) in {m['dtype']}" for m in (r["metrics"] for r in results)
+                     if m.get("device")})  # as the workers' runs recorded it
+    spec_line = (f"{args.task} dev, {args.users} users (seed 0), {args.model} on {', '.join(ran_on) or 'no backbone'}"
+                 f", {args.gpus_per_worker:g} GPUs and 1 torch thread per worker, {args.chunk_users} users per chunk; "
+                 f"{machine()}.")
     text = report(results, fits, spec_line, command)
     write_text(out / "ray_scaling.md", text)
     print(text)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.common import add_device_options, machine
 from tailor.atomic import write_text
 from tailor.data.lamp import load_users
 from tailor.store.store import Store
@@ -162,7 +163,8 @@ def run_method(spec: str, args: argparse.Namespace, users: list[User]) -> dict:
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "tailor.cli", "serve", "--store", str(store_dir), "--method", name, "--task",
                args.task, "--model", args.model, "--host", "127.0.0.1", "--port", str(port), "--max-batch",
-               str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), *sets,
+               str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--device", args.device, "--dtype",
+               args.dtype, *sets,
                *(["--data-dir", args.data_dir] if args.data_dir else [])]
     print("$ TAILOR_THREADS=%d %s" % (args.threads, " ".join(command)), file=sys.stderr, flush=True)
     server = ServerProcess(command, folder / "server.log", {**os.environ, "TAILOR_THREADS": str(args.threads)})
@@ -193,7 +195,8 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     lines = [f"{args.requests} predict calls (one (user, query) pair each) from {args.concurrency} concurrent "
              f"clients over {args.users} {get_task(args.task).name} users, {args.model}, loopback, "
              f"max batch {args.max_batch}, max wait {args.max_wait_ms} ms, server threads {args.threads}"
-             + (f", each user's last {args.history_items} history items" if args.history_items else "") + ".", "",
+             + (f", each user's last {args.history_items} history items" if args.history_items else "")
+             + f". Machine: {machine(args.device, args.dtype)}.", "",
              "| method | errors | p50 ms | p99 ms | throughput req/s | x none | mean batch | personalize all s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
@@ -226,14 +229,15 @@ def main() -> None:
                              "time of per-user training methods, which is not what this test measures")
     parser.add_argument("--data-dir")
     parser.add_argument("--out", type=Path, default=Path("runs/serve-load"))
+    add_device_options(parser)
     args = parser.parse_args()
     specs = args.method or ["none", "chameleon:history_in_prompt=false", "perfit"]
     users = pool(args.task, args.users, args.data_dir)
     raw = args.out / "serve_load.json"
     setting = {k: getattr(args, k) for k in ("model", "task", "users", "requests", "concurrency", "max_batch",
-                                             "max_wait_ms", "threads", "seed", "history_items")}
+                                             "max_wait_ms", "threads", "seed", "history_items", "device", "dtype")}
     done = json.loads(raw.read_text()) if raw.exists() else {}
-    if done and done.get("setting") != setting:
+    if done and {"device": "auto", "dtype": "auto", **done.get("setting", {})} != setting:  # older: the defaults
         raise SystemExit(f"{raw} holds a load test with other settings ({done.get('setting')}): use a new --out")
     kept = {r["method"]: r for r in done.get("results", [])}
     for spec in specs:

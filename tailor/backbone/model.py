@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 from tailor.backbone.device import DTypeName, resolve_device, resolve_dtype
 from tailor.backbone.edits import Edit, HookSet, hooked, last_token, mean_over_tokens
@@ -42,6 +43,42 @@ def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
             k += 1
         shared = k
     return shared
+
+
+def _prefix_groups(encoded: Sequence[Sequence[int]], limits: Sequence[int], keys: Sequence[int],
+                   near: float = 0.5) -> list[tuple[int, list[int]]]:
+    """Rows grouped by a prefix worth running once: (prefix length, rows), every row in exactly one group.
+
+    Rows are taken in token order, so a row's closest relative is the row before it. A row joins the current group
+    while the group's common prefix stays at least MIN_SHARED_PREFIX tokens and at least `near` of what the group
+    shared before; a row that shares far more with the row before it than the group does takes that row along into
+    a group of their own. So a batch of questions after one instruction is one group, and CHAMELEON's personalized
+    and neutral twins, which share all but their last sentence, pair up instead of merging over a common preamble.
+    Rows with different `keys` (users whose edits differ) never share, and no row shares beyond its `limits` entry.
+    A row alone has no prefix (length 0).
+    """
+    def common(a: int, b: int) -> int:
+        limit = min(limits[a], limits[b])
+        return _common_prefix([encoded[a][:limit], encoded[b][:limit]]) if keys[a] == keys[b] else 0
+
+    order = sorted(range(len(encoded)), key=lambda i: (keys[i], list(encoded[i])))
+    groups: list[tuple[int, list[int]]] = []
+    for i in order:
+        if groups:
+            size, members = groups[-1]
+            last = members[-1]
+            close = common(last, i)
+            if close >= MIN_SHARED_PREFIX:
+                if len(members) > 1 and close * near > size:  # i and the last member share far more than the group
+                    rest = members[:-1]
+                    groups[-1] = (size if len(rest) > 1 else 0, rest)
+                    groups.append((close, [last, i]))
+                    continue
+                if len(members) == 1 or min(size, close) >= near * size:
+                    groups[-1] = (close if len(members) == 1 else min(size, close), members + [i])
+                    continue
+        groups.append((0, [i]))
+    return groups
 
 
 class _LabelTree:
@@ -216,58 +253,70 @@ class Backbone:
         return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                           use_cache=use_cache or cache is not None, logits_to_keep=logits_to_keep)
 
-    def _prefix_plan(self, edits: Mapping[Site, Edit] | None, lengths: Tensor) -> tuple[int, str]:
-        """How far a prefix shared by every prompt may run once for all rows, and how: "clean" (no edit reaches it:
-        run without edits), "shared" (edits reach it the same way for every row: run once with them) or "per_row"
-        (run once per distinct row of the batch)."""
-        limit = int(lengths.min()) - 1  # every row keeps at least its last token, whose logits are read
+    def _prefix_plan(self, edits: Mapping[Site, Edit] | None, lengths: Tensor) -> tuple[list[int], str]:
+        """Per row, how many leading tokens may run in a prefix shared with other rows, and how the prefixes run:
+        "clean" (no edit reaches them: run without edits), "shared" (edits reach them alike in every row: run with
+        them) or "per_row" (edits differ by row: only rows of the same user share a prefix)."""
+        limit = lengths - 1  # every row keeps at least its last token, whose logits are read
         reaching = []
         for edit in (edits or {}).values():
             untouched = getattr(edit, "untouched", None)
             if untouched is not None:
-                limit = min(limit, int(untouched(lengths).min()))
+                limit = torch.minimum(limit, untouched(lengths).cpu())
             else:
                 reaching.append(edit)
-        if not reaching:
-            return limit, "clean"
-        if all(getattr(edit, "same_for_every_row", False) for edit in reaching):
-            return limit, "shared"
-        return limit, "per_row"
+        how = "clean" if not reaching else \
+            "shared" if all(getattr(edit, "same_for_every_row", False) for edit in reaching) else "per_row"
+        return limit.tolist(), how
 
     def _prefill(self, hooks: HookSet | None, edits: Mapping[Site, Edit] | None, encoded: Sequence[Sequence[int]],
-                 rows: Tensor | None) -> tuple[object, object, Tensor, Tensor]:
+                 rows: Tensor | None, stops: bool = False) -> tuple[object, object, Tensor, Tensor]:
         """Run prompts into a KV cache: (output with the last position's logits, cache, 2D mask over the cache, real
-        prompt lengths). Tokens every prompt starts with run once (once per distinct row when per-row edits reach
-        them) and their cache is shared; the rest of each prompt follows, left-padded after the prefix."""
+        prompt lengths).
+
+        Rows that share a long prefix (`_prefix_groups`: all the questions of a task after the same instruction, the
+        personalized and neutral twins of a CHAMELEON pair) have it run once per group, left-padded beside the other
+        groups' prefixes, and its cache copied to each row; the rest of each prompt then runs after it. A batch in
+        which sharing would save little runs whole.
+
+        `stops`: a capture hook ends each forward once its deepest layer has run (`capture`); the prefix's cache then
+        holds those layers only, which is all the rest of the prompt needs, and nothing of the prefix is captured.
+        """
+        n = len(encoded)
         lengths = torch.tensor([len(e) for e in encoded])
-        limit, how = self._prefix_plan(edits, lengths)
-        shared = min(_common_prefix(encoded), limit)
-        if shared < MIN_SHARED_PREFIX:
+        limits, how = self._prefix_plan(edits, lengths)
+        keys = rows.tolist() if how == "per_row" and rows is not None else [0] * n
+        groups = _prefix_groups(encoded, limits, keys)
+        saved = sum((len(members) - 1) * size for size, members in groups)
+        if saved < 0.25 * int(lengths.sum()):
             batch = self.batch(encoded)
             out = self._forward(hooks, batch.ids, batch.mask, batch.positions, rows, batch.prompt_lengths,
-                                logits_to_keep=1, use_cache=True)
-            return out, out.cache, batch.mask.to(self.device), lengths
-        n = len(encoded)
-        if how == "per_row" and rows is not None:
-            distinct, index = torch.unique(rows, return_inverse=True)
-        else:
-            distinct, index = None, torch.zeros(n, dtype=torch.long)
-        prefix_rows = 1 if distinct is None else len(distinct)
-        ids = torch.tensor([list(encoded[0][:shared])] * prefix_rows)
-        ones = torch.ones_like(ids)
+                                logits_to_keep=1, use_cache=not stops)
+            return out, getattr(out, "cache", None), batch.mask.to(self.device), lengths
+        prefixes = self.batch([list(encoded[members[0]][:size]) for size, members in groups])
+        owner = torch.empty(n, dtype=torch.long)
+        shared = torch.empty(n, dtype=torch.long)
+        for g, (size, members) in enumerate(groups):
+            owner[members] = g
+            shared[members] = size
+        per_row = how == "per_row" and rows is not None
+        group_rows = torch.tensor([keys[members[0]] for _, members in groups]) if per_row else None
+        cache = DynamicCache(config=self.model.config)
         if hooks is not None:
-            hooks.editing = how != "clean"
+            hooks.editing, hooks.capturing = how != "clean", False
         try:
-            first = self._forward(hooks, ids, ones, torch.arange(shared).expand(prefix_rows, -1), distinct,
-                                  torch.full((prefix_rows,), shared), logits_to_keep=1, use_cache=True)
+            self._forward(hooks, prefixes.ids, prefixes.mask, prefixes.positions, group_rows,
+                          prefixes.prompt_lengths, cache=cache, logits_to_keep=1)
+        except _StopForward:
+            if not stops:
+                raise
         finally:
             if hooks is not None:
-                hooks.editing = True
-        cache = first.cache
-        cache.batch_select_indices(index.to(self.device))
-        rest = self.batch([e[shared:] for e in encoded])
-        mask = torch.cat([torch.ones(n, shared, dtype=rest.mask.dtype), rest.mask], dim=1)
-        out = self._forward(hooks, rest.ids, mask, rest.positions + shared, rows, lengths, cache=cache,
+                hooks.editing, hooks.capturing = True, True
+        cache.batch_select_indices(owner.to(self.device))
+        rest = self.batch([e[int(k):] for e, k in zip(encoded, shared)])
+        mask = torch.cat([prefixes.mask[owner], rest.mask], dim=1)
+        out = self._forward(hooks, rest.ids, mask, rest.positions + shared[:, None], rows, lengths, cache=cache,
                             step_mask=rest.mask, logits_to_keep=1)
         return out, out.cache, mask.to(self.device), lengths
 
@@ -275,9 +324,12 @@ class Backbone:
         return hooked(self.model, edits) if edits else nullcontext(None)
 
     @staticmethod
-    def _order(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-        """Indices in batches of similar length (longest first, so memory peaks show up at once)."""
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    def _order(encoded: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:
+        """Indices in batches: prompts that share most of their tokens together (so that their prefix runs once),
+        then by length, longest first (similar lengths pad little, and memory peaks show up at once)."""
+        families = _prefix_groups(encoded, [len(e) - 1 for e in encoded], [0] * len(encoded), near=0.9)
+        families.sort(key=lambda family: -max(len(encoded[i]) for i in family[1]))
+        order = [i for _, members in families for i in sorted(members, key=lambda i: -len(encoded[i]))]
         for start in range(0, len(order), batch_size):
             yield order[start:start + batch_size]
 
@@ -303,7 +355,7 @@ class Backbone:
         eos = torch.tensor(self.eos_ids, device=device)
         pad = torch.tensor(self.tokenizer.pad_token_id, device=device)
         with self._hooks(edits) as hooks:
-            for index in self._order([len(e) for e in encoded], batch_size):
+            for index in self._order(encoded, batch_size):
                 row_ids = self._rows(rows, index)
                 out, cache, mask, lengths = self._prefill(hooks, edits, [encoded[i] for i in index], row_ids)
                 next_pos = lengths.to(device)
@@ -367,7 +419,7 @@ class Backbone:
         scores = np.zeros((len(prompts), len(labels)), dtype=np.float64)
         tree = _LabelTree(label_ids)
         with self._hooks(edits) as hooks:
-            for index in self._order([len(e) for e in encoded], batch_size):
+            for index in self._order(encoded, batch_size):
                 row_ids = self._rows(rows, index)
                 out, cache, mask, lengths = self._prefill(hooks, edits, [encoded[i] for i in index], row_ids)
                 first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
@@ -414,13 +466,17 @@ class Backbone:
         with hooked(self.model, edits, capture=list(sites), capture_fn=fn) as hooks:
             stop = self._stop_after(deepest)
             try:
-                for index in self._order([len(e) for e in encoded], batch_size):
-                    batch = self.batch([encoded[i] for i in index])
+                for index in self._order(encoded, batch_size):
                     for captured in hooks.captured.values():
                         captured.clear()
+                    rows_of = self._rows(rows, index)
                     try:
-                        self._forward(hooks, batch.ids, batch.mask, batch.positions, self._rows(rows, index),
-                                      batch.prompt_lengths, logits_to_keep=1)
+                        if reduce == "last":  # the last token's state: a shared prefix may run once
+                            self._prefill(hooks, edits, [encoded[i] for i in index], rows_of, stops=True)
+                        else:
+                            batch = self.batch([encoded[i] for i in index])
+                            self._forward(hooks, batch.ids, batch.mask, batch.positions, rows_of,
+                                          batch.prompt_lengths, logits_to_keep=1)
                     except _StopForward:
                         pass
                     for site in sites:
