@@ -33,6 +33,14 @@ MIN_SHARED_PREFIX = 8
 """Shared prompt tokens below which a batch is run whole: a separate prefix pass would cost more than it saves."""
 
 
+def _contiguous_input(_module: nn.Module, args: tuple) -> tuple:
+    """The LM head's input made contiguous. A forward that keeps the last k positions' logits hands the head a slice
+    of the hidden states, and on the CPU a linear layer given a non-contiguous 3D input broadcasts its weight to the
+    batch and multiplies batch by batch: for SmolLM2's 49k-word head at batch 16 that copy took 0.83 s in bfloat16
+    (a third of the whole forward) and 0.09 s in float32, against 7 ms and 20 ms once the input is contiguous."""
+    return (args[0].contiguous(), *args[1:])
+
+
 def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
     """How many leading tokens every sequence shares."""
     first = sequences[0]
@@ -152,6 +160,9 @@ class Backbone:
         self.hidden_size = int(config.hidden_size)
         self.eos_ids = self._eos_ids()
         self._render = lru_cache(maxsize=65536)(self._render_uncached)
+        head = model.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(_contiguous_input)
 
     @classmethod
     def load(cls, name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: DTypeName | str = "auto",
