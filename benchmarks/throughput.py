@@ -10,7 +10,7 @@ alone), rendered by the backbone's chat template; labels: LaMP-2N's 15 categorie
   block-causal mask) and `Backbone.generate(prompts, max_new_tokens=N, batch_size=B, stop_at_eos=False)`.
 - old path: `reference_score_labels` and `reference_generate` below, the algorithm tailor used before (commit
   e66535e: every prompt run whole, then each label's continuation one label at a time, the cache cropped back after
-  each), kept here only to measure against.
+  each, and the LM head fed a non-contiguous slice of the hidden states), kept here only to measure against.
 
 First a check on `--check-prompts` prompts that both paths give the same label scores (max |diff| of the
 log-likelihoods, and whether the best label agrees) and the same generations, per dtype and batch size. Then each
@@ -29,6 +29,7 @@ import argparse
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -36,14 +37,41 @@ import torch.nn.functional as F
 
 from benchmarks.cpu_limit import machine_header, timed
 from tailor.backbone.device import DTYPES, resolve_device
-from tailor.backbone.model import Backbone, _common_prefix
+from tailor.backbone.model import Backbone, _common_prefix, _contiguous_input
 from tailor.data.lamp import load_users
 from tailor.tasks import get_task
+
+
+@contextmanager
+def sliced_head_input(backbone: Backbone) -> Iterator[None]:
+    """The LM head fed the slice of hidden states the forward hands it, as before tailor made that input contiguous
+    (`tailor.backbone.model._contiguous_input`): the reference paths below run the model as tailor ran it then."""
+    hooks = backbone.model.get_output_embeddings()._forward_pre_hooks
+    removed = {k: h for k, h in hooks.items() if h is _contiguous_input}
+    for key in removed:
+        del hooks[key]
+    try:
+        yield
+    finally:
+        hooks.update(removed)
 
 
 @torch.inference_mode()
 def reference_score_labels(backbone: Backbone, prompts: Sequence[str], labels: Sequence[str],
                            batch_size: int) -> np.ndarray:
+    with sliced_head_input(backbone):
+        return _reference_score_labels(backbone, prompts, labels, batch_size)
+
+
+@torch.inference_mode()
+def reference_generate(backbone: Backbone, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+                       stop_at_eos: bool = True) -> list[str]:
+    with sliced_head_input(backbone):
+        return _reference_generate(backbone, prompts, max_new_tokens, batch_size, stop_at_eos)
+
+
+def _reference_score_labels(backbone: Backbone, prompts: Sequence[str], labels: Sequence[str],
+                            batch_size: int) -> np.ndarray:
     """The label-scoring path tailor used before prefix reuse and batched label continuations (commit e66535e's
     `Backbone.score_labels`, without edits), kept here only to measure the new path against.
 
@@ -78,9 +106,8 @@ def reference_score_labels(backbone: Backbone, prompts: Sequence[str], labels: S
     return scores
 
 
-@torch.inference_mode()
-def reference_generate(backbone: Backbone, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-                       stop_at_eos: bool = True) -> list[str]:
+def _reference_generate(backbone: Backbone, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+                        stop_at_eos: bool = True) -> list[str]:
     """The greedy-generation path tailor used before prefix reuse (commit e66535e's `Backbone.generate`, without
     edits), kept here only to measure the new path against: prompts batched by length (`_reference_order`), each
     batch's prompts run whole (left-padded), then one token per step over the KV cache."""

@@ -25,7 +25,8 @@ console = Console(stderr=True)
 TaskName = Annotated[str, typer.Option(help="lamp1, lamp2n, lamp2m, lamp3, lamp4, lamp5, lamp7")]
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="LaMP data folder (default: $TAILOR_DATA, "
                                                  "then ../shared/lamp)")]
-Model = Annotated[str, typer.Option(help="packaged model (smollm2-135m, qwen2.5-coder-0.5b) or a local HF folder")]
+Model = Annotated[str, typer.Option(help="packaged model (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b) or "
+                                         "a local HF folder")]
 Device = Annotated[str, typer.Option(help="auto (a CUDA GPU when present, else the CPU), cpu, cuda, cuda:N or mps")]
 Dtype = Annotated[str, typer.Option(help="auto (bfloat16 where the device computes it in hardware, else float32), "
                                          "float32, bfloat16 or float16")]
