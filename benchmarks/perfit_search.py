@@ -54,6 +54,7 @@ def layer_sets(n_layers: int) -> list[str]:
 
 
 SPACE: dict[str, Sequence[Any]] = {
+    "k": (0, 1, 2, 4),
     "positions": ("l1", "l3", "l5", "l9", "f3+l3", "f5+l5"),
     "rank1": (1, 2, 4, 8),
     "rank2": (1, 2, 4, 8),

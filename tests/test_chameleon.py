@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from tailor.backbone.layers import Site
 from tailor.backbone.model import Backbone, log_normalise
 from tailor.data.lamp import load_users
 from tailor.methods.chameleon import Chameleon, select_history
-from tailor.methods.subspace import ProjectionEdit, ccs_direction, personal_direction, project_edit
+from tailor.methods.subspace import ProjectionEdit, ccs_direction, ccs_layers, personal_direction, project_edit
 from tailor.store.state import UserState
 from tailor.tasks import get_task
 
@@ -132,13 +134,14 @@ def test_calibrated_best_label_ranks_against_the_content_free_prompt(backbone: B
         cached_best_label(backbone, prompts, labels, content_free=content_free[:1])
 
 
-@pytest.mark.parametrize("options, answered_by", [({}, "scoring"), ({"calibrate": True}, "calibrated"),
-                                                  ({"mode": "generation"}, "generation")])
-def test_synthetic_answers_are_written_the_way_the_method_answers(backbone: Backbone, lamp_dir: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch, options: dict,
-                                                                  answered_by: str) -> None:
-    """Label scoring answers "1" to every LaMP-3 prompt here (section 10 of BENCHMARKS.md), so every pair was
-    dropped; calibrated or generated answers can differ between the two insights, so pairs follow the mode."""
+@pytest.mark.parametrize("options, answered_by", [
+    ({}, "generation"), ({"calibrate": True}, "generation"), ({"mode": "generation"}, "generation"),
+    ({"answers": "score"}, "scoring"), ({"answers": "score", "calibrate": True}, "calibrated")])
+def test_synthetic_answers_are_generated_as_the_paper_does_or_scored_when_asked(
+        backbone: Backbone, lamp_dir: Path, monkeypatch: pytest.MonkeyPatch, options: dict, answered_by: str) -> None:
+    """The paper generates each synthetic answer under its insight prompt and reads the label from it; scoring the
+    labels instead (raw or calibrated, as the method answers) is kept as an option. Label scoring answered "1" to
+    every LaMP-3 prompt here, so every scored pair was dropped."""
     import tailor.methods.chameleon as chameleon
 
     calls: list[str] = []
@@ -203,12 +206,45 @@ def test_group_and_unseen_scopes(backbone: Backbone, lamp_dir: Path, tmp_path: P
     states = group.personalize_many(dev)
     assert all("group" in s.header for s in states)
 
-    unseen = Chameleon(task, backbone, scope="unseen", **options)
-    unseen.groups = group.groups
-    state = unseen.personalize(dev[0])
+    nearest = Chameleon(task, backbone, scope="nearest-group", **options)
+    nearest.groups = group.groups
+    state = nearest.personalize(dev[0])
     assert state.header["group"] in (0, 1) and "insight_p" not in state.header  # nothing was generated
     assert torch.equal(state.tensors["theta_p"], group.groups[state.header["group"]]["directions"].theta_p.half())
     group.save_fit(tmp_path)
-    reloaded = Chameleon(task, backbone, scope="unseen", **options)
-    reloaded.load_fit(tmp_path)
-    assert [g["users"] for g in reloaded.groups] == [g["users"] for g in group.groups]
+    unseen = Chameleon(task, backbone, scope="unseen", **options)
+    unseen.load_fit(tmp_path)
+    assert [g["users"] for g in unseen.groups] == [g["users"] for g in group.groups]
+    assert unseen.pooled is not None and torch.equal(unseen.pooled.theta_p, group.pooled.theta_p)
+
+
+def test_an_unseen_user_contributes_nothing(backbone: Backbone, lamp_dir: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Section 4.3's unseen users have no history: every unseen user gets the fitted pool's directions and is asked
+    the question alone, whatever their own history says (it once chose a group by the user's history)."""
+    task = get_task("lamp2n")
+    options = dict(history=3, layers=1, ccs_restarts=1, ccs_steps=10, insight_tokens=6, groups=2, group_users=6)
+    fitted = Chameleon(task, backbone, scope="unseen", **options)
+    monkeypatch.setattr(fitted, "_answers", scripted_answers)
+    monkeypatch.setattr(fitted, "_insights", scripted_insights)
+    fitted.fit(load_users(task, "train", lamp_dir))
+    a, b = load_users(task, "dev", lamp_dir)[:2]
+    stranger = dataclasses.replace(b, profile=a.profile[::-1] + b.profile)  # another history entirely
+    states = fitted.personalize_many([a, b, stranger])
+    assert fitted.pooled is not None
+    for state in states:
+        assert "history" not in state.header and "insight_p" not in state.header and "group" not in state.header
+        assert torch.equal(state.tensors["theta_p"], fitted.pooled.theta_p.half())
+    assert fitted.prompt(states[0], a.queries[0].input) == a.queries[0].input
+
+
+def test_one_kept_pair_gives_no_edit(backbone: Backbone) -> None:
+    """With one pair, centring each side on its own mean leaves nothing to probe: CHAMELEON must not edit (it once
+    edited layers 0-2, chosen by index among losses that all tied)."""
+    method = Chameleon(get_task("lamp2n"), backbone, layers=2, ccs_restarts=1, ccs_steps=5)
+    one = torch.randn(1, backbone.n_layers, backbone.hidden_size)
+    assert method.directions(one, one + 1.0) is None
+    two = torch.randn(2, backbone.n_layers, backbone.hidden_size)
+    assert method.directions(two, two + torch.randn_like(two)) is not None
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        ccs_layers(one, one + 1.0)

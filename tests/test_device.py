@@ -85,3 +85,15 @@ def test_a_state_keeps_its_precision_and_loads_where_asked(tmp_path: Path) -> No
     assert loaded.dtype == "bfloat16" and loaded.tensors["v"].dtype == torch.bfloat16
     older = UserState("rag", 1, "u", "tiny/2x32", {"k": 1}, {"v": torch.ones(3)})  # made before dtype was kept
     assert UserState.load(older.save(tmp_path / "old.safetensors")).dtype is None
+
+
+def test_gpus_per_worker_without_a_gpu_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import typer
+
+    from tailor.cli._options import LOCAL, ray_options
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(typer.BadParameter, match="no CUDA device"):
+        ray_options(LOCAL, workers=2, threads=1, gpus=0.5)
+    assert ray_options(LOCAL, workers=2, threads=1, gpus=0.0).gpus == 0.0
+    assert ray_options("10.0.0.1:6379", workers=2, threads=1, gpus=0.5).gpus == 0.5  # the cluster's GPUs, not ours

@@ -17,6 +17,7 @@ from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.methods.lora import (OPPU, LoRAP, MTLoRA, StackTrainer, plan, token_groups, tokenise, train_users)
 from tailor.tasks import get_task
+from tailor.tasks.records import HistoryItem, User
 
 pytestmark = pytest.mark.usefixtures("private_cache", "one_thread")
 
@@ -244,3 +245,20 @@ def test_mt_lora_fit_resumes_from_its_checkpoint(backbone: Backbone, lamp_dir: P
 
 def test_user_seed_is_stable_and_distinct() -> None:
     assert user_seed(0, "u1") == user_seed(0, "u1") != user_seed(0, "u2") != user_seed(1, "u1")
+
+
+def test_training_examples_retrieve_from_earlier_items_only(backbone: Backbone) -> None:
+    """A history item's training prompt may show the user's items before it, never after: at inference the query is
+    newer than the whole profile, and a later item would leak a future the model never sees then."""
+    task = get_task("lamp2n")
+
+    def item(i: int, text: str, category: str) -> HistoryItem:
+        return HistoryItem(f"i{i}", {"text": text, "title": f"t{i}", "category": category})
+
+    user = User("u", task.name, (item(0, "golf open final round birdie", "sports"),
+                                 item(1, "senate vote on the budget bill", "politics"),
+                                 item(2, "golf open final round eagle putt", "sports")))
+    method = LoRAP(task, backbone, k=1, history_tokens=64)
+    prompts = [prompt for prompt, _ in method.training_pairs(user, limit=3)]
+    assert "eagle" not in prompts[0] and "senate" not in prompts[0]  # item 0 has nothing before it
+    assert "birdie" in prompts[2] and "senate" not in prompts[2]  # item 2 retrieves its best earlier match

@@ -160,3 +160,21 @@ def test_state_round_trip_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="corrupt or truncated"):
         UserState.load(path)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_lamp7_training_examples_do_not_hold_their_own_answer(backbone: Backbone) -> None:
+    """LaMP-7's history items are the user's tweets alone. Asked as "paraphrase this tweet", an item's input would hold
+    its own target, and every method trained on it would learn to copy its input; the example is the tweet after
+    OPPU's "tweet:" prompt instead, and the item is still asked as the task's question where a question is meant."""
+    from tailor.methods.lora import LoRAP
+    from tailor.methods.perfit import history_examples
+
+    task = get_task("lamp7")
+    tweets = ["off to the gym again lol", "cant believe the game last night!!", "coffee first then emails ugh"]
+    user = User("u", task.name, tuple(HistoryItem(f"i{i}", {"text": t}) for i, t in enumerate(tweets)))
+    for prompt, target in [task.example(item) for item in user.profile] \
+            + LoRAP(task, backbone, k=1, history_tokens=64).training_pairs(user, limit=3) \
+            + history_examples(task, backbone, user, 1, 64):
+        assert target in tweets and target not in prompt
+    assert task.question(user.profile[0]).endswith(tweets[0])  # CHAMELEON's queries still ask the paraphrase
+    assert get_task("lamp2n").example(news_user(["sports"]).profile[0])[0].startswith("Which category")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from tailor.methods import build_method
 from tailor.methods.p2p import P2P, TrainingSet, plan_steps, sqrt_weights
 from tailor.store.state import UserState
 from tailor.tasks import get_task
-from tailor.tasks.records import Query, User
+from tailor.tasks.records import HistoryItem, Query, User
 
 pytestmark = pytest.mark.usefixtures("private_cache", "one_thread")
 
@@ -240,3 +241,51 @@ def test_a_step_in_token_groups_has_the_gradient_of_one_forward(backbone: Backbo
     assert len(rows) > 1 and losses[0] == pytest.approx(losses[1], abs=1e-5)
     assert len(grads[0]) == len(grads[1]) > 0
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_profile_ends_with_the_official_label_statistics_on_classification_tasks(backbone: Backbone) -> None:
+    from tailor.methods.p2p import history_statistics
+
+    news = get_task("lamp2n")
+    items = [HistoryItem(str(i), {"text": "t", "title": "x", "category": c})
+             for i, c in enumerate(["sports", "politics", "politics", "crime", "politics", "sports"])]
+    assert history_statistics(news, items) == ("total=6 | politics=3 (50.0%), sports=2 (33.3%), crime=1 (16.7%)")
+    p2p = method(backbone)
+    assert p2p.profile_text(news, "SUMMARY", [], items).endswith(
+        "\n\n## User History Statistics: total=6 | politics=3 (50.0%), sports=2 (33.3%), crime=1 (16.7%)")
+    assert history_statistics(get_task("lamp3"), [HistoryItem("1", {"text": "t", "score": "5"})]) == ""
+    without = P2P(news, backbone, dataclasses.replace(p2p.config, history_stats=False))
+    assert without.profile_text(news, "SUMMARY", [], items) == "SUMMARY"
+
+
+def test_rslora_scale_label_smoothing_and_the_l2_penalty(backbone: Backbone, lamp_dir: Path) -> None:
+    import math
+
+    p2p = method(backbone)
+    assert p2p.lora_alpha == pytest.approx(16 * math.sqrt(8 if p2p.config.r == 8 else p2p.config.r))
+    stack = p2p.generate(torch.randn(2, p2p.embedding_dim()), p2p.new_hypernet())
+    assert stack.scaling == pytest.approx(p2p.config.alpha / math.sqrt(p2p.config.r))
+    data = p2p.training_set(users_of(lamp_dir, "train")[:3])
+    losses, l2 = p2p.row_losses(p2p.new_hypernet(), data, [0, 1])
+    written = p2p.generate(data.embeddings[[0, 1]], p2p.new_hypernet())
+    kinds = sorted({s.kind for s in written.sites})
+    expected = sum(torch.stack([written.A[s].pow(2).mean() for s in written.sites if s.kind == k]).mean()
+                   + torch.stack([written.B[s].pow(2).mean() for s in written.sites if s.kind == k]).mean()
+                   for k in kinds)
+    assert float(l2) == pytest.approx(float(expected), rel=1e-5) and float(l2) > 0
+    smoothed, _ = p2p.row_losses(p2p.new_hypernet(), data, [0, 1], label_smoothing=0.1)
+    assert not torch.allclose(losses, smoothed)
+
+
+def test_a_budgeted_fit_stops_in_time_and_writes_its_learning_curve(backbone: Backbone, lamp_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    import csv
+
+    p2p = method(backbone, steps=400, budget_s=1e-6, eval_every=1, val_users=3)
+    p2p.fit(users_of(lamp_dir, "train"), workdir=tmp_path)
+    p2p.save_fit(tmp_path)
+    log = json.loads((tmp_path / "fit.json").read_text())
+    assert log["steps"] == 1 and log["planned_steps"] == 400 and log["validation_users"] == 3
+    rows = list(csv.reader((tmp_path / "curve.csv").open()))
+    assert rows[0] == ["step", "train_loss", "validation_loss"] and [r[0] for r in rows[1:]] == ["0", "1"]
+    assert (tmp_path / "curve.png").stat().st_size > 1000

@@ -213,13 +213,24 @@ def rank_concat(parts: Sequence[LoRAStack]) -> LoRAStack:
     """Adapters summed into one of rank Σr: A = [A_1; A_2], B = [s_1 B_1, s_2 B_2], alpha = Σr (scaling 1).
 
     Σ s_i B_i A_i x = [s_1 B_1, s_2 B_2] [A_1; A_2] x, so OPPU's base + personal LoRA is exactly one ordinary LoRA
-    that PEFT and multi-LoRA servers can load. Every part must hold the same number of users and the same sites.
+    that PEFT and multi-LoRA servers can load. Every part must hold the same number of users; a site a part does not
+    adapt gets zeros in that part's rows (OPPU's base adapts q, k and v, its users q and v).
     """
-    sites = parts[0].sites
-    if any(p.sites != sites or p.users != parts[0].users for p in parts):
-        raise ValueError("rank_concat needs stacks with the same sites and users")
-    A = {s: torch.cat([p.A[s] for p in parts], dim=1) for s in sites}
-    B = {s: torch.cat([p.B[s] * p.scaling for p in parts], dim=2) for s in sites}
+    users = parts[0].users
+    if any(p.users != users for p in parts):
+        raise ValueError("rank_concat needs stacks with the same number of users")
+    sites = sorted({s for p in parts for s in p.sites})
+    shapes = {s: (p.A[s].shape[2], p.B[s].shape[1]) for p in parts for s in p.sites}  # (in, out)
+
+    def a_of(p: LoRAStack, s: Site) -> Tensor:
+        return p.A[s] if s in p.A else torch.zeros(users, p.r, shapes[s][0], device=p.A[p.sites[0]].device)
+
+    def b_of(p: LoRAStack, s: Site) -> Tensor:
+        return p.B[s] * p.scaling if s in p.B else torch.zeros(users, shapes[s][1], p.r,
+                                                                device=p.B[p.sites[0]].device)
+
+    A = {s: torch.cat([a_of(p, s) for p in parts], dim=1) for s in sites}
+    B = {s: torch.cat([b_of(p, s) for p in parts], dim=2) for s in sites}
     return LoRAStack(A, B, float(sum(p.r for p in parts)))
 
 

@@ -518,7 +518,7 @@ class Backbone:
         return self.batch(sequences, prompt_lengths=lengths, labels=labels)
 
     def sft_loss(self, batch: Batch, hooks: HookSet | None = None, rows: Tensor | None = None,
-                 reduction: Literal["mean", "per_row"] = "mean") -> Tensor:
+                 reduction: Literal["mean", "per_row"] = "mean", label_smoothing: float = 0.0) -> Tensor:
         """Next-token cross-entropy on the labelled (target) tokens; gradients flow into whatever the edits hold.
 
         Rows are left-padded, so the targets sit in the last columns: only the positions from the first labelled
@@ -533,7 +533,7 @@ class Backbone:
         logits = out.logits[:, :-1].float()
         target = batch.labels[:, width - keep + 1:].to(logits.device)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                               reduction="none").view(target.shape)
+                               reduction="none", label_smoothing=label_smoothing).view(target.shape)
         counts = (target != -100).sum(-1).clamp(min=1)
         per_row = loss.sum(-1) / counts
         return per_row if reduction == "per_row" else loss.sum() / counts.sum()

@@ -14,8 +14,18 @@ loss are edited. Section 3.3, group scale: the pairs of a group of users are poo
 them all, which also personalizes users with no history of their own.
 
 Modes (`scope`): "user" (the user's own pairs), "group" (the user's pairs pooled with those of the nearest fitted
-group, users grouped by the embedding of their personalized insight), "unseen" (nothing is generated for the user:
-the nearest group by history embedding lends its directions).
+group, users grouped by the embedding of their personalized insight), "unseen" (section 4.3: nothing of the user is
+used, neither history nor anything generated; the pairs of every fitted training user give one set of directions,
+and the question is asked alone), "nearest-group" (nothing is generated for the user, but the group whose users'
+histories are closest to the user's history lends its directions: a generation-free scope of tailor's own, not the
+paper's unseen users).
+
+Synthetic answers (`answers`): "generate", as the paper does, writes each answer freely under the insight-guided
+prompt and parses it to the task's label or score for the pair text; "score" takes the label the backbone scores
+highest under each prompt instead (tailor's first recipe: on small models both insights rarely move the argmax, and
+most pairs were identical and dropped). At inference (`insight_prompt`) the question is asked in the paper's
+personalized template, with the user's selected history and personalized insight; off, it is LaMP's history-then-
+question prompt the paper gives its baselines.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ from tailor.backbone.cache import HiddenCache, cached_best_label, cached_generat
 from tailor.backbone.layers import Site
 from tailor.methods.base import LMConfig, LMPersonalizer, Progress
 from tailor.methods.profile import format_history
-from tailor.methods.subspace import ProjectionEdit, ccs_layers, personal_direction
+from tailor.methods.subspace import MIN_PAIRS, ProjectionEdit, ccs_layers, personal_direction
 from tailor.retrieval.embed import Embedder, default_embedder
 from tailor.store.state import UserState
 from tailor.tasks.lamp import Task
@@ -168,7 +178,13 @@ class ChameleonConfig(LMConfig):
     scale_n: float = 1.0
     direction: Literal["both", "personal", "neutral", "random"] = "both"
     """Ablations of the paper's Table 3, plus random unit directions as a control that must not help."""
-    scope: Literal["user", "group", "unseen"] = "user"
+    scope: Literal["user", "group", "unseen", "nearest-group"] = "user"
+    answers: Literal["generate", "score"] = "generate"
+    """How the synthetic answers are written: generated under the insight prompt and parsed (the paper), or the
+    label the backbone scores highest under it (classification tasks only; generation tasks always generate)."""
+    insight_prompt: bool = True
+    """Ask the question at inference in the paper's personalized template with the user's insight (off: LaMP's
+    prompt with the selected history, as the paper's baselines are asked)."""
     groups: int = 4
     group_users: int = 100
     """Training users whose pairs the group fit pools (the paper pools 100)."""
@@ -178,8 +194,15 @@ class ChameleonConfig(LMConfig):
     ccs_restarts: int = 4
     ccs_steps: int = 300
     history_in_prompt: bool = True
-    """Put the selected history in front of the query at inference, as the paper's comparisons do ("the same
-    prompt format and the same pre-selected user history profile"). Unseen users have no history to show."""
+    """Put the selected history in the prompt at inference, as the paper's comparisons do ("the same prompt format
+    and the same pre-selected user history profile"). Unseen users have no history to show."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope not in ("user", "group", "unseen", "nearest-group"):
+            raise ValueError(f"scope must be user, group, unseen or nearest-group, not {self.scope!r}")
+        if self.answers not in ("generate", "score"):
+            raise ValueError(f"answers must be generate or score, not {self.answers!r}")
     seed: int = 0
 
 
@@ -218,7 +241,7 @@ CC = TypeVar("CC", bound=ChameleonConfig, default=ChameleonConfig)
 
 class Chameleon(LMPersonalizer[CC]):
     name = "chameleon"
-    version = 1
+    version = 2  # 2: generated answers, the insight prompt, no edit from one pair, unseen users contribute nothing
     update_note = ("CHAMELEON's history selection (a PCA over all items), insights, pairs and CCS probes depend on the "
                    "whole history; rebuilt, with unchanged generations and hidden states read from the caches")
 
@@ -227,10 +250,12 @@ class Chameleon(LMPersonalizer[CC]):
         self.style = prompt_style(self.task)
         self.hidden = HiddenCache()
         self.groups: list[dict] = []
+        self.pooled: Directions | None = None
 
     @property
     def fits(self) -> bool:
         return self.config.scope != "user"
+
 
     @property
     def _embed(self) -> Embedder:
@@ -250,14 +275,15 @@ class Chameleon(LMPersonalizer[CC]):
         return [clean_insight(text) for text in texts]
 
     def _answers(self, prompts: list[str], content_free: list[str] | None) -> list[str]:
-        """The synthetic answers, written the way this configuration answers queries (generation, label scoring or
-        calibrated label scoring), so a pair differs only where the insight changes the model's own answer."""
-        if not self.scoring:
-            max_new = self.config.answer_tokens or self.max_new_tokens
-            raw = cached_generate(self.backbone, prompts, max_new, self.config.batch_size)
-            return [self.task.parse(text) for text in raw]
-        return cached_best_label(self.backbone, prompts, self.task.labels, self.config.batch_size,
-                                 content_free=content_free)
+        """The synthetic answers: generated under each insight prompt and parsed to the task's label or score (the
+        paper), or, with `answers="score"` on a classification task, the label the backbone scores highest (raw or
+        calibrated, as this configuration answers queries)."""
+        if self.scoring and self.config.answers == "score":
+            return cached_best_label(self.backbone, prompts, self.task.labels, self.config.batch_size,
+                                     content_free=content_free)
+        max_new = self.config.answer_tokens or self.max_new_tokens
+        raw = cached_generate(self.backbone, prompts, max_new, self.config.batch_size)
+        return [self.task.parse(text) for text in raw]
 
     def preference_data(self, users: Sequence[User]) -> list[UserPairs]:
         """Selection, insights, pairs and their hidden states for several users, each stage batched across users."""
@@ -278,13 +304,13 @@ class Chameleon(LMPersonalizer[CC]):
 
         clock = time.perf_counter()
         jobs = []  # (user index, query input, pair context, personalized prompt, neutral prompt)
-        calibrate = self.scoring and self.config.calibrate
+        calibrate = self.scoring and self.config.calibrate and self.config.answers == "score"
         content_free = []  # the two prompts with the new item replaced by "N/A" (calibrated scoring only)
         for u, (chosen, _, _) in enumerate(selections):
             for item in chosen:
                 others = self._formatted([other for other in chosen if other.id != item.id])
                 history = history_block(self.style, others)
-                query_input, _ = self.task.example(item)
+                query_input = self.task.question(item)
                 query = self.task.retrieval_query(query_input)
                 jobs.append((u, query_input, self.task.join_history(others, query_input),
                              preference_prompt(self.style, history, query, insights[2 * u], True),
@@ -320,8 +346,9 @@ class Chameleon(LMPersonalizer[CC]):
 
     # --- section 3.2: directions and layer choice ----------------------------------------------------------------
     def directions(self, hidden_p: Tensor, hidden_n: Tensor) -> Directions | None:
-        """theta_P and theta_N at every layer; keep the L layers with the lowest CCS loss. None without pairs."""
-        if len(hidden_p) == 0:
+        """theta_P and theta_N at every layer; keep the L layers with the lowest CCS loss. None (no edit) with fewer
+        than two pairs, which CCS cannot probe (`subspace.MIN_PAIRS`)."""
+        if len(hidden_p) < MIN_PAIRS:
             return None
         clock = time.perf_counter()
         thetas_p = [personal_direction(hidden_p[:, layer]) for layer in range(hidden_p.shape[1])]
@@ -368,7 +395,10 @@ class Chameleon(LMPersonalizer[CC]):
         if self.config.scope != "user" and not self.groups:
             raise RuntimeError(f"chameleon scope={self.config.scope!r} needs fit(train_users) first")
         if self.config.scope == "unseen":
-            states = [self._unseen_state(user) for user in users]
+            states = [self._state(user, self.pooled, {"scope_note": "no user data: the fitted pool's directions"})
+                      for user in users]
+        elif self.config.scope == "nearest-group":
+            states = [self._nearest_group_state(user) for user in users]
         else:
             states = []
             for user, pairs in zip(users, self.preference_data(users)):
@@ -387,7 +417,8 @@ class Chameleon(LMPersonalizer[CC]):
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
         """Pool the preference data of `group_users` training users into `groups` groups (section 3.3).
 
-        Only the group and unseen scopes use groups; per-user CHAMELEON has nothing to fit.
+        The group scope pools a user's pairs with the nearest group's, the unseen scope uses every group's pairs
+        together (`pooled`), nearest-group lends a group's own directions; per-user CHAMELEON has nothing to fit.
         """
         from sklearn.cluster import KMeans
 
@@ -407,8 +438,9 @@ class Chameleon(LMPersonalizer[CC]):
         self.groups = []
         for g in sorted(set(labels.tolist())):  # identical insights can leave fewer distinct clusters than k
             members = [p for p, label in zip(data, labels) if label == g]
-            hidden_p = torch.cat([p.hidden_p for p in members])
-            hidden_n = torch.cat([p.hidden_n for p in members])
+            # Rounded to float16 as `save_fit` keeps them, so a fit used at once and one loaded later edit alike.
+            hidden_p = torch.cat([p.hidden_p for p in members]).half().float()
+            hidden_n = torch.cat([p.hidden_n for p in members]).half().float()
             self.groups.append({
                 "users": [p.user_id for p in members],
                 "insight_centroid": insight_vectors[labels == g].mean(axis=0),
@@ -416,14 +448,21 @@ class Chameleon(LMPersonalizer[CC]):
                 "hidden_p": hidden_p, "hidden_n": hidden_n,
                 "directions": self.directions(hidden_p, hidden_n),
             })
+        self._pool()
 
     def _nearest(self, key: str, vector: np.ndarray) -> int:
         centroids = np.stack([g[key] for g in self.groups])
         cosine = centroids @ vector / (np.linalg.norm(centroids, axis=1) * np.linalg.norm(vector) + 1e-12)
         return int(np.argmax(cosine))
 
-    def _unseen_state(self, user: User) -> UserState:
-        """A user outside the fitted groups: nearest group by the mean embedding of their history, nothing generated."""
+    def _pool(self) -> None:
+        """Directions from the pairs of every fitted training user together: what an unseen user is edited with."""
+        self.pooled = self.directions(torch.cat([g["hidden_p"] for g in self.groups]),
+                                      torch.cat([g["hidden_n"] for g in self.groups])) if self.groups else None
+
+    def _nearest_group_state(self, user: User) -> UserState:
+        """The group whose users' histories are closest to this user's history (mean embeddings), nothing
+        generated."""
         clock = time.perf_counter()
         vector = self._embed([self.task.format_item(item) for item in user.profile]).mean(axis=0)
         group = self._nearest("history_centroid", vector)
@@ -451,12 +490,19 @@ class Chameleon(LMPersonalizer[CC]):
                                 "insight_centroid": tensors[f"{g}.insight_centroid"].numpy(),
                                 "history_centroid": tensors[f"{g}.history_centroid"].numpy(),
                                 "directions": self.directions(hidden_p, hidden_n)})
+        self._pool()
 
     # --- section 3.2 at inference: the edit ----------------------------------------------------------------------
     def prompt(self, state: UserState, query_input: str) -> str:
-        if not self.config.history_in_prompt:
-            return query_input
-        return self.task.join_history(state.header.get("history", []), query_input)
+        """The paper's personalized template with the user's insight and selected history (appendix A.3, the prompt
+        the insight guided the synthetic answers with), or LaMP's prompt: history, then the question. A state with
+        no insight (unseen, nearest-group) is asked in LaMP's prompt, an unseen user with the question alone."""
+        history = state.header.get("history", []) if self.config.history_in_prompt else []
+        insight = state.header.get("insight_p") if self.config.insight_prompt else None
+        if insight:
+            return preference_prompt(self.style, history_block(self.style, history),
+                                     self.task.retrieval_query(query_input), insight, True)
+        return self.task.join_history(history, query_input)
 
     def edits(self, states: Sequence[UserState]) -> Mapping[Site, ProjectionEdit] | None:
         """One ProjectionEdit per layer any user in the batch edits; users who do not edit a layer get zero gains.

@@ -64,7 +64,7 @@ class TimeConstrainedDPO(Chameleon[DPOConfig]):
     """Reuses CHAMELEON's preference data (and its caches), then trains DPO for CHAMELEON's time per user."""
 
     name = "dpo"
-    version = 2  # 2: warm-up rounded down, precision chosen by the CPU
+    version = 3  # 2: warm-up rounded down, precision chosen by the CPU; 3: CHAMELEON 2's pairs
     update_note = "a per-user adapter trained on pairs made from the whole history: rebuilt"
 
     @property

@@ -39,8 +39,7 @@ from tailor.backbone.model import Backbone
 from tailor.methods.base import Personalizer, Progress
 from tailor.methods.checkpoint import Checkpoint
 from tailor.methods.profile import ProfileSummarizer, format_history
-from tailor.methods.prompting import RAG, RAGConfig, profile_header
-from tailor.retrieval.bm25 import BM25Index
+from tailor.methods.prompting import RAG, RAGConfig, profile_header, retrieve_earlier
 from tailor.store.state import UserState
 from tailor.tasks.records import HistoryItem, User
 
@@ -72,8 +71,14 @@ class LoRAConfig(RAGConfig):
 
 @dataclass
 class MTLoRAConfig(LoRAConfig):
+    """OPPU's base recipe (official task_LoRA.py: r=8, alpha=8 on q, k and v, 3 epochs). What differs: lr 5e-4 for
+    its 1e-4 (its batch of 16 over whole training sets takes far more steps than this budget of 1,024 examples),
+    no dropout (0.05 there), and the examples are training users' history items, where OPPU's base reads other users'
+    queries."""
+
+    targets: str = "q_proj,k_proj,v_proj"
     lr: float = 5e-4
-    epochs: int = 1
+    epochs: int = 3
     max_examples: int = 8
     max_total: int = 1024
     """Training examples over all users at most: each user's newest items are taken in turn, user by user, so
@@ -100,6 +105,7 @@ class OPPUConfig(LoRAPConfig):
     summary_items: int = 16
     summary_history_tokens: int = 768
     summary_tokens: int = 128
+    base_targets: str = MTLoRAConfig.targets
     base_lr: float = MTLoRAConfig.lr
     base_epochs: int = MTLoRAConfig.epochs
     base_max_examples: int = MTLoRAConfig.max_examples
@@ -270,6 +276,8 @@ PC = TypeVar("PC", bound=LoRAPConfig, default=LoRAPConfig)
 class LoRAFamily(RAG[FC]):
     """Prompts, training examples and adapter bookkeeping the three LoRA baselines share."""
 
+    version = 2  # 2: training prompts retrieve from earlier items only; LaMP-7 examples language-model the tweets
+
     @property
     def sites(self) -> list[Site]:
         return lora_sites(self.backbone.model, [t.strip() for t in self.config.targets.split(",") if t.strip()])
@@ -285,15 +293,14 @@ class LoRAFamily(RAG[FC]):
         return self.compose(query_input, items, state.header.get("summary"))
 
     def training_pairs(self, user: User, limit: int, summary: str | None = None) -> list[tuple[str, str]]:
-        """The user's newest `limit` history items as (prompt, output), each prompt retrieving from the other items."""
+        """The user's newest `limit` history items as (prompt, output), each prompt retrieving from the items before
+        it only (`retrieve_earlier`), as OPPU and PerFit train."""
         items = user.profile
-        index = BM25Index([self.task.document(item) for item in items]) if self.config.k > 0 and items else None
         pairs = []
         for i in range(max(len(items) - limit, 0), len(items)):
             question, output = self.task.example(items[i])
-            retrieved = [] if index is None else \
-                [items[j] for j in index.top_k(self.task.retrieval_query(question), self.config.k + 1) if j != i]
-            pairs.append((self.compose(question, retrieved[:self.config.k], summary), output))
+            pairs.append((self.compose(question, retrieve_earlier(self.task, items, i, self.config.k), summary),
+                          output))
         return pairs
 
     def export_peft(self, state: UserState, folder: str | Path) -> Path:
@@ -457,7 +464,7 @@ class OPPU(LoRAP[OPPUConfig]):
         inference options left at their defaults so that an `mt-lora` run with the same options shares its fit."""
         names = {f.name for f in fields(LoRAConfig)} - {f.name for f in fields(RAGConfig)} | {"k", "history_tokens"}
         options = {n: getattr(self.config, n) for n in names}
-        options.update(lr=self.config.base_lr, epochs=self.config.base_epochs,
+        options.update(targets=self.config.base_targets, lr=self.config.base_lr, epochs=self.config.base_epochs,
                        max_examples=self.config.base_max_examples, max_total=self.config.base_max_total,
                        train_batch=self.config.base_train_batch)
         return MTLoRA(self.task, self.backbone, MTLoRAConfig(**options))

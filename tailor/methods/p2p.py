@@ -42,6 +42,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
@@ -99,27 +100,39 @@ class P2PConfig(LMConfig):
     profiles_file: str | None = None
     """A JSON object {user id: profile text}: pre-existing profiles, used as is instead of a generated summary."""
     encoder: Literal["sentence", "backbone"] = "sentence"
-    # hypernetwork (section 3.1) and the LoRA it writes (appendix E)
+    history_stats: bool = True
+    """End the profile of a classification task with the user's label counts, in the official code's form
+    ("## User History Statistics: total=12 | politics=7 (58.3%), sports=5 (41.7%)")."""
+    # hypernetwork (section 3.1) and the LoRA it writes (appendix E; the official code's r=8, alpha=16, rsLoRA)
     r: int = 8
-    alpha: float = 8.0
+    alpha: float = 16.0
+    rslora: bool = True
+    """Scale the LoRA by alpha / sqrt(r) (rank-stabilised, 16 / sqrt(8) = 5.66) instead of alpha / r."""
     targets: str = "q_proj,v_proj"
     hidden: int = 256
     module_dim: int = 32
     depth_dim: int = 32
     # training (section 3.2, appendix E)
-    steps: int = 32
-    """Optimizer steps. On the packaged 135M model a step of 8 rows of ~120 tokens takes ~9 s on one thread and a
-    training user's summary ~8 s, so 40 users of one task fit in about 10 minutes (~1.5 passes over their examples;
-    the training loss on LaMP-2N fell from 3.0 to under 0.7 in the first 5 steps at lr 2e-4)."""
+    steps: int = 4000
+    """Optimizer steps at most; `budget_s` usually ends the fit first."""
+    budget_s: float = 1800.0
+    """Seconds of training (over every process of a resumed fit) after which the fit stops; 0: no budget. The
+    official run trains 10,000 updates of 24 rows on a GPU; on 2 CPU cores 30 minutes is what one task affords."""
+    label_smoothing: float = 0.1
+    l2_generated: float = 1e-3
+    """The official regulariser on the written LoRAs: coefficient x (mean(A^2) + mean(B^2)), summed over modules."""
+    val_users: int = 12
+    """Training users held out of the fit whose loss is the learning curve (curve.csv, curve.png); 0: none."""
+    eval_every: int = 25
     batch: int = 8
     """Rows per step; each row is one (user, example) with its own generated LoRA."""
     tasks_per_batch: int = 4
     lr: float = 2e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    train_users: int | None = 48
+    train_users: int | None = 160
     """A seeded sample of the training users the hypernetwork is trained on (None: all). Each needs a summary
-    (~8 s on one thread), so the full LaMP training sets (150-750 users) do not fit this CPU's budget."""
+    (a few seconds), so the largest LaMP training sets (500-750 users) are sampled on this CPU."""
     later_items: int = 4
     """Newest history items of a training user used as its later interactions (at most half of its history)."""
     max_target_tokens: int = 48
@@ -251,6 +264,7 @@ class P2P(LMPersonalizer[P2PConfig]):
     """Profile-to-PEFT: a user's state is their summary, history and the LoRAs the hypernetwork wrote for them."""
 
     name = "p2p"
+    version = 2  # 2: the official profile statistics, rsLoRA scale, label smoothing and L2; a time-budgeted fit
     update_note = "the profile summary and the LoRAs the hypernetwork writes depend on the whole history: rebuilt"
 
     @property
@@ -292,10 +306,14 @@ class P2P(LMPersonalizer[P2PConfig]):
             out.update(zip(index, summarizer.summaries([users[i] for i in index])))
         return [out[i] for i in range(len(users))]
 
-    def profile_text(self, task: Task, summary: str, retrieved: Sequence[HistoryItem]) -> str:
-        """p = [s || R(x, H, k)]: the summary, then the retrieved items in the task's RAG template."""
+    def profile_text(self, task: Task, summary: str, retrieved: Sequence[HistoryItem],
+                     history: Sequence[HistoryItem] = ()) -> str:
+        """p = [s || R(x, H, k)]: the summary, then the retrieved items in the task's RAG template, then (official
+        code, classification tasks) the label counts of the history the profile is built from."""
         items = format_history(task, self.backbone, retrieved, self.config.history_tokens)
-        return "\n".join(part for part in (summary, *items) if part)
+        text = "\n".join(part for part in (summary, *items) if part)
+        stats = history_statistics(task, history) if self.config.history_stats else ""
+        return f"{text}\n\n## User History Statistics: {stats}" if stats else text
 
     def embed(self, texts: Sequence[str], task: Task | None = None) -> Tensor:
         """e = Enc(p), L2-normalised, one row per profile text."""
@@ -331,7 +349,14 @@ class P2P(LMPersonalizer[P2PConfig]):
         """Gen_theta: one hypernetwork pass writing one LoRA per embedding row (differentiable when training)."""
         net = hypernet or self._fitted()
         A, B = net(embeddings.to(self.backbone.device))
-        return LoRAStack(A, B, self.config.alpha)
+        return LoRAStack(A, B, self.lora_alpha)
+
+    @property
+    def lora_alpha(self) -> float:
+        """The alpha that gives the LoRA its scale under the usual alpha / r: with rsLoRA, alpha * sqrt(r), so that
+        the scale is alpha / sqrt(r) here, in a state's header and in an exported PEFT adapter alike."""
+        cfg = self.config
+        return cfg.alpha * math.sqrt(cfg.r) if cfg.rslora else cfg.alpha
 
     def _fitted(self) -> LoRAHypernetwork:
         if self.hypernet is None:
@@ -362,7 +387,7 @@ class P2P(LMPersonalizer[P2PConfig]):
             history = user.profile[:cut]
             index = BM25Index([task.document(item) for item in history])
             texts = [self.profile_text(task, summary, [history[i] for i in
-                                                      index.top_k(task.retrieval_query(q), cfg.k)])
+                                                      index.top_k(task.retrieval_query(q), cfg.k)], history)
                      for q, _ in pairs]
             examples += tokenise(self.backbone, pairs, cfg.max_target_tokens)
             embeddings.append(self.embed(texts, task))
@@ -371,24 +396,36 @@ class P2P(LMPersonalizer[P2PConfig]):
         dim = self.embedding_dim()
         return TrainingSet(examples, torch.cat(embeddings) if embeddings else torch.zeros(0, dim), owners, tasks)
 
-    def row_losses(self, hypernet: LoRAHypernetwork, data: TrainingSet, rows: Sequence[int]) -> Tensor:
-        """Each row's token-averaged SFT loss, row r through the LoRA written for its profile, in one forward."""
+    def row_losses(self, hypernet: LoRAHypernetwork, data: TrainingSet, rows: Sequence[int],
+                   label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Each row's token-averaged SFT loss, row r through the LoRA written for its profile, in one forward; and
+        the official L2 penalty of those LoRAs: mean(A^2) + mean(B^2) per module kind, summed over kinds."""
         examples = [data.examples[i] for i in rows]
         batch = self.backbone.batch([e.ids for e in examples], [e.prompt_length for e in examples],
                                     [e.labels for e in examples])
         stack = self.generate(data.embeddings[list(rows)], hypernet)
+        kinds = sorted({site.kind for site in stack.sites})
+        l2 = sum(torch.stack([stack.A[s].pow(2).mean() for s in stack.sites if s.kind == kind]).mean()
+                 + torch.stack([stack.B[s].pow(2).mean() for s in stack.sites if s.kind == kind]).mean()
+                 for kind in kinds)
         with hooked(self.backbone.model, stack.edits()) as hooks:
-            return self.backbone.sft_loss(batch, hooks, torch.arange(len(rows)), reduction="per_row")
+            losses = self.backbone.sft_loss(batch, hooks, torch.arange(len(rows)), reduction="per_row",
+                                            label_smoothing=label_smoothing)
+        return losses, l2  # type: ignore[return-value]
 
     def batch_loss(self, hypernet: LoRAHypernetwork, data: TrainingSet, rows: Sequence[int],
                    backward: bool = False) -> float:
-        """Mean over rows of each row's loss, computed in groups of rows within TRAIN_TOKENS; with `backward`, each
-        group's share is backpropagated as it is computed (the gradient of the mean, in bounded memory)."""
+        """The training objective over rows (mean of the rows' label-smoothed losses plus the L2 penalty), computed
+        in groups of rows within TRAIN_TOKENS; with `backward`, each group's share is backpropagated as it is computed
+        (the gradient of the whole, in bounded memory). Without `backward`, the plain mean loss (validation)."""
+        cfg = self.config
         total = 0.0
         for group in token_groups([len(data.examples[rows[i]].ids) for i in range(len(rows))]):
-            share = self.row_losses(hypernet, data, [rows[i] for i in group]).sum() / len(rows)
+            losses, l2 = self.row_losses(hypernet, data, [rows[i] for i in group],
+                                         cfg.label_smoothing if backward else 0.0)
+            share = losses.sum() / len(rows)
             if backward:
-                share.backward()
+                (share + cfg.l2_generated * l2 * len(group) / len(rows)).backward()
             total += float(share.detach())
         return total
 
@@ -402,50 +439,77 @@ class P2P(LMPersonalizer[P2PConfig]):
         return loss
 
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
-        """Train the hypernetwork end to end on the training users (resuming from `workdir`'s checkpoint)."""
+        """Train the hypernetwork end to end on the training users (resuming from `workdir`'s checkpoint) until
+        `steps` or `budget_s`, recording the loss of `val_users` held-out training users every `eval_every` steps."""
         cfg = self.config
         checkpoint = Checkpoint(workdir, every=CHECKPOINT_EVERY)  # its clock counts the preparation too
         started = time.perf_counter()
         total = len(users)  # what the caller's progress bar counts
-        users = subset(users, cfg.train_users, cfg.seed)
+        chosen = subset(users, (cfg.train_users or len(users)) + cfg.val_users, cfg.seed)
+        held_out = chosen[len(chosen) - min(cfg.val_users, len(chosen) // 4):] if cfg.val_users else []
+        users = chosen[:len(chosen) - len(held_out)]
         data = self.training_set(users)
+        validation = self.training_set(held_out) if held_out else None
         prepared = time.perf_counter() - started
         plan = plan_steps(data, cfg.steps, cfg.batch, cfg.tasks_per_batch, cfg.seed) if data.examples else []
         hypernet = self.new_hypernet()
         optimizer = torch.optim.AdamW(hypernet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         losses: list[float] = []
+        curve: list[list[float]] = []  # [step, mean training loss since the last point, validation loss]
         saved = checkpoint.restore()
         if saved is not None:
-            losses = saved["losses"]
+            losses, curve = saved["losses"], saved["curve"]
             hypernet.load_state_dict(saved["hypernet"])
             optimizer.load_state_dict(saved["optimizer"])
-        reported = 0
+
+        def validate(step: int) -> None:
+            if validation is None or not validation.examples:
+                return
+            with torch.no_grad():
+                val = self.batch_loss(hypernet, validation, list(range(len(validation.examples))))
+            recent = losses[len(losses) - min(cfg.eval_every, len(losses)):]
+            curve.append([step, sum(recent) / max(len(recent), 1), val])
+
+        if saved is None:
+            validate(0)
+        done, reported = checkpoint.step, 0
         for t in range(checkpoint.step, len(plan)):
             losses.append(self.train_step(hypernet, optimizer, data, plan[t]))
-            saved_now = checkpoint.save(t + 1, len(plan), lambda: {
-                "hypernet": hypernet.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses})
-            if saved_now and workdir is not None:
+            done = t + 1
+            out_of_time = 0 < cfg.budget_s <= checkpoint.seconds
+            if done % cfg.eval_every == 0 or out_of_time or done == len(plan):
+                validate(done)
+            state = lambda: {"hypernet": hypernet.state_dict(), "optimizer": optimizer.state_dict(),  # noqa: E731
+                             "losses": losses, "curve": curve}
+            if checkpoint.save(done, done if out_of_time else len(plan), state) and workdir is not None:
                 write_loss_curve(workdir / "loss.csv", losses)
-            if progress:
-                now = total * (t + 1) // len(plan)
+            if progress:  # the share of the steps or of the time budget used, whichever is larger
+                used = max(done / len(plan), checkpoint.seconds / cfg.budget_s if cfg.budget_s > 0 else 0.0)
+                now = min(total, int(total * used))
                 progress(now - reported)
                 reported = now
+            if out_of_time:
+                break
+        if progress:
+            progress(total - reported)
         self.hypernet = hypernet.eval()
         for param in self.hypernet.parameters():
             param.requires_grad_(False)
-        self.fit_log = {"users": len(users), "examples": len(data.examples), "steps": len(plan),
+        self.fit_log = {"users": len(users), "validation_users": len(held_out), "examples": len(data.examples),
+                        "steps": done, "planned_steps": len(plan), "budget_s": cfg.budget_s,
                         "tasks": sorted(set(data.tasks)), "prepare_s": round(prepared, 2),
                         "seconds": round(checkpoint.seconds, 2), "resumed": saved is not None,
-                        "losses": losses}
+                        "losses": losses, "curve": curve}
 
     def save_fit(self, folder: Path) -> None:
         hypernet = self._fitted()
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.cpu().contiguous() for k, v in hypernet.state_dict().items()},
                   str(folder / "hypernet.safetensors"))
-        log = {k: v for k, v in self.fit_log.items() if k != "losses"}
+        log = {k: v for k, v in self.fit_log.items() if k not in ("losses", "curve")}
         (folder / "fit.json").write_text(json.dumps(log, indent=2))
         write_loss_curve(folder / "loss.csv", self.fit_log.get("losses", []))
+        write_learning_curve(folder, self.fit_log.get("curve", []))
 
     def load_fit(self, folder: Path) -> None:
         hypernet = self.new_hypernet()
@@ -474,12 +538,13 @@ class P2P(LMPersonalizer[P2PConfig]):
             task = self.task_of(user)
             if cfg.k == 0:
                 inputs: list[str] = [ANY_INPUT]
-                texts.append(self.profile_text(task, summary, []))
+                texts.append(self.profile_text(task, summary, [], user.profile))
             else:
                 inputs = list(dict.fromkeys(q.input for q in user.queries))
                 index = BM25Index([task.document(item) for item in user.profile])
                 texts += [self.profile_text(task, summary, [user.profile[i] for i in
-                                                            index.top_k(task.retrieval_query(x), cfg.k)])
+                                                            index.top_k(task.retrieval_query(x), cfg.k)],
+                                            user.profile)
                           for x in inputs]
             keys.append([ANY_INPUT if x == ANY_INPUT else self.adapter_key(x) for x in inputs])
         embeddings = self.embed(texts) if texts else torch.zeros(0, self.embedding_dim())
@@ -497,7 +562,7 @@ class P2P(LMPersonalizer[P2PConfig]):
                 assert stack is not None
                 tensors.update({f"{j}/{name}": t for name, t in stack.to_tensors(row).items()})
                 row += 1
-            header = {**profile_header(user), "summary": summary, "alpha": cfg.alpha, "adapters": user_keys,
+            header = {**profile_header(user), "summary": summary, "alpha": self.lora_alpha, "adapters": user_keys,
                       **{k: round(v, 5) for k, v in timing.items()}}
             states.append(self.new_state(user, header, tensors))
         if progress:
@@ -529,7 +594,7 @@ class P2P(LMPersonalizer[P2PConfig]):
                 task = get_task(state.header["task"]) if state.header.get("task") else self.task
                 retrieved = [history_of(state)[j] for j in bm25_of(task, state).top_k(
                     task.retrieval_query(query_input), self.config.k)]
-                texts.append(self.profile_text(task, state.header.get("summary", ""), retrieved))
+                texts.append(self.profile_text(task, state.header.get("summary", ""), retrieved, history_of(state)))
             with torch.no_grad():
                 fresh = self.generate(self.embed(texts))
             for j, i in enumerate(missing):
@@ -568,6 +633,46 @@ class P2P(LMPersonalizer[P2PConfig]):
             adapter = self.adapters_for([(state, query.input)])[0]
         assert adapter is not None
         return save_peft(adapter, self.backbone.model, folder, base_model=self.backbone.name)
+
+
+def write_learning_curve(folder: Path, curve: Sequence[Sequence[float]]) -> None:
+    """curve.csv (step, training loss, validation loss on held-out training users) and curve.png, its plot."""
+    if not curve:
+        return
+    with atomic_path(folder / "curve.csv") as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "train_loss", "validation_loss"])
+        writer.writerows([int(step), round(train, 6), round(val, 6)] for step, train, val in curve)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    steps = [point[0] for point in curve]
+    axis.plot(steps[1:], [point[1] for point in curve[1:]], label="training loss (label-smoothed)")
+    axis.plot(steps, [point[2] for point in curve], marker="o", label="validation loss (held-out training users)")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    figure.tight_layout()
+    with atomic_path(folder / "curve.png") as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)
+
+
+def history_statistics(task: Task, history: Sequence[HistoryItem]) -> str:
+    """The user's label counts as the official code writes them: "total=N | label=n (p%), ...", most frequent
+    first (ties by label), on classification tasks only; "" otherwise or without history."""
+    if task.family != "classification":
+        return ""
+    counts = Counter(task.item_output(item) for item in history if task.item_output(item))
+    total = sum(counts.values())
+    if not total:
+        return ""
+    parts = [f"{label}={n} ({100.0 * n / total:.1f}%)" for label, n in sorted(counts.items(),
+                                                                                key=lambda kv: (-kv[1], kv[0]))]
+    return f"total={total} | " + ", ".join(parts)
 
 
 def write_loss_curve(path: Path, losses: Sequence[float]) -> None:

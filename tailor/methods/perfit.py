@@ -45,7 +45,7 @@ from tailor.backbone.partial import FrozenBatch, freeze, suffix_loss
 from tailor.methods.base import Progress
 from tailor.methods.checkpoint import Checkpoint
 from tailor.methods.profile import format_history
-from tailor.methods.prompting import RAG, RAGConfig, profile_header
+from tailor.methods.prompting import RAG, RAGConfig, profile_header, retrieve_earlier
 from tailor.methods.reft import LowRankIntervention, Params, PerFitEdit, Positions, count_parameters
 from tailor.retrieval.bm25 import BM25Index
 from tailor.store.state import UserState
@@ -82,8 +82,9 @@ class PerFitConfig(RAGConfig):
     """The paper's 16 would give most users here (median 3 to 18 history items) one step per epoch."""
     weight_decay: float = 0.01
     max_grad_norm: float = 0.3
-    stage1_examples: int = 1024
-    """Stage-1 examples sampled from all training users' history (0 = all of them)."""
+    stage1_examples: int = 0
+    """Stage-1 examples sampled from all training users' history and queries (0 = all of them, the paper's stage 1,
+    which trains on every training user: 3,662 queries on LaMP-2N)."""
     stage2_examples: int = 0
     """Stage 2 trains on the user's most recent items only, at most this many (0 = all, the paper's recipe). Stage
     2's cost grows with the user's prompt tokens (one frozen forward over each), so this bounds the cost per user."""
@@ -121,11 +122,7 @@ def history_examples(task: Task, backbone: Backbone, user: User, k: int, history
     out = []
     for index in indices if indices is not None else range(len(items)):
         question, answer = task.example(items[index])
-        earlier = items[:index]
-        retrieved: list[HistoryItem] = []
-        if k > 0 and earlier:
-            ranked = BM25Index([task.document(it) for it in earlier]).top_k(task.retrieval_query(question), k)
-            retrieved = [earlier[i] for i in ranked]
+        retrieved = retrieve_earlier(task, items, index, k)
         out.append((task.join_history(format_history(task, backbone, retrieved, history_tokens), question), answer))
     return out
 
@@ -240,6 +237,7 @@ def parameter_counts(backbone: Backbone, config: PerFitConfig) -> dict[str, int]
 
 class PerFit(RAG[PerFitConfig]):
     name = "perfit"
+    version = 2  # 2: LaMP-7 examples language-model the tweets; stage 1 on every training example by default
     state_is_history = False
     update_note = "stage 2 continued from the old phi_2 on the new items only"
 

@@ -42,6 +42,20 @@ def bm25_of(task: Task, state: UserState) -> BM25Index:
     return index
 
 
+def retrieve_earlier(task: Task, items: Sequence[HistoryItem], index: int, k: int) -> list[HistoryItem]:
+    """The k items BM25 ranks highest for item `index`'s question among the items before it (a profile is oldest
+    first): a training example built from a history item sees only what came before it, as the query it trains for
+    sees only the profile, which is older than the query. Retrieving from later items would show the model a
+    future it never has at inference."""
+    earlier = items[:index]
+    question, _ = task.example(items[index])
+    query = task.retrieval_query(question)
+    if k <= 0 or not earlier or not query.strip():  # a bare language-modelling prompt asks nothing to retrieve for
+        return []
+    ranked = BM25Index([task.document(item) for item in earlier]).top_k(query, k)
+    return [earlier[i] for i in ranked]
+
+
 def profile_header(user: User) -> dict:
     return {"task": user.task, "profile": [item.to_json() for item in user.profile]}
 

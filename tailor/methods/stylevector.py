@@ -69,6 +69,7 @@ class Steer:
 
 class StyleVector(LMPersonalizer[StyleVectorConfig]):
     name = "stylevector"
+    version = 2  # 2: LaMP-7 contrasts the user's tweets with the model's own, after "tweet:"
     update_note = "the style vector is a mean over every history item's hidden states: rebuilt (the hidden-state " \
                   "cache serves unchanged items)"
 

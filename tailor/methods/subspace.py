@@ -60,6 +60,11 @@ def ccs_direction(personal: Tensor, neutral: Tensor, restarts: int = 4, steps: i
     return ccs_layers(personal[:, None], neutral[:, None], restarts, steps, lr, seed)[0]
 
 
+MIN_PAIRS = 2
+"""Pairs CCS needs: with one, each side centred on its own mean is zero, no gradient reaches the probe, θN stays its
+random start and every layer's loss ties, so layers would be chosen by index."""
+
+
 def ccs_layers(personal: Tensor, neutral: Tensor, restarts: int = 4, steps: int = 300, lr: float = 1e-2,
                seed: int = 0) -> list[CCSResult]:
     """One CCS probe per layer for (pairs, layers, dim) embeddings, all layers and restarts trained at once.
@@ -73,6 +78,9 @@ def ccs_layers(personal: Tensor, neutral: Tensor, restarts: int = 4, steps: int 
     if personal.shape != neutral.shape or personal.dim() != 3:
         raise ValueError(f"CCS needs two (pairs, layers, dim) tensors of one shape, got {personal.shape} and "
                          f"{neutral.shape}")
+    if personal.shape[0] < MIN_PAIRS:
+        raise ValueError(f"CCS needs at least {MIN_PAIRS} pairs, got {personal.shape[0]}: centring one pair on its "
+                         "own means leaves both sides zero, and the probe would learn nothing")
     p = personal.double() - personal.double().mean(0)
     n = neutral.double() - neutral.double().mean(0)
     scale = torch.cat([p, n]).norm(dim=2).mean(0).clamp(min=1e-8)  # (layers,)

@@ -32,8 +32,12 @@ class Task:
 
     `item_template` writes one history item into LaMP's RAG prompt; `{body}` is the item's long field, which the
     prompt builder truncates to the token budget. `joiner`, `prefix` and `suffix` reproduce how LaMP glues the
-    items in front of the question. `example` turns a history item into a question in the task's own wording
-    (its input and the user's real output), which is what per-user training, StyleVector and CHAMELEON learn from.
+    items in front of the question. `question` asks a history item as the task's question; `example` turns it into
+    a training example (an input and the user's real output), which per-user training, the task-level fits and
+    StyleVector learn from. Where a history item holds the output alone (`history_prompt`: LaMP-7's items are the
+    user's tweets, with no paraphrase to start from), the example is the output after that short prompt, as OPPU
+    trains on tweets: asking the item as the task's question would put its own answer in the input, an identity map
+    every method learns to copy.
     """
 
     name: str
@@ -49,6 +53,8 @@ class Task:
     description: str
     suffix: str = ". "
     max_new_tokens: int = 8
+    history_prompt: str | None = None
+    """The prompt of a training example built from a history item that holds only an output (see `example`)."""
 
     # --- retrieval -------------------------------------------------------------------------------------------
     def document(self, item: HistoryItem) -> str:
@@ -85,15 +91,19 @@ class Task:
             return f"{query_input[:at + 5]}, and {history}{query_input[at + 5:]}"
         return f"{history}{self.suffix}{query_input}"
 
-    def example(self, item: HistoryItem) -> tuple[str, str]:
-        """A history item as (question input, the user's output) in the wording of the task's questions.
-
-        LaMP-7 items hold only the user's tweet, so the tweet is both the text to paraphrase and the target: what is
-        learned is the user's way of writing. LaMP-1 items are the user's own papers, so the example asks for the
-        title of the paper given its abstract.
-        """
+    def question(self, item: HistoryItem) -> str:
+        """A history item asked as the task's question (LaMP-1: the title of the user's paper from its abstract;
+        LaMP-7: the user's own tweet to paraphrase)."""
         values = {k: item.get(k) for k in self.item_fields}
-        return self.question_template.format(**values), item[self.output_field]
+        return self.question_template.format(**values)
+
+    def example(self, item: HistoryItem) -> tuple[str, str]:
+        """A history item as a training example: (input, the user's output). The input is the item asked as the
+        task's question, or, for a task whose items hold only the output (`history_prompt`, LaMP-7), that prompt:
+        the example is then the user's own text, language-modelled (OPPU's "tweet: {text}"), not an identity map."""
+        if self.history_prompt is not None:
+            return self.history_prompt, item[self.output_field]
+        return self.question(item), item[self.output_field]
 
     def item_output(self, item: HistoryItem) -> str:
         return item[self.output_field]
@@ -184,6 +194,7 @@ TASKS: dict[str, Task] = {
             body_field="text", output_field="text", query_marker=":", item_template='"{body}" ',
             suffix=" are written by a person. Following the given patterns ",
             question_template="Paraphrase the following tweet without any explanation before or after it: {text}",
+            history_prompt="tweet:",
             description="Tweet paraphrasing: Rewrite tweets in a personal style while maintaining the original "
                         "meaning and adapting the tone and language to individual communication patterns.",
             max_new_tokens=48,
