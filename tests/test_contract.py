@@ -69,6 +69,8 @@ CASES: dict[str, Case] = {
     "lora-p": Case("lamp3", dict(LORA, steps=2, group=2)),
     "oppu": Case("lamp2n", dict(LORA, k=1, steps=2, base_max_examples=2, base_max_total=16)),
     "stylevector": Case("lamp7", dict(layer=1, scale=4.0, max_items=3, answer_tokens=6, max_new_tokens=6)),
+    "fusion": Case("lamp2n", dict(base_options="r=4,lr=0.02,max_total=16,epochs=1,max_examples=4,history_tokens=48,"
+                                                "max_target_tokens=8")),
     "p2p": Case("lamp2n", dict(summary_tokens=8, summary_items=4, summary_history_tokens=64, history_tokens=48, r=4,
                                hidden=32, module_dim=8, depth_dim=8, batch=4, later_items=2, max_target_tokens=8,
                                encoder="backbone", steps=2, lr=1e-2)),

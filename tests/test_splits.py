@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from tailor.data import DataError, HistoryItem, User
+from tailor.data.lamp import load_users
 from tailor.data.splits import ood_split, random_split, subset, swap_histories
+from tailor.tasks import get_task
 from tailor.tasks.records import Query
 
 
@@ -152,3 +156,41 @@ def test_swap_histories_gives_every_user_another_users_history_once() -> None:
     assert sorted(s.profile[0].id for s in swapped) == sorted(u.profile[0].id for u in users)
     with pytest.raises(ValueError, match="at least two"):
         swap_histories(users[:1], seed=0)
+
+
+def test_history_queries_never_see_their_own_or_a_later_item(lamp_dir: Path, tmp_path: Path) -> None:
+    """tailor's protocol of more queries per user: the last M items become queries with their own outputs as golds,
+    and the history every query is answered from stops before the first of them."""
+    from tailor.data.splits import history_queries
+    from tailor.eval.runner import run_eval
+    from tailor.methods.prompting import RAG, history_of
+    from tailor.runs.spec import EvalSpec
+
+    task = get_task("lamp2n")
+    for user in load_users(task, "dev", lamp_dir):
+        asked = history_queries(user, task, 2)
+        assert len(asked.queries) == 1 + min(2, len(user.profile) - 1)
+        assert asked.profile == user.profile[:len(asked.profile)]
+        for query, item in zip(asked.queries[1:], user.profile[len(asked.profile):]):
+            assert query.gold == item["category"] and item["text"] in query.input
+    seen: list[tuple[set[str], str]] = []
+
+    class Watching(RAG):
+        def prompt(self, state, query_input):  # noqa: ANN001, ANN201 - the method's own signature
+            seen.append(({item.id for item in history_of(state)}, query_input))
+            return super().prompt(state, query_input)
+
+    spec = EvalSpec(task="lamp2n", method="rag", model=None, data_dir=str(lamp_dir), queries_per_user=2,
+                    options={"k": 8})
+    from tests.conftest import tiny_backbone
+
+    metrics = run_eval(spec, tmp_path, method=Watching(task, tiny_backbone(), k=8))
+    assert metrics["protocol"].startswith("tailor") and metrics["n_queries"] > metrics["n_users"]
+    users = {u.id: u for u in load_users(task, "dev", lamp_dir)}
+    for history_ids, query_input in seen:
+        user = next(u for u in users.values() if any(i in history_ids for i in (it.id for it in u.profile)))
+        asked = [i for i, item in enumerate(user.profile) if item["text"] in query_input]
+        if asked:  # a history query: nothing from its own item on is in the history it is answered from
+            assert not history_ids & {item.id for item in user.profile[asked[0]:]}
+    with pytest.raises(ValueError, match="hold only the user's output"):
+        EvalSpec(task="lamp7", method="rag", data_dir=str(lamp_dir), queries_per_user=2).check()

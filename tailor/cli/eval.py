@@ -27,6 +27,9 @@ def eval_command(
     variant: Variant = "user",
     histories: Annotated[str, typer.Option(help="own, or swapped: each user answered with another user's history "
                                                 "(a control that must not help)")] = "own",
+    queries_per_user: Annotated[int, typer.Option(help="tailor's own protocol: each user's last M history items "
+                                                       "also asked as queries, the history cut before them (0: LaMP's "
+                                                       "one query per user)")] = 0,
     k: Annotated[Optional[int], typer.Option(help="retrieved history items (rag, pag)")] = None,
     mode: Annotated[Optional[str], typer.Option(help="scoring or generation (classification tasks)")] = None,
     calibrate: Annotated[bool, typer.Option(help="contextual calibration of label scores")] = False,

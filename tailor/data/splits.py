@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from tailor.data.lamp import DataError
-from tailor.tasks.records import User
+from tailor.tasks.lamp import Task
+from tailor.tasks.records import HistoryItem, Query, User
 
 # Default test size (appendix H): 200 users, or 20% of a dataset smaller than this.
 LARGE_DATASET = 1000
@@ -51,6 +52,42 @@ def subset_positions(count: int, n: int | None, seed: int) -> list[int]:
 def subset(users: Sequence[User], n: int | None, seed: int) -> list[User]:
     """A seeded sample of `n` users, kept in their original order (the same users `subset_positions` picks)."""
     return [users[i] for i in subset_positions(len(users), n, seed)]
+
+
+def chronological(profile: Sequence[HistoryItem]) -> tuple[HistoryItem, ...]:
+    """The items oldest first: by date when every item has one (numeric dates as numbers), else in file order, which
+    LaMP's files keep in time order (dateless items keep their order)."""
+    if not profile or any(item.date is None for item in profile):
+        return tuple(profile)
+
+    def when(item: HistoryItem) -> tuple[int, float | str]:
+        text = str(item.date)
+        try:
+            return 0, float(text)
+        except ValueError:
+            return 1, text
+
+    return tuple(sorted(profile, key=when))
+
+
+def history_queries(user: User, task: Task, per_user: int) -> User:
+    """tailor's own protocol of more queries per user: the user's last `per_user` history items (at most all but one)
+    become queries, asked as the task's questions with the items' own outputs as golds, beside the user's LaMP query;
+    the history keeps only the items before the first of them, so no query sees its own or a later item.
+
+    The history is put in time order first (`chronological`), so "the last" are the newest. A task whose items hold
+    only an output (LaMP-7's tweets: `Task.history_prompt`) has no question to ask of them and is refused.
+    """
+    if task.history_prompt is not None:
+        raise ValueError(f"{task.name}'s history items hold only the user's output, so they cannot be asked as "
+                         "queries; run it with LaMP's one query per user")
+    profile = chronological(user.profile)
+    taken = min(per_user, len(profile) - 1)
+    if taken <= 0:
+        return user
+    history, asked = profile[:-taken], profile[-taken:]
+    extra = tuple(Query(f"{user.id}/h{item.id}", task.question(item), task.item_output(item)) for item in asked)
+    return dataclasses.replace(user, profile=history, queries=(*user.queries, *extra))
 
 
 def swap_histories(users: Sequence[User], seed: int) -> list[User]:

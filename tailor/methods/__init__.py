@@ -28,6 +28,7 @@ REGISTRY: dict[str, str] = {
     "oppu": "tailor.methods.lora:OPPU",
     "stylevector": "tailor.methods.stylevector:StyleVector",
     "p2p": "tailor.methods.p2p:P2P",
+    "fusion": "tailor.methods.fusion:Fusion",
 }
 
 

@@ -55,6 +55,8 @@ def finalize(out: Path, spec: EvalSpec, query_ids: Iterable[str] | None = None) 
     metrics = {
         "task": task.name, "method": spec.method, "label": spec.label or spec.method,
         "mode": mode, "n_users": n_users, "n_queries": n_rows,
+        "protocol": f"tailor: LaMP's query and the last {spec.queries_per_user} history items per user"
+                    if spec.queries_per_user else "LaMP: one query per user",
         **{key: config.get(key) for key in ("model", "device", "dtype", "hardware")},
         "metrics": {k: {"value": v, "ci": list(cis[k])} for k, v in values.items()},
         "wall_time_s": round(predict_s + personalize_s + fit_s, 3),

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from tailor.backbone.device import resolve_device, resolve_dtype
 from tailor.data.lamp import SPLITS, VARIANTS, iter_users, load_users, question_ids, resolve_data_dir
-from tailor.data.splits import ood_split, random_split, subset, subset_positions, swap_histories
+from tailor.data.splits import history_queries, ood_split, random_split, subset, subset_positions, swap_histories
 from tailor.tasks.lamp import get_task
 from tailor.tasks.records import User
 
@@ -47,6 +47,9 @@ class EvalSpec:
     histories: str = "own"
     """"own", or "swapped": each user answered with another user's history (a seeded derangement of the run's users;
     `tailor.data.splits.swap_histories`), the control that must not help."""
+    queries_per_user: int = 0
+    """0: LaMP's protocol, one query per user. M > 0: tailor's own protocol, each user's last M history items asked
+    as further queries, the history cut before the first of them (`tailor.data.splits.history_queries`)."""
 
     def check(self) -> None:
         """Fail on a bad task, split, variant, user count or data folder before a model loads or a folder is made.
@@ -62,6 +65,11 @@ class EvalSpec:
             raise ValueError(f"{self.histories!r} is not one of {', '.join(HISTORIES)}")
         if self.users is not None and self.users < 1:
             raise ValueError(f"users must be at least 1 (or unset for all users), not {self.users}")
+        if self.queries_per_user < 0:
+            raise ValueError(f"queries_per_user must be 0 (LaMP's one query) or more, not {self.queries_per_user}")
+        if self.queries_per_user and get_task(self.task).history_prompt is not None:
+            raise ValueError(f"--queries-per-user: {get_task(self.task).name}'s history items hold only the user's "
+                             "output, so they cannot be asked as queries")
         resolve_dtype(self.dtype, resolve_device(self.device))  # DeviceError (a ValueError) names what is missing
         resolve_data_dir(self.data_dir)
 
@@ -101,7 +109,7 @@ class RunUsers:
 def run_users(spec: EvalSpec) -> RunUsers:
     """The users a run answers (the same users, in the same order, as `eval_users`), streamed where they can be."""
     _check_histories(spec)
-    if spec.split in USER_SPLITS or spec.histories == "swapped":
+    if spec.split in USER_SPLITS or spec.histories == "swapped" or spec.queries_per_user:
         return RunUsers.of(eval_users(spec))
     index = question_ids(spec.task, spec.split, spec.data_dir, spec.variant)
     positions = subset_positions(len(index.ids), spec.users, spec.seed)
@@ -124,6 +132,9 @@ def eval_users(spec: EvalSpec) -> list[User]:
                        spec.seed)
     else:
         users = subset(load_users(spec.task, spec.split, spec.data_dir, spec.variant), spec.users, spec.seed)
+    if spec.queries_per_user:  # before any swap: a user's queries are their own items, the swap moves histories
+        task = get_task(spec.task)
+        users = [history_queries(user, task, spec.queries_per_user) for user in users]
     return swap_histories(users, spec.seed) if spec.histories == "swapped" else users
 
 

@@ -1,0 +1,244 @@
+"""Prior fusion: a task-trained model's answer distribution for the query, combined with the user's own answer
+distribution, by weights learned on training users.
+
+The model-free floors are strong because each user is consistent (LaMP-2N: answering a user's most frequent label is
+right 74% of the time), and the models are weak at the task; neither sees what the other sees. This method is a
+conditional-logit stack (McFadden 1974) over the task's labels y for a query x of user u:
+
+    s(y) = w_m · log p_model(y | x)  +  w_u · log p̃_u(y)  +  w_r · log p̃_u^recent(y)  +  w_g · log p_global(y)
+    p(y | x, u) = softmax_y s(y)
+
+- p_model(y | x): the base method's label likelihoods (a task-trained LM, by default the multi-task LoRA, whose
+  prompt also retrieves from the user's history), normalised over the labels;
+- p̃_u(y) = (c_u(y) + α p_global(y)) / (n_u + α): the user's label counts smoothed towards the global distribution
+  (α = `strength`), and p̃_u^recent the same with each item weighted by recency (half-life `half_life` items);
+- p_global(y): the training users' label distribution.
+
+The four weights are learned by maximum likelihood on training users' own queries (their golds are public), which
+the base method never trained on. A classification answer is the most likely label; a rating (LaMP-3) the median of
+p(y | x, u), the point that minimises the expected absolute error LaMP-3 is scored by. Generation tasks have no label
+set to fuse over and are refused.
+
+The state is the base method's state and the user's counts: nothing is trained per user, so personalizing costs
+what the base's personalize costs, and an update is a personalize (`state_is_history` when the base's is).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from tailor.backbone.model import log_normalise
+from tailor.methods.base import LMConfig, LMPersonalizer, Personalizer, Prediction, Progress, Request
+from tailor.store.state import UserState
+from tailor.tasks.records import HistoryItem, Query, User
+
+FEATURES = ("model", "user", "recent", "global")
+
+
+@dataclass
+class FusionConfig(LMConfig):
+    base: str = "mt-lora"
+    """The registered method whose label likelihoods are fused: one that learned the task (mt-lora, perfit)."""
+    base_options: str = ""
+    """The base method's options, "KEY=VALUE,KEY=VALUE" (its defaults otherwise)."""
+    strength: float = 1.0
+    """α: how many pseudo-items of the global distribution smooth a user's counts."""
+    half_life: float = 5.0
+    """Items after which an item's weight in the recent counts halves (the newest item weighs 1)."""
+    l2: float = 1e-3
+    """Ridge penalty on the four weights while they are learned."""
+
+
+class Fusion(LMPersonalizer[FusionConfig]):
+    name = "fusion"
+    update_note = "the user's counts follow the history; the base method's state is rebuilt or updated as it does"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.task.family == "generation":
+            raise ValueError(f"fusion combines label distributions; {self.task.name} has no label set")
+        from tailor.methods import build_method
+
+        self.base = build_method(self.config.base, self.task, self.backbone,
+                                 **{"batch_size": self.config.batch_size, **parse_options(self.config.base_options)})
+        if not isinstance(self.base, LMPersonalizer):
+            raise ValueError(f"fusion's base must answer through the backbone; {self.config.base!r} does not")
+        self.labels = list(self.task.labels)
+        self.weights: np.ndarray | None = None
+        self.global_share: np.ndarray | None = None
+        self.fit_log: dict[str, Any] = {}
+
+    @property
+    def fits(self) -> bool:
+        return True
+
+    def prerequisites(self) -> Sequence[Personalizer]:
+        return (self.base,)
+
+    # --- features ------------------------------------------------------------------------------------------------
+    def _counts(self, history: Sequence[HistoryItem]) -> tuple[list[float], list[float]]:
+        """The user's label counts, plain and recency-weighted (newest item 1, halving every `half_life` items)."""
+        plain = [0.0] * len(self.labels)
+        recent = [0.0] * len(self.labels)
+        position = {label: i for i, label in enumerate(self.labels)}
+        for age, item in enumerate(reversed(history)):
+            label = self.task.item_output(item)
+            if label in position:
+                plain[position[label]] += 1.0
+                recent[position[label]] += 0.5 ** (age / self.config.half_life)
+        return plain, recent
+
+    def _features(self, model_scores: np.ndarray, plain: Sequence[float], recent: Sequence[float]) -> np.ndarray:
+        """(labels, features) for one query: each feature a log-probability over the labels."""
+        assert self.global_share is not None
+        alpha, share = self.config.strength, self.global_share
+        user = (np.asarray(plain) + alpha * share) / (sum(plain) + alpha)
+        recency = (np.asarray(recent) + alpha * share) / (sum(recent) + alpha)
+        model = log_normalise(np.asarray(model_scores, dtype=np.float64)[None])[0]
+        return np.stack([model, np.log(user), np.log(recency), np.log(share)], axis=1)
+
+    # --- fit -----------------------------------------------------------------------------------------------------
+    def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
+        """The global distribution, then the four weights by maximum likelihood on the training users' queries."""
+        if self.base.fits and not self._base_fitted():
+            self.base.fit(users, progress, workdir)
+        golds = Counter(self.task.item_output(item) for user in users for item in user.profile)
+        golds.update(q.gold for user in users for q in user.queries if q.gold is not None)
+        total = sum(golds[label] for label in self.labels)
+        self.global_share = np.array([(golds[label] + 1.0) / (total + len(self.labels)) for label in self.labels])
+        asked = [(user, query) for user in users for query in user.queries if query.gold in self.labels]
+        if not asked:
+            raise ValueError(f"fusion: no training user of {self.task.name} has a query with a gold label")
+        owners = list({user.id: user for user, _ in asked}.values())
+        states = dict(zip((u.id for u in owners), self.base.personalize_many(owners)))
+        scores = self._model_scores([(states[user.id], query) for user, query in asked])
+        features = np.stack([self._features(s, *self._counts(user.profile)) for s, (user, _) in zip(scores, asked)])
+        targets = np.array([self.labels.index(query.gold) for _, query in asked])
+        self.weights = self._learn(features, targets)
+        accuracy = float((np.einsum("nlf,f->nl", features, self.weights).argmax(1) == targets).mean())
+        self.fit_log = {"queries": len(asked), "weights": dict(zip(FEATURES, self.weights.round(4).tolist())),
+                        "training_accuracy": round(accuracy, 4)}
+        if progress:
+            progress(len(users))
+
+    def _base_fitted(self) -> bool:
+        probe = getattr(self.base, "stack", None)
+        return probe is not None or getattr(self.base, "stage1", None) is not None
+
+    def _learn(self, features: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """The conditional logit's weights: minimise the mean negative log-likelihood plus `l2` times |w|^2."""
+        x = torch.as_tensor(features, dtype=torch.float64)
+        y = torch.as_tensor(targets)
+        w = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([w], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+        def objective() -> torch.Tensor:
+            optimizer.zero_grad()
+            logits = torch.einsum("nlf,f->nl", x, w)
+            loss = torch.nn.functional.cross_entropy(logits, y) + self.config.l2 * w.pow(2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(objective)
+        return w.detach().numpy()
+
+    def save_fit(self, folder: Path) -> None:
+        assert self.weights is not None and self.global_share is not None
+        (folder / "fusion.json").write_text(json.dumps(
+            {"labels": self.labels, "weights": self.weights.tolist(), "global_share": self.global_share.tolist(),
+             "log": self.fit_log}, indent=1))
+
+    def load_fit(self, folder: Path) -> None:
+        saved = json.loads((folder / "fusion.json").read_text())
+        if saved["labels"] != self.labels:
+            raise ValueError(f"{folder}: a fusion fit for labels {saved['labels']}, not {self.labels}")
+        self.weights = np.array(saved["weights"])
+        self.global_share = np.array(saved["global_share"])
+        self.fit_log = saved["log"]
+
+    # --- personalize and predict ---------------------------------------------------------------------------------
+    def personalize(self, user: User) -> UserState:
+        return self.personalize_many([user])[0]
+
+    def personalize_many(self, users: Sequence[User], progress: Progress = None) -> list[UserState]:
+        states = []
+        for user, base in zip(users, self.base.personalize_many(users)):
+            plain, recent = self._counts(user.profile)
+            header = {"base": {"method": base.method, "version": base.version, "header": base.header},
+                      "counts": plain, "recent": recent}
+            states.append(self.new_state(user, header, {f"base/{k}": v for k, v in base.tensors.items()}))
+        if progress:
+            progress(len(users))
+        return states
+
+    def _base_state(self, state: UserState) -> UserState:
+        base = state.runtime.get("base")
+        if base is None:
+            info = state.header["base"]
+            tensors = {k[len("base/"):]: v for k, v in state.tensors.items() if k.startswith("base/")}
+            base = state.runtime["base"] = UserState(info["method"], info["version"], state.user_id, state.model_id,
+                                                     info["header"], tensors, state.dtype)
+        return base
+
+    def _model_scores(self, requests: Sequence[tuple[UserState, Query]]) -> list[np.ndarray]:
+        predictions = self.base.predict(list(requests))
+        missing = [p for p in predictions if p.scores is None]
+        if missing:
+            raise ValueError(f"fusion's base {self.base.name!r} answered without label scores (mode "
+                             f"{missing[0].mode!r}); it must score labels")
+        return [np.asarray(p.scores) for p in predictions]
+
+    def prompt(self, state: UserState, query_input: str) -> str:
+        return self.base.prompt(self._base_state(state), query_input)
+
+    def predict(self, requests: Sequence[Request], progress: Progress = None) -> list[Prediction]:
+        if self.weights is None:
+            raise RuntimeError("fusion needs fit(train_users) first")
+        scores = self._model_scores([(self._base_state(state), query) for state, query in requests])
+        out = []
+        for (state, _), model in zip(requests, scores):
+            logits = self._features(model, state.header["counts"], state.header["recent"]) @ self.weights
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            out.append(Prediction(self._answer(probs), "fusion", tuple(float(x) for x in np.log(probs))))
+        if progress:
+            progress(len(requests))
+        return out
+
+    def _answer(self, probs: np.ndarray) -> str:
+        """The most likely label; for a rating, the median of the distribution over the ordered scores."""
+        if self.task.family != "regression":
+            return self.labels[int(probs.argmax())]
+        order = sorted(range(len(self.labels)), key=lambda i: float(self.labels[i]))
+        cumulative = np.cumsum(probs[order])
+        return self.labels[order[int(np.searchsorted(cumulative, 0.5))]]
+
+    def edits(self, states: Sequence[UserState]):  # noqa: ANN201 - the base's edits, if any
+        return self.base.edits([self._base_state(s) for s in states])
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """`base_options` ("max_total=64,epochs=1") as keyword options: ints, floats and true/false cast."""
+    options: dict[str, Any] = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ValueError(f"base_options takes KEY=VALUE pairs separated by commas, got {pair!r}")
+        value: Any = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        options[key.strip()] = value
+    return options

@@ -1,0 +1,51 @@
+"""Prior fusion on the tiny model: weights learned on training users' queries, the user's counts in the state, a
+rating answered with the fused distribution's median, and a refusal for tasks without labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tailor.backbone.model import Backbone
+from tailor.data.lamp import load_users
+from tailor.methods.fusion import Fusion, parse_options
+from tailor.tasks import get_task
+from tailor.tasks.records import HistoryItem, User
+
+pytestmark = pytest.mark.usefixtures("private_cache", "one_thread")
+
+BASE = "r=4,lr=0.02,max_total=16,epochs=1,max_examples=4,history_tokens=48,max_target_tokens=8"
+
+
+def test_users_with_a_clear_favourite_are_answered_with_it(backbone: Backbone, lamp_dir: Path) -> None:
+    """The synthetic users pick their favourite category 70% of the time and their query is about it, while the tiny
+    model knows nothing: the learned weights lean on the user's counts, and the answers follow them."""
+    task = get_task("lamp2n")
+    method = Fusion(task, backbone, base_options=BASE)
+    method.fit(load_users(task, "train", lamp_dir))
+    weights = method.fit_log["weights"]
+    assert weights["user"] + weights["recent"] > abs(weights["model"])
+    favourite = User("fan", task.name, tuple(HistoryItem(str(i), {"text": "x", "title": "t", "category": "sports"})
+                                             for i in range(6)))
+    dev = load_users(task, "dev", lamp_dir)
+    states = method.personalize_many([favourite, *dev])
+    answers = method.predict([(s, q) for s, q in zip(states, [dev[0].queries[0], *(u.queries[0] for u in dev)])])
+    assert answers[0].text == "sports" and answers[0].mode == "fusion"
+    assert all(len(a.scores) == len(task.labels) for a in answers)
+    assert sum(np.exp(answers[0].scores)) == pytest.approx(1.0)
+
+
+def test_a_rating_is_the_median_of_the_fused_distribution(backbone: Backbone) -> None:
+    method = Fusion(get_task("lamp3"), backbone, base_options=BASE)
+    assert method._answer(np.array([0.1, 0.1, 0.1, 0.2, 0.5])) == "4"  # mean 3.9, median 4: MAE's minimiser
+    assert method._answer(np.array([0.05, 0.05, 0.1, 0.1, 0.7])) == "5"
+
+
+def test_tasks_without_labels_and_bad_base_options_are_refused(backbone: Backbone) -> None:
+    with pytest.raises(ValueError, match="no label set"):
+        Fusion(get_task("lamp7"), backbone)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_options("max_total")
+    assert parse_options("max_total=16, lr=0.5,calibrate=true") == {"max_total": 16, "lr": 0.5, "calibrate": True}
