@@ -248,3 +248,18 @@ def test_one_kept_pair_gives_no_edit(backbone: Backbone) -> None:
     assert method.directions(two, two + torch.randn_like(two)) is not None
     with pytest.raises(ValueError, match="at least 2 pairs"):
         ccs_layers(one, one + 1.0)
+
+
+def test_the_question_is_asked_with_the_users_insight_unless_ablated(backbone: Backbone) -> None:
+    """Appendix A.3's personalized template, with the user's selected history and personalized insight, is the
+    inference prompt; `insight_prompt=False` asks LaMP's prompt, as the paper's baselines are asked."""
+    task = get_task("lamp2n")
+    header = {"history": ['the category for the article: "golf" is "sports" '], "insight_p": "sports news",
+              "gain_p": 1.0, "gain_n": 1.0}
+    state = UserState("chameleon", 2, "u", backbone.model_id, header)
+    question = task.question_template.format(text="a match report")
+    with_insight = Chameleon(task, backbone).prompt(state, question)
+    assert "The user prefers sports news." in with_insight and "a match report" in with_insight
+    assert "golf" in with_insight and with_insight.endswith("Your answer:")
+    plain = Chameleon(task, backbone, insight_prompt=False).prompt(state, question)
+    assert plain == task.join_history(header["history"], question) and "prefers" not in plain
