@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks.common import BASELINE, add_device_options, chosen, machine, publish, run, section
+from tailor.backbone.defaults import DEFAULT_MODEL
 from tailor.tasks import get_task
 
 CLASSIFICATION_PLAN = [
@@ -32,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", nargs="+", default=["lamp2n", "lamp2m", "lamp3", "lamp4", "lamp7"])
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--users", type=int, default=None, help="default: every dev user")
     parser.add_argument("--only", nargs="*", default=None,
                         help="labels to run (default: the whole plan); the baseline row is always included")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import BASELINE, add_device_options, chosen, fresh_cache, machine, publish, run, section, slug
+from tailor.backbone.defaults import DEFAULT_MODEL
 from tailor.backbone.device import dtype_name
 from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
@@ -168,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", nargs="+", default=["lamp2n", "lamp2m", "lamp3", "lamp4", "lamp7"])
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--users", type=int, default=None)
     parser.add_argument("--tune", action="store_true", help="grid on 40 training users (never dev users)")
     parser.add_argument("--ablations", action="store_true")

@@ -29,6 +29,7 @@ import torch
 
 from benchmarks.common import BASELINE, add_device_options, chosen, device_flags, machine, publish, section, slug
 from benchmarks.common import run as run_command
+from tailor.backbone.defaults import DEFAULT_MODEL
 from tailor.backbone.layers import Site
 from tailor.backbone.lora import LoRAStack, lora_sites, save_peft
 from tailor.backbone.model import Backbone
@@ -282,7 +283,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", nargs="+", default=["lamp2n", "lamp2m", "lamp3", "lamp4", "lamp7"])
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--users", type=int, default=None, help="default: every dev user")
     parser.add_argument("--only", nargs="*", default=None,
                         help="labels to run (default: the whole plan); the baseline row is always included")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import add_device_options, machine, publish, run, section
+from tailor.backbone.defaults import DEFAULT_MODEL
 from tailor.backbone.model import Backbone
 from tailor.backbone.textcache import TextCache
 from tailor.cli._options import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
@@ -71,7 +72,7 @@ def fit_seconds(method: P2P | OPPU, users: list) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", default="lamp2n")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--users", type=int, default=20, help="dev users personalized, timed and (--quality) evaluated")
     parser.add_argument("--train-users", type=int, default=None, help="training users of the fits (default: all)")
     parser.add_argument("--set", dest="set_", action="append", default=[], help="P2P option KEY=VALUE")

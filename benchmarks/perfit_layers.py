@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import add_device_options, device_flags, machine
+from tailor.backbone.defaults import DEFAULT_MODEL
 from tailor.backbone.model import Backbone
 from tailor.cli._options import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.eval.runner import run_eval
@@ -50,7 +51,7 @@ def plot(task: Task, layers: list[int], results: list[dict], path: Path) -> None
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", default="lamp2m")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--layers", default=None, help="comma-separated (default: every 3rd layer and the last)")
     parser.add_argument("--best", type=Path, default=None, help="best.json of perfit_search.py: options to keep")
     parser.add_argument("--set", dest="set_", action="append", default=[], help="PerFit option KEY=VALUE")

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from benchmarks.common import add_device_options, machine
+from tailor.backbone.defaults import DEFAULT_MODEL
 from tailor.backbone.model import Backbone
 from tailor.cli._options import parse_options as parse_set  # `--set KEY=VALUE`, cast exactly as `tailor eval` casts it
 from tailor.data.lamp import load_users
@@ -129,7 +130,7 @@ Command:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", default="lamp2m")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--tune-users", type=int, default=40, help="held-out training users scored per trial")
     parser.add_argument("--stage1-examples", type=int, default=256, help="stage-1 budget per trial")

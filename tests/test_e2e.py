@@ -45,7 +45,8 @@ def test_classification_methods_on_three_users(smollm: Backbone, tmp_path: Path)
 
 
 def test_generation_on_three_users(smollm: Backbone, tmp_path: Path) -> None:
-    spec = EvalSpec(task="lamp7", method="rag", options={"k": 2, "max_new_tokens": 24}, users=3, seed=0)
+    spec = EvalSpec(task="lamp7", method="rag", options={"k": 2, "max_new_tokens": 24}, users=3, seed=0,
+                    model="smollm2-135m")
     metrics = run_eval(spec, tmp_path, backbone=smollm)
     assert metrics["mode"] == "generation" and 0.0 <= metrics["metrics"]["rouge1"]["value"] <= 1.0
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]

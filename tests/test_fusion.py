@@ -10,7 +10,7 @@ import pytest
 
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
-from tailor.methods.fusion import Fusion, parse_options
+from tailor.methods.fusion import Fusion
 from tailor.tasks import get_task
 from tailor.tasks.records import HistoryItem, User
 
@@ -46,6 +46,11 @@ def test_a_rating_is_the_median_of_the_fused_distribution(backbone: Backbone) ->
 def test_tasks_without_labels_and_bad_base_options_are_refused(backbone: Backbone) -> None:
     with pytest.raises(ValueError, match="no label set"):
         Fusion(get_task("lamp7"), backbone)
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_options("max_total")
-    assert parse_options("max_total=16, lr=0.5,calibrate=true") == {"max_total": 16, "lr": 0.5, "calibrate": True}
+    with pytest.raises(ValueError, match="base_options takes KEY=VALUE"):
+        Fusion(get_task("lamp2n"), backbone, base_options="max_total")
+    with pytest.raises(ValueError, match="max_total=many: max_total must be an integer"):
+        Fusion(get_task("lamp2n"), backbone, base_options="max_total=many")
+    with pytest.raises(ValueError, match="mt-lora has no option nope"):
+        Fusion(get_task("lamp2n"), backbone, base_options="nope=1")
+    base = Fusion(get_task("lamp2n"), backbone, base_options="max_total=16, lr=0.5,calibrate=true").base.config
+    assert (base.max_total, base.lr, base.calibrate) == (16, 0.5, True)

@@ -147,6 +147,24 @@ def test_peft_export_loads_in_peft_with_the_same_logits(backbone: Backbone, tmp_
                for s in stack.sites)
 
 
+def test_an_edited_task_or_training_user_gets_a_fit_of_its_own(backbone: Backbone, lamp_dir: Path) -> None:
+    """A task file edited, or a users file whose records change under the same ids, must not be served the fit made
+    from the old ones."""
+    import dataclasses
+
+    from tailor.runs.fits import fit_folder
+    from tailor.tasks.records import User
+
+    task = get_task("lamp2n")
+    train = users_of(lamp_dir, "train")[:3]
+    folder = fit_folder(MTLoRA(task, backbone), train)
+    assert fit_folder(MTLoRA(task, backbone), users_of(lamp_dir, "train")[:3]) == folder  # same content, same fit
+    edited = dataclasses.replace(task, question_template="Which category? " + task.question_template)
+    assert fit_folder(MTLoRA(edited, backbone), train) != folder
+    fewer = [User(train[0].id, train[0].task, train[0].profile[:-1], train[0].queries), *train[1:]]
+    assert fit_folder(MTLoRA(task, backbone), fewer) != folder
+
+
 def test_default_oppu_trains_on_the_default_mt_lora_fit(backbone: Backbone, lamp_dir: Path) -> None:
     """OPPU's per-user stage has its own batch and steps; its base must still be exactly a default `mt-lora`, so
     that the two share one cached fit (and OPPU's cost is not a second multi-task fit)."""

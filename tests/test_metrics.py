@@ -9,7 +9,10 @@ import pytest
 from sklearn.metrics import f1_score
 
 from tailor.tasks.lamp import MOVIE_TAGS, NEWS_CATEGORIES, get_task
-from tailor.tasks.metrics import (NO_LABEL, compute_metrics, higher_is_better, lamp3_value, metric_names, score_items)
+from tailor.tasks.metrics import (NO_LABEL, compute_metrics, higher_is_better, metric_names, regression_value,
+                                  score_items)
+
+LAMP3_RANGE = get_task("lamp3").score_range
 
 
 def test_metric_names_and_directions() -> None:
@@ -97,14 +100,14 @@ def test_unknown_gold_label_is_an_error() -> None:
     ],
 )
 def test_unparseable_score_takes_the_farther_end(gold: float, expected: float) -> None:
-    assert lamp3_value("five stars", gold) == expected
+    assert regression_value("five stars", gold, LAMP3_RANGE) == expected
 
 
 def test_parseable_scores_use_python_float() -> None:
-    assert lamp3_value("4.5", 1.0) == 4.5
-    assert lamp3_value("4.0", 1.0) == 4.0
-    assert lamp3_value(" 3", 1.0) == 3.0
-    assert lamp3_value("1e0", 5.0) == 1.0
+    assert regression_value("4.5", 1.0, LAMP3_RANGE) == 4.5
+    assert regression_value("4.0", 1.0, LAMP3_RANGE) == 4.0
+    assert regression_value(" 3", 1.0, LAMP3_RANGE) == 3.0
+    assert regression_value("1e0", 5.0, LAMP3_RANGE) == 1.0
 
 
 def test_regression_hand_worked() -> None:

@@ -202,3 +202,18 @@ def test_personalize_command_on_ray_writes_the_local_states_and_resumes_locally(
     assert again.exit_code == 0, again.output
     assert sorted(r["user_id"] for r in read_predictions(tmp_path / PERSONALIZED)) == sorted(r["user_id"] for r in rows)
     assert state_contents(tmp_path) == states
+
+
+def test_workers_get_absolute_paths_and_no_lamp_folder_for_users_files(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers need not share the driver's working directory, and a run on users files needs no LaMP folder."""
+    from tailor.distributed.ray_runner import _for_workers
+
+    examples = Path(__file__).resolve().parent.parent / "examples" / "tickets"
+    monkeypatch.chdir(examples.parent.parent)
+    monkeypatch.setenv("TAILOR_DATA", str(tmp_path / "no-such-folder"))
+    spec = EvalSpec(task="examples/tickets/tickets.toml", method="user-prior", model=None,
+                    data="examples/tickets/dev.jsonl", train_data="examples/tickets/train.jsonl")
+    worker = _for_workers(spec)
+    assert (worker.task, worker.data, worker.train_data, worker.data_dir) == (
+        str(examples / "tickets.toml"), str(examples / "dev.jsonl"), str(examples / "train.jsonl"), None)

@@ -20,6 +20,7 @@ from tailor.data.splits import swap_histories
 from tailor.eval.runner import run_eval
 from tailor.runs.folder import RunConflict, read_predictions
 from tailor.runs.spec import EvalSpec
+from tailor.store.paths import state_path
 from tailor.tasks import get_task
 from tests.conftest import write_lamp_dir
 
@@ -41,6 +42,8 @@ def test_run_folder_holds_config_predictions_metrics_report(backbone: Backbone, 
     assert lo <= metrics["metrics"]["accuracy"]["value"] <= hi
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["method_config"]["k"] == 2 and config["mode"] == "scoring" and config["model"] == backbone.model_id
+    for row in read_predictions(tmp_path / "run" / "predictions.jsonl"):  # RAG's state is all header, no tensors
+        assert row["state_bytes"] == state_path(tmp_path / "run" / "states", row["user_id"]).stat().st_size > 0
 
 
 def test_resume_after_a_torn_line_equals_an_uninterrupted_run(backbone: Backbone, lamp_dir: Path,
@@ -153,10 +156,15 @@ def test_cli_reports_bad_data_in_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("method", "option", "message"), [
-    ("global-prior", "center=middle", "center must be mean or median, not 'middle'"),
-    ("perfit", "stages=3", "stages must be 1+2, 1 or 2, not 3"),
+    ("global-prior", "center=middle", "--set center=middle: center must be one of mean, median"),
+    ("perfit", "stages=3", "--set stages=3: stages must be one of 1+2, 1, 2"),
     ("perfit", "stage2_examples=-1", "stage2_examples must be >= 0, not -1"),
     ("rag", "k=-1", "k must be >= 0, not -1"),
+    ("rag", "k=abc", "--set k=abc: k must be an integer"),
+    ("rag", "k=1.5", "--set k=1.5: k must be an integer"),
+    ("rag", "mode=foo", "--set mode=foo: mode must be one of scoring, generation"),
+    ("rag", "calibrate=maybe", "--set calibrate=maybe: calibrate must be true or false"),
+    ("mt-lora", "lr=fast", "--set lr=fast: lr must be a number"),
     ("chameleon", "history=-3", "history must be >= 0, not -3"),
 ])
 def test_cli_reports_a_bad_method_option_in_one_line(tmp_path: Path, method: str, option: str, message: str) -> None:
@@ -180,6 +188,39 @@ def test_cli_reports_a_bad_run_in_one_line_before_loading_anything(tmp_path: Pat
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in result.stderr and "Loading weights" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_set_values_are_read_as_their_options_types() -> None:
+    from tailor.cli._options import check_options, set_pairs
+
+    typed = check_options("perfit", set_pairs(["stages=1", "lr1=1", "k=3", "calibrate=TRUE", "max-new-tokens=4"]))
+    assert typed == {"stages": "1", "lr1": 1.0, "k": 3, "calibrate": True, "max_new_tokens": 4}
+    assert [type(v) for v in typed.values()] == [str, float, int, bool, int]
+    assert check_options("rag", {"k": 2, "mode": "generation", "max_new_tokens": None}) == \
+        {"k": 2, "mode": "generation", "max_new_tokens": None}
+    with pytest.raises(typer.BadParameter, match="--set k=true: k must be an integer"):
+        check_options("rag", {"k": True})
+
+
+def test_a_run_that_fails_before_it_starts_leaves_no_folder(lamp_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import tailor.eval.runner as runner
+
+    def failing_fit(*args: object, **kwargs: object) -> float:
+        raise ValueError("the fit cannot start")
+
+    spec = EvalSpec(task="lamp3", method="user-prior", model=None, data_dir=str(lamp_dir), users=2)
+    monkeypatch.setattr(runner, "fit_for_spec", failing_fit)
+    with pytest.raises(ValueError, match="cannot start"):
+        run_eval(spec, tmp_path / "new" / "run")
+    assert not (tmp_path / "new" / "run").exists()
+    monkeypatch.undo()
+    run_eval(spec, tmp_path / "run")
+    (tmp_path / "run" / "predictions.jsonl").write_text("")  # as if killed after personalizing
+    monkeypatch.setattr(runner, "fit_for_spec", failing_fit)
+    with pytest.raises(ValueError, match="cannot start"):
+        run_eval(spec, tmp_path / "run")
+    assert (tmp_path / "run" / "config.json").exists()  # a folder that was there is left alone
 
 
 def test_a_flag_and_its_set_option_agree_or_fail(lamp_dir: Path, tmp_path: Path) -> None:

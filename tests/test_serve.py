@@ -1,10 +1,15 @@
 """The HTTP server against a real uvicorn on 127.0.0.1, serving the tiny model: round trip, tenant isolation, every bad
-input, a full queue, kill -9 during a personalize, schemathesis; and the micro-batcher on its own."""
+input (duplicate item ids, labels and ratings the task cannot have, a chunked oversize body), stale states answered and
+marked, mixed batches answered row by row, answers while a personalize job runs in the worker process, kill -9 during
+a personalize, revoked and rotated keys, the access log, metrics, offline docs, PEFT export, schemathesis; and the
+micro-batcher on its own."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,21 +22,23 @@ from typing import Iterator
 
 import httpx
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
 from tailor.backbone.model import Backbone
+from tailor.cli.main import app as tailor_app
 from tailor.cli.serve import serve_command as serve
 from tailor.data.lamp import load_users
 from tailor.methods import build_method
-from tailor.methods.base import Prediction
 from tailor.methods.perfit import PerFit
 from tailor.serve.batcher import MicroBatcher, QueueFull
-from tailor.serve.worker import StateCache, rebuild_reason, update_state
+from tailor.serve.states import StateCache
+from tailor.serve.worker import rebuild_reason, update_state
 from tailor.store.state import StateError, UserState
 from tailor.store.store import Store
 from tailor.tasks import get_task
-from tailor.tasks.records import HistoryItem, Query, User
+from tailor.tasks.records import HistoryItem, User
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,13 +162,15 @@ def test_round_trip_history_personalize_predict(rag: tuple, lamp_dir: Path, back
         assert not detail["stale"] and len(detail["history"]) == len(users[0].profile)
         assert detail["profile"]["top_outputs"]
 
-        # appending history makes the state stale until personalized again (incrementally, for RAG)
+        # appending history makes the state stale: answered from the previous state, marked, until personalized
+        # again (incrementally, for RAG)
         extra = {"text": "sports extra", "title": "x", "category": "sports"}
         assert api.post(f"/v1/users/{users[0].id}/history", json={"items": [extra]}).json()["stale"]
-        assert_error(api.post("/v1/predict", json={"requests": rows[:1]}), 409, "stale_state", users[0].id)
+        stale = api.post("/v1/predict", json={"requests": rows[:1]}).json()["predictions"][0]
+        assert stale["stale"] and stale["text"] == predictions[0]["text"]
         job = wait_job(api, api.post(f"/v1/users/{users[0].id}/personalize").json())
-        assert (job["status"], job["mode"]) == ("done", "incremental")
-        assert api.post("/v1/predict", json={"requests": rows[:1]}).status_code == 200
+        assert (job["status"], job["mode"], job["deployment"]) == ("done", "incremental", "default")
+        assert not api.post("/v1/predict", json={"requests": rows[:1]}).json()["predictions"][0]["stale"]
 
         assert api.delete(f"/v1/users/{users[2].id}").json() == {"user_id": users[2].id, "deleted": True}
         assert_error(api.get(f"/v1/users/{users[2].id}"), 404, "unknown_user")
@@ -208,8 +217,17 @@ def test_every_bad_input_gets_a_clear_json_error(rag: tuple) -> None:
                      "not_personalized", "fresh")
         wait_job(api, api.post("/v1/users/fresh/personalize").json())
         api.post("/v1/users/fresh/history", json={"items": [item]})
-        assert_error(api.post("/v1/predict", json={"requests": [{"user_id": "fresh", "query": "q"}]}), 409,
-                     "stale_state", "2 history items", "built from 1")
+        answer = api.post("/v1/predict", json={"requests": [{"user_id": "fresh", "query": "q"}]})
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["stale"]
+        # a mixed batch answers every row it can and says why the others have no answer
+        mixed = api.post("/v1/predict", json={"requests": [{"user_id": "ghost", "query": "q"},
+                                                          {"user_id": "fresh", "query": "q"},
+                                                          {"user_id": "fresh", "query": "q", "personalized": False}]})
+        assert mixed.status_code == 200, mixed.text
+        ghost, fresh, base = mixed.json()["predictions"]
+        assert ghost["text"] is None and ghost["error"]["code"] == "unknown_user"
+        assert ghost["error"]["param"] == "requests[0].user_id" and ghost["error"]["type"] == "not_found_error"
+        assert fresh["text"] and fresh["stale"] and base["text"] and not base["stale"] and base["error"] is None
         # a damaged state file is refused with the user's name, never answered from
         api.post("/v1/users/damaged/history", json={"items": [item]})
         wait_job(api, api.post("/v1/users/damaged/personalize").json())
@@ -240,6 +258,25 @@ def test_every_bad_input_gets_a_clear_json_error(rag: tuple) -> None:
                      "too_long", "items[0].text")
         assert_error(api.post("/v1/users/fresh/history", content=b"x" * (8 << 20 | 1),
                               headers={"content-type": "application/json"}), 413, "too_long", "bytes")
+        chunks = (b"x" * (1 << 20) for _ in range(20))  # 20 MB without a length: sent chunked
+        assert_error(api.post("/v1/users/fresh/history", content=chunks, headers={"content-type": "application/json"}),
+                     413, "too_long", "bytes")
+        chunked = api.post("/v1/users/fresh/history", content=iter([b'{"items": [', b'{"text": "c", "title": "t", ',
+                                                                     b'"category": "crime"}]}']),
+                           headers={"content-type": "application/json"})
+        assert chunked.status_code == 200 and chunked.json()["added"] == 1  # a small chunked body goes through
+        # outputs the task cannot have
+        bad_label = api.post("/v1/users/fresh/history", json={"items": [item, {**item, "category": "Sports!"}]})
+        assert_error(bad_label, 422, "malformed", "items.1.category", "'sports'")
+        assert bad_label.json()["error"]["param"] == "items.1.category"
+        # history is idempotent by item id; the same id with other content is a conflict
+        with_id = {**item, "id": "article-7"}
+        first = api.post("/v1/users/fresh/history", json={"items": [with_id]}).json()
+        again = api.post("/v1/users/fresh/history", json={"items": [with_id, with_id]}).json()
+        assert (first["added"], again["added"], again["duplicates"]) == (1, 0, ["article-7", "article-7"])
+        assert again["items"] == first["items"]
+        assert_error(api.post("/v1/users/fresh/history", json={"items": [{**with_id, "text": "other"}]}), 409,
+                     "item_conflict", "'article-7'")
         # user ids that try to leave the store, unknown routes and jobs
         assert_error(api.get("/v1/users/.hidden"), 422, "invalid_user_id")
         assert_error(api.post("/v1/users/a%20b/history", json={"items": [item]}), 422, "invalid_user_id")
@@ -267,6 +304,94 @@ def test_web_page_is_served(rag: tuple) -> None:
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "/v1/predict" in page.text and "Not personalized" in page.text
+
+
+def test_keys_are_revoked_and_rotated_from_the_command_line(rag: tuple) -> None:
+    """A running server refuses a key revoked by `tailor tenants revoke` at the next request, and a rotated key's
+    predecessor; the tenant's users stay."""
+    server, _, store = rag
+    runner, where = CliRunner(), ["--store", str(store.root)]
+    key = runner.invoke(tailor_app, ["tenants", "create", "temp", *where]).stdout.strip()
+    with client(server, key) as api:
+        assert api.post("/v1/users/kept/history", json={"items": [{"text": "a", "title": "t", "category": "food & "
+                                                                   "drink"}]}).status_code == 200
+    listed = runner.invoke(tailor_app, ["tenants", "list", *where]).stdout
+    assert re.search(r"temp\s+[0-9a-f]{12}\s+\S+ \S+\s+active since .*\s1$", listed, re.M), listed
+    revoked = runner.invoke(tailor_app, ["tenants", "revoke", "temp", *where])
+    assert revoked.exit_code == 0 and "revoked" in revoked.stderr
+    with client(server, key) as api:
+        assert_error(api.get("/v1/users"), 401, "unauthorized", "revoked")
+    assert re.search(r"temp .* revoked ", runner.invoke(tailor_app, ["tenants", "list", *where]).stdout)
+    new_key = runner.invoke(tailor_app, ["tenants", "rotate", "temp", *where]).stdout.strip()
+    assert new_key.startswith("tailor-") and new_key != key
+    with client(server, new_key) as api, client(server, key) as old:
+        assert [u["user_id"] for u in api.get("/v1/users").json()["users"]] == ["kept"]
+        assert_error(old.get("/v1/users"), 401, "unauthorized")
+    unknown = runner.invoke(tailor_app, ["tenants", "revoke", "nobody", *where])
+    assert unknown.exit_code != 0
+
+
+def test_access_log_metrics_and_offline_docs(rag: tuple) -> None:
+    server, keys, store = rag
+    tenant = store.authenticate(keys["acme"])
+    with client(server, keys["acme"]) as api:
+        api.get("/v1/users/nobody-here")
+    lines = server.log.read_text().splitlines()
+    pattern = rf"^\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z tenant={tenant} GET /v1/users/nobody-here 404 \d+\.\dms$"
+    assert any(re.match(pattern, line) for line in lines), lines[-5:]
+    assert any(re.match(r".* tenant=- GET /healthz 200 ", line) for line in lines)
+    metrics = httpx.get(server.url + "/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert 'tailor_http_requests_total{method="GET",route="/v1/users/{user_id}",status="404"}' in text
+    assert re.search(r'tailor_http_request_seconds_bucket\{le="0\.005",route="/healthz"\}', text)
+    assert 'tailor_queue_rows{backbone="' in text and "tailor_batch_rows_count" in text
+    assert re.search(r'tailor_personalize_jobs\{deployment="default",status="done"\} \d', text)
+    docs = httpx.get(server.url + "/docs")
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower()
+    bundle = httpx.get(server.url + "/docs-assets/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and "SwaggerUIBundle" in bundle.text[:2000]
+
+
+def test_export_peft_writes_an_adapter_whose_base_is_the_local_model_folder(tmp_path: Path, tiny_model_dir: Path,
+                                                                            lamp_dir: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    options = dict(r=4, alpha=8.0, lr=2e-2, train_batch=4, max_examples=6, history_tokens=48, max_target_tokens=8,
+                   steps=3)
+    store = Store(tmp_path / "store")
+    tenant = store.create_tenant("acme")[0]
+    user = load_users(NEWS, "dev", lamp_dir)[0]
+    store.add_history(tenant, user.id, NEWS.name, user.profile)
+    local = Backbone.load(str(tiny_model_dir), device="cpu", dtype="float32")
+    method = build_method("lora-p", NEWS, local, **options)
+    state = method.personalize(user)
+    assert store.save_state(tenant, user.id, state, len(user.profile), slot="news-lora")
+    out = tmp_path / "peft"
+    done = CliRunner().invoke(tailor_app, ["export-peft", "--store", str(store.root), "--tenant", "acme", "--user",
+                                           user.id, "--out", str(out), "--model", str(tiny_model_dir), "--device",
+                                           "cpu", "--dtype", "float32", "--data-dir", str(lamp_dir),
+                                           *[f"--set={k}={v}" for k, v in options.items()]])
+    assert done.exit_code == 0, done.output
+    base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base_path) == tiny_model_dir.resolve()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), out)
+    prompt = method.prompt(state, user.queries[0].input)
+    ours = local.score_labels([prompt], NEWS.labels, edits=method.edits([state]))
+    ids = torch.tensor([local.encode(local.render(prompt))])
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+    first = [local.tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in NEWS.labels]
+    single = [j for j, label in enumerate(NEWS.labels) if len(local.tokenizer(label, add_special_tokens=False)
+                                                                ["input_ids"]) == 1]
+    assert single and all(logits[first[j]].item() == pytest.approx(ours[0, j], abs=1e-3) for j in single)
+    refused = CliRunner().invoke(tailor_app, ["export-peft", "--store", str(store.root), "--tenant", "acme",
+                                              "--user", user.id, "--out", str(tmp_path / "x"), "--deployment", "rag"])
+    assert refused.exit_code != 0 and "news-lora" in refused.output
 
 
 def test_schemathesis_finds_no_server_errors(rag: tuple) -> None:
@@ -306,9 +431,9 @@ def test_kill_9_during_personalize_leaves_the_store_consistent(tmp_path: Path, t
             while job["status"] == "queued":
                 job = api.get(f"/v1/jobs/{job['job_id']}").json()
             assert job["status"] == "running"
-            # the job holds the model: predictions wait in the bounded queue, and what does not fit gets a 503
-            statuses = asyncio.run(_concurrent_predicts(server.url, key, "quick", 8))
-            assert statuses.count(503) >= 2, statuses
+            # the job runs in the worker process: answers go on meanwhile, without waiting for it
+            statuses = asyncio.run(_concurrent_predicts(server.url, key, "quick", 4))
+            assert statuses == [200] * 4, statuses
             assert api.get(f"/v1/jobs/{job['job_id']}").json()["status"] == "running"
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait()
@@ -334,16 +459,14 @@ def test_kill_9_during_personalize_leaves_the_store_consistent(tmp_path: Path, t
 
 
 async def _concurrent_predicts(url: str, key: str, user_id: str, count: int) -> list[int | None]:
-    """Status of `count` simultaneous predictions (None: still waiting after half a second)."""
+    """Status of `count` simultaneous predictions (None: still waiting after 5 s)."""
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}) as api:
         async def one() -> int | None:
             try:
                 response = await api.post("/v1/predict", json={"requests": [{"user_id": user_id, "query": "q"}]},
-                                          timeout=0.5)
+                                          timeout=5)
             except httpx.TimeoutException:
                 return None
-            if response.status_code == 503:
-                assert response.json()["error"]["code"] == "queue_full" and response.headers["retry-after"] == "1"
             return response.status_code
 
         return list(await asyncio.gather(*(one() for _ in range(count))))
@@ -351,53 +474,50 @@ async def _concurrent_predicts(url: str, key: str, user_id: str, count: int) -> 
 
 # --- the micro-batcher on its own --------------------------------------------------------------------------------
 
-def _state(user_id: str) -> UserState:
-    return UserState("fake", 1, user_id, None)
-
-
 def test_requests_arriving_together_share_one_predict_call() -> None:
     calls: list[list[str]] = []
+    batches: list[int] = []
 
-    def run(key: str, requests: list) -> list[Prediction]:
-        calls.append([f"{key}:{s.user_id}" for s, _ in requests])
-        return [Prediction(f"{s.user_id}/{q.input}", "fake") for s, q in requests]
+    def run(key: str, rows: list) -> list[str]:
+        calls.append([f"{key}:{user}" for user, _ in rows])
+        return [f"{user}/{text}" for user, text in rows]
 
-    batcher = MicroBatcher(run, threading.Lock(), max_batch=8, max_wait_ms=200, max_queue=64)
+    batcher = MicroBatcher(run, max_batch=8, max_wait_ms=200, max_queue=64, on_batch=batches.append)
     batcher.start()
     try:
-        futures = [batcher.submit([("p", _state(f"u{i}"), Query("q", f"x{i}"))]) for i in range(5)]
-        futures.append(batcher.submit([("b", _state("u0"), Query("q", "y")), ("p", _state("u9"), Query("q", "z"))]))
-        answers = [[p.text for p in f.result(10)] for f in futures]
+        futures = [batcher.submit([("p", (f"u{i}", f"x{i}"))]) for i in range(5)]
+        futures.append(batcher.submit([("b", ("u0", "y")), ("p", ("u9", "z"))]))
+        answers = [[f.result(10) for f in request] for request in futures]
     finally:
         batcher.stop()
     assert answers == [["u0/x0"], ["u1/x1"], ["u2/x2"], ["u3/x3"], ["u4/x4"], ["u0/y", "u9/z"]]
-    assert calls == [["p:u0", "p:u1", "p:u2", "p:u3", "p:u4", "p:u9"], ["b:u0"]]  # one call per method key
-    assert batcher.stats.batches == 1 and batcher.stats.largest == 7
+    assert calls == [["p:u0", "p:u1", "p:u2", "p:u3", "p:u4", "p:u9"], ["b:u0"]]  # one call per key
+    assert batcher.stats.batches == 1 and batcher.stats.largest == 7 and batches == [7]
 
 
-def test_a_full_queue_refuses_and_a_failing_request_fails_alone() -> None:
+def test_a_full_queue_refuses_and_a_failing_row_fails_alone() -> None:
     release = threading.Event()
 
-    def run(key: str, requests: list) -> list[Prediction]:
+    def run(key: str, rows: list) -> list[str]:
         release.wait(10)
-        if any(q.input == "boom" for _, q in requests):
+        if "boom" in rows:
             raise ValueError("bad state")
-        return [Prediction(q.input, "fake") for _, q in requests]
+        return list(rows)
 
-    batcher = MicroBatcher(run, threading.Lock(), max_batch=2, max_wait_ms=1, max_queue=4)
+    batcher = MicroBatcher(run, max_batch=2, max_wait_ms=1, max_queue=4)
     batcher.start()
     try:
-        first = batcher.submit([("p", _state("a"), Query("q", "first"))])
+        first = batcher.submit([("p", "first")])[0]
         time.sleep(0.2)  # taken by the model thread, which now waits in run()
-        texts = ["ok0", "boom", "ok2", "ok3"]
-        queued = [batcher.submit([("p", _state(f"c{i}"), Query("q", t))]) for i, t in enumerate(texts)]
+        queued = [batcher.submit([("p", text)])[0] for text in ["ok0", "boom", "ok2", "ok3"]]
+        assert batcher.queued_rows == 4
         with pytest.raises(QueueFull, match="4 rows waiting"):
-            batcher.submit([("p", _state("d"), Query("q", "late"))])
+            batcher.submit([("p", "late")])
         release.set()
-        assert first.result(10)[0].text == "first"
+        assert first.result(10) == "first"
         with pytest.raises(ValueError, match="bad state"):
             queued[1].result(10)  # it shared a batch with ok0, which is answered all the same
-        assert [queued[i].result(10)[0].text for i in (0, 2, 3)] == ["ok0", "ok2", "ok3"]
+        assert [queued[i].result(10) for i in (0, 2, 3)] == ["ok0", "ok2", "ok3"]
         assert batcher.stats.refused == 1
     finally:
         release.set()

@@ -1,5 +1,6 @@
-"""The user store: tenants and keys, history and staleness, checksummed versioned states, deletion, concurrent
-writers."""
+"""The user store: tenants and keys (revoked, rotated), history (idempotent by item id) and staleness, checksummed
+versioned states in slots, deletion, jobs claimed across processes, concurrent writers, and a version 1 store
+migrated."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from tailor.store.state import StateError, UserState
-from tailor.store.store import InvalidId, Store, StoreError, TaskMismatch, UnknownUser
+from tailor.store.store import (InvalidId, ItemConflict, Store, StoreError, TaskMismatch, UnknownTenant,
+                                UnknownUser)
 from tailor.tasks.records import HistoryItem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,8 +54,67 @@ def test_api_keys_are_stored_hashed_and_checked(store: Store) -> None:
         store.create_tenant("acme")
 
 
+def test_revoked_and_rotated_keys_are_refused_at_once_in_every_process(store: Store) -> None:
+    tenant, key = store.create_tenant("acme")
+    server = Store(store.root)  # another process's view (its own connection and cache of checked keys)
+    assert server.authenticate(key) == tenant
+    assert store.tenant_id("acme") == tenant == store.tenant_id(tenant)
+    assert store.revoke_key(tenant) and not store.revoke_key(tenant)
+    assert server.authenticate(key) is None
+    listed = {t["name"]: t for t in store.tenants()}
+    assert listed["acme"]["revoked"] is not None and listed["acme"]["users"] == 0
+    new_key = store.rotate_key(tenant)
+    assert server.authenticate(new_key) == tenant and server.authenticate(key) is None
+    assert store.tenants()[0]["revoked"] is None
+    with pytest.raises(UnknownTenant, match="'nobody'"):
+        store.tenant_id("nobody")
+
+
+def test_history_is_idempotent_by_item_id(store: Store, tenant: str) -> None:
+    first = [HistoryItem("a1", {"text": "x", "category": "sports"}),
+             HistoryItem("a2", {"text": "y", "category": "crime"})]
+    assert store.add_history(tenant, "u", "LaMP-2N", first).added == 2
+    again = store.add_history(tenant, "u", "LaMP-2N", [first[1], HistoryItem("a3", {"text": "z", "category": "food"}),
+                                                       HistoryItem("a3", {"text": "z", "category": "food"})])
+    assert (again.added, again.duplicates, again.record.items) == (1, ("a2", "a3"), 3)
+    store.save_state(tenant, "u", state_for("u", 3), 3)
+    resent = store.add_history(tenant, "u", "LaMP-2N", first)
+    assert (resent.added, resent.record.items, resent.record.stale) == (0, 3, False)  # a retry leaves it fresh
+    with pytest.raises(ItemConflict, match="'a1' of user 'u'.*other content"):
+        store.add_history(tenant, "u", "LaMP-2N", [HistoryItem("b", {"text": "new", "category": "food"}),
+                                                   HistoryItem("a1", {"text": "changed", "category": "sports"})])
+    assert [i.id for i in store.history(tenant, "u")] == ["a1", "a2", "a3"]  # nothing of the refused call
+
+
+def test_each_slot_keeps_its_own_state(store: Store, tenant: str) -> None:
+    store.add_history(tenant, "u", "LaMP-2N", items("a", "b"))
+    assert store.save_state(tenant, "u", state_for("u", 2), 2, slot="rag")
+    assert store.save_state(tenant, "u", state_for("u", 2, method="lora"), 1, slot="lora")
+    assert store.slots(tenant, "u") == ["lora", "rag"]
+    assert store.record(tenant, "u", "rag").method == "rag" and not store.record(tenant, "u", "rag").stale
+    assert store.record(tenant, "u", "lora").stale and not store.record(tenant, "u").has_state
+    assert store.load_state(tenant, "u", record=store.record(tenant, "u", "lora")).method == "lora"
+    # the same state in two slots is two files: replacing one leaves the other intact
+    assert store.save_state(tenant, "u", state_for("u", 2), 2, slot="lora")
+    assert store.save_state(tenant, "u", state_for("u", 3), 2, slot="rag")
+    assert store.check() == [] and len(list((store.root / "tenants" / tenant / "users" / "u").iterdir())) == 2
+
+
+def test_workers_claim_each_queued_job_once(store: Store, tenant: str) -> None:
+    jobs = [store.create_job(tenant, f"u{i}", slot)[0] for i, slot in enumerate(["a", "a", "b", "a"])]
+    other = Store(store.root)
+    first, second = store.claim_jobs(["a"], 2), other.claim_jobs(["a", "b"], 10)
+    assert [j["job_id"] for j in first] == [jobs[0]["job_id"], jobs[1]["job_id"]]
+    assert [j["job_id"] for j in second] == [jobs[2]["job_id"], jobs[3]["job_id"]]
+    assert store.claim_jobs(["a", "b"], 10) == [] and store.job(tenant, jobs[0]["job_id"])["status"] == "running"
+    store.set_job(jobs[0]["job_id"], "done")
+    assert store.interrupt_running(["a"], "the worker died") == 2
+    assert store.job(tenant, jobs[1]["job_id"])["error"] == "the worker died"
+    assert store.job_counts() == {("a", "done"): 1, ("a", "interrupted"): 2, ("b", "running"): 1}
+
+
 def test_history_state_round_trip_and_staleness(store: Store, tenant: str) -> None:
-    record = store.add_history(tenant, "u1", "LaMP-2N", items("a", "b"))
+    record = store.add_history(tenant, "u1", "LaMP-2N", items("a", "b")).record
     assert (record.items, record.has_state, record.stale) == (2, False, False)
     user, record = store.snapshot(tenant, "u1")
     assert [i.id for i in user.profile] == ["u1-1", "u1-2"] and user.profile[1]["text"] == "b"
@@ -207,3 +268,49 @@ def test_two_processes_writing_the_same_user_are_serialised(store: Store, tenant
     assert store.load_state(tenant, "same").header == {"n": 50}
     assert store.check() == []
     assert len(list((store.root / "tenants" / tenant / "users" / "same").glob("*"))) == 1
+
+
+V1_SCHEMA = """
+CREATE TABLE tenants (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, key_salt BLOB NOT NULL, key_hash BLOB NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE users (tenant TEXT NOT NULL REFERENCES tenants(id), user_id TEXT NOT NULL, task TEXT NOT NULL,
+    items INTEGER NOT NULL, state_file TEXT, checksum TEXT, method TEXT, version INTEGER, model_id TEXT,
+    state_items INTEGER, state_bytes INTEGER, updated REAL NOT NULL, PRIMARY KEY (tenant, user_id));
+CREATE TABLE history (tenant TEXT NOT NULL, user_id TEXT NOT NULL, seq INTEGER NOT NULL, item TEXT NOT NULL,
+    PRIMARY KEY (tenant, user_id, seq));
+CREATE TABLE jobs (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, user_id TEXT NOT NULL, status TEXT NOT NULL,
+    detail TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);
+CREATE INDEX jobs_by_user ON jobs (tenant, user_id, status);
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_version_1_store_is_migrated_with_its_states_and_keys(tmp_path: Path) -> None:
+    """A store written by the previous tailor (one state per user, item ids only inside the JSON) opens with its
+    keys, history and states: the state in the default slot, its item ids known for idempotent appends."""
+    import hashlib
+    import json
+
+    root = tmp_path / "old"
+    (root / "tenants" / "0123456789ab" / "users" / "u").mkdir(parents=True)
+    state = state_for("u", 2)
+    checksum = state.checksum()
+    state.save(root / "tenants" / "0123456789ab" / "users" / "u" / f"state-{checksum[:24]}.safetensors")
+    salt, secret = b"s" * 16, "k" * 43
+    with sqlite3.connect(root / "index.sqlite") as db:
+        db.executescript(V1_SCHEMA)
+        db.execute("INSERT INTO tenants VALUES ('0123456789ab', 'acme', ?, ?, 1.0)",
+                   (salt, hashlib.scrypt(secret.encode(), salt=salt, n=2 ** 14, r=8, p=1, dklen=32)))
+        db.execute("INSERT INTO users VALUES ('0123456789ab', 'u', 'LaMP-2N', 2, ?, ?, 'rag', 1, 'tiny/2x32', 2, 8, "
+                   "2.0)", (f"state-{checksum[:24]}.safetensors", checksum))
+        for seq, text in ((1, "a"), (2, "b")):
+            db.execute("INSERT INTO history VALUES ('0123456789ab', 'u', ?, ?)",
+                       (seq, json.dumps({"text": text, "category": "sports", "id": f"i{seq}"})))
+    store = Store(root)
+    assert store.authenticate(f"tailor-0123456789ab-{secret}") == "0123456789ab"
+    record = store.record("0123456789ab", "u")
+    assert (record.items, record.state_items, record.stale, record.method) == (2, 2, False, "rag")
+    assert store.load_state("0123456789ab", "u", "rag", 1).header == {"n": 2}
+    again = store.add_history("0123456789ab", "u", "LaMP-2N", [HistoryItem("i1", {"text": "a", "category": "sports"})])
+    assert (again.added, again.duplicates) == (0, ("i1",))
+    assert store.check() == [] and Store(root).record("0123456789ab", "u").has_state  # opened twice: migrated once

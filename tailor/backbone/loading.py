@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from tailor.backbone.defaults import DEFAULT_MODEL, FAST_MODEL  # noqa: F401 - re-exported
 
-DEFAULT_MODEL = "smollm2-135m"
+log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:

@@ -137,6 +137,60 @@ class Batch:
     labels: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How one row of `Backbone.generate` picks its tokens and where its text ends.
+
+    Temperature 0 (the default) decodes greedily; above 0, each token is drawn from the softmax of the logits divided
+    by the temperature, kept to the smallest set of most likely tokens whose probability reaches `top_p`. A `seed`
+    gives the row a random generator of its own, so the same request draws the same text whatever shares its batch.
+    `stop`: strings that end the text where the first of them begins (it is not included)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature} and {self.top_p}")
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        return torch.Generator(device=device).manual_seed(self.seed) if self.seed is not None else None
+
+
+GREEDY = Sampling()
+
+
+def _per_row(sampling: Sampling | Sequence[Sampling] | None, n: int) -> list[Sampling]:
+    if sampling is None or isinstance(sampling, Sampling):
+        return [sampling or GREEDY] * n
+    if len(sampling) != n:
+        raise ValueError(f"{len(sampling)} sampling settings for {n} prompts")
+    return list(sampling)
+
+
+def _next_tokens(logits: Tensor, choosers: Sequence[Sampling], generators: Sequence[torch.Generator | None]) -> Tensor:
+    """Each row's next token: the most likely one, or a draw as the row's `Sampling` says."""
+    picked = logits.argmax(-1)
+    for row, chooser in enumerate(choosers):
+        if chooser.temperature == 0:
+            continue
+        probs = torch.softmax(logits[row].float() / chooser.temperature, dim=-1)
+        if chooser.top_p < 1:
+            ranked, order = probs.sort(descending=True)
+            keep = ranked.cumsum(0) - ranked < chooser.top_p  # the most likely tokens until top_p is reached
+            probs = torch.zeros_like(probs).scatter(0, order[keep], ranked[keep])
+        picked[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
+    return picked
+
+
+def _stop_at(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first stop string found in `text` begins, or None."""
+    found = [at for at in (text.find(s) for s in stop if s) if at >= 0]
+    return min(found) if found else None
+
+
 class Backbone:
     """A frozen decoder-only model plus its tokenizer.
 
@@ -350,17 +404,22 @@ class Backbone:
             return None
         return torch.as_tensor(rows, dtype=torch.long)[index]
 
-    # --- generation ----------------------------------------------------------------------------------------------
+    # --- generation ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8,
                  edits: Mapping[Site, Edit] | None = None, rows: Sequence[int] | Tensor | None = None,
-                 on_batch: Callable[[int], None] | None = None, stop_at_eos: bool = True) -> list[str]:
+                 on_batch: Callable[[int], None] | None = None, stop_at_eos: bool = True,
+                 sampling: Sampling | Sequence[Sampling] | None = None) -> list[str]:
         """Greedy decoding, batched with left padding; each row may carry its own edit through `rows`.
 
         `stop_at_eos=False` decodes max_new_tokens for every row whatever it says (the text is still cut at the
         first EOS): a throughput measurement then does the same work with and without an edit, which it would not
-        if the edit changed how long the answers are."""
+        if the edit changed how long the answers are.
+
+        `sampling` (one for every prompt, or one per prompt) samples instead of decoding greedily and ends a text at
+        its stop strings (see `Sampling`); left out, every row is greedy, as before."""
         encoded = self.prompt_ids(prompts, room=max_new_tokens)
+        per_row = _per_row(sampling, len(prompts))
         outputs: list[str] = [""] * len(prompts)
         device = self.device
         eos = torch.tensor(self.eos_ids, device=device)
@@ -368,15 +427,23 @@ class Backbone:
         with self._hooks(edits) as hooks:
             for index in self._order(encoded, batch_size):
                 row_ids = self._rows(rows, index)
+                choosers = [per_row[i] for i in index]
+                generators = [c.generator(device) for c in choosers]
+                stops = [bool(c.stop) for c in choosers]
                 out, cache, mask, lengths = self._prefill(hooks, edits, [encoded[i] for i in index], row_ids)
                 next_pos = lengths.to(device)
                 n = len(index)
                 finished = torch.zeros(n, dtype=torch.bool, device=device)
                 tokens: list[Tensor] = []
                 for _ in range(max_new_tokens):
-                    nxt = torch.where(finished, pad, out.logits[:, -1].argmax(-1))
+                    nxt = torch.where(finished, pad, _next_tokens(out.logits[:, -1], choosers, generators))
                     tokens.append(nxt)
                     finished |= torch.isin(nxt, eos)
+                    if any(stops):
+                        so_far = torch.stack(tokens, dim=1).tolist()
+                        for row, chooser in enumerate(choosers):
+                            if stops[row] and _stop_at(self.tokenizer.decode(so_far[row]), chooser.stop) is not None:
+                                finished[row], stops[row] = True, False
                     if (stop_at_eos and bool(finished.all())) or len(tokens) == max_new_tokens:
                         break
                     mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
@@ -387,7 +454,9 @@ class Backbone:
                 for row, i in enumerate(index):
                     seq = generated[row].tolist()
                     cut = next((k for k, t in enumerate(seq) if t in self.eos_ids), len(seq))
-                    outputs[i] = self.tokenizer.decode(seq[:cut], skip_special_tokens=True).strip()
+                    text = self.tokenizer.decode(seq[:cut], skip_special_tokens=True)
+                    end = _stop_at(text, choosers[row].stop)
+                    outputs[i] = (text if end is None else text[:end]).strip()
                 if on_batch:
                     on_batch(len(index))
         return outputs

@@ -4,11 +4,10 @@ bars, and the `--ray [ADDRESS]` option. A leaf: it imports no subcommand, and he
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Annotated, Callable, Iterator, Mapping, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -22,9 +21,14 @@ if TYPE_CHECKING:  # the runner imports torch; `tailor --help` should not
 
 console = Console(stderr=True)
 
-TaskName = Annotated[str, typer.Option(help="lamp1, lamp2n, lamp2m, lamp3, lamp4, lamp5, lamp7")]
+TaskName = Annotated[str, typer.Option(help="lamp1, lamp2n, lamp2m, lamp3, lamp4, lamp5, lamp7, or a task file "
+                                             "(my-task.toml; see examples/README.md)")]
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="LaMP data folder (default: $TAILOR_DATA, "
                                                  "then ../shared/lamp)")]
+UsersFile = Annotated[Optional[Path], typer.Option(
+    "--data", help="users file (JSONL, one user per line) whose users are answered, instead of LaMP's --split")]
+TrainUsersFile = Annotated[Optional[Path], typer.Option(
+    "--train-data", help="users file (JSONL) that methods fit on; goes with --data")]
 Model = Annotated[str, typer.Option(help="packaged model (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b) or "
                                          "a local HF folder")]
 Device = Annotated[str, typer.Option(help="auto (a CUDA GPU when present, else the CPU), cpu, cuda, cuda:N or mps")]
@@ -66,25 +70,23 @@ def progress_bars() -> Iterator[Callable[[str, int, int], Callable[[int], None]]
         yield start
 
 
+def set_pairs(pairs: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` pairs as text, dashes in keys read as underscores; `check_options` reads each value as its
+    option's type."""
+    from tailor.methods.options import OptionError, pairs as read_pairs
+
+    try:
+        return read_pairs(pairs, "--set")
+    except OptionError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
 def parse_options(pairs: list[str]) -> dict[str, object]:
-    """`--set KEY=VALUE` pairs as method options: ints, floats and true/false cast, dashes in keys read as
-    underscores. The benchmark scripts parse their `--set` with this too, so a value means the same everywhere."""
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set takes KEY=VALUE, got {pair!r}")
-        value: object = raw
-        for cast in (int, float):
-            try:
-                value = cast(raw)
-                break
-            except ValueError:
-                continue
-        if raw.lower() in ("true", "false"):
-            value = raw.lower() == "true"
-        options[key.strip().replace("-", "_")] = value
-    return options
+    """`--set KEY=VALUE` pairs with ints, floats and true/false cast by their look, for code that has no method's
+    config to read them by (the benchmark scripts parse their `--set` with this)."""
+    from tailor.methods.options import by_look
+
+    return by_look(set_pairs(pairs))
 
 
 def merge_flags(options: dict[str, object], flags: dict[str, object | None]) -> dict[str, object]:
@@ -114,21 +116,21 @@ def resolve_method(method: str) -> type[Personalizer]:
         raise typer.BadParameter(error.args[0], param_hint="--method") from None
 
 
-def check_options(method: str, options: dict[str, object]) -> None:
-    """Unknown options and values the method's config refuses fail in one line, before anything loads."""
-    cls = resolve_method(method)
-    fields = {f.name for f in dataclasses.fields(cls.config_class)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise typer.BadParameter(f"{method} has no option {', '.join(unknown)}; it has {', '.join(sorted(fields))}")
+def check_options(method: str, options: Mapping[str, object]) -> dict[str, object]:
+    """The options as the method's config types them (`tailor.methods.options`), checked before anything loads;
+    a bad one fails in one line naming the option."""
+    from tailor.methods.options import OptionError, typed_options
+
     try:
-        cls.config_class(**options)  # a config that checks its values says what is wrong before anything loads
-    except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--set") from None
+        return typed_options(resolve_method(method), options)
+    except OptionError as error:
+        raise typer.BadParameter(f"--set {error}" if error.assignment else str(error),
+                                 param_hint="--set" if error.by_config else None) from None
 
 
 def check_spec(spec: EvalSpec) -> None:
-    """A bad task, split, user count or data folder fails in one line before the model loads."""
+    """A bad task or task file, split, user count, data folder or users file fails in one line before the model
+    loads."""
     from tailor.data.lamp import DataError
 
     try:
@@ -139,15 +141,22 @@ def check_spec(spec: EvalSpec) -> None:
         raise typer.BadParameter(str(error)) from None
 
 
-def checked_spec(method: str, options: dict[str, object], model: str, data_dir: Path | None,
-                 **fields: object) -> EvalSpec:
-    """The run's spec, its method options and the spec itself checked (one line each, before anything loads); the
-    model is recorded only for methods that use one."""
-    from tailor.runs.spec import EvalSpec
+def _absolute(path: Path | None) -> str | None:
+    """A path as config.json records it: absolute, so a resumed run, a Ray worker or a report finds it anywhere."""
+    return str(path.expanduser().resolve()) if path is not None else None
 
-    check_options(method, options)
-    spec = EvalSpec(method=method, options=options, model=model if resolve_method(method).needs_backbone else None,
-                    data_dir=str(data_dir) if data_dir else None, **fields)  # type: ignore[arg-type]
+
+def checked_spec(method: str, options: Mapping[str, object], model: str, data_dir: Path | None, task: str,
+                 data: Path | None = None, train_data: Path | None = None, **fields: object) -> EvalSpec:
+    """The run's spec, its method options (typed) and the spec itself checked, one line each, before anything
+    loads; the model is recorded only for methods that use one, and a task file and users files by absolute path."""
+    from tailor.runs.spec import EvalSpec
+    from tailor.tasks.lamp import task_file
+
+    typed = check_options(method, options)
+    spec = EvalSpec(method=method, options=typed, model=model if resolve_method(method).needs_backbone else None,
+                    data_dir=str(data_dir) if data_dir else None, task=_absolute(task_file(task)) or task,
+                    data=_absolute(data), train_data=_absolute(train_data), **fields)  # type: ignore[arg-type]
     check_spec(spec)
     return spec
 

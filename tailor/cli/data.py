@@ -1,4 +1,8 @@
-"""`tailor data`: inspect the data folder, download the official LaMP files."""
+"""`tailor data`: check a users file against a task, inspect the LaMP data folder, download the official LaMP files.
+
+`validate` reads a users file (JSONL) as `tailor eval --data` would and prints every problem, one line each with the
+file, line and field, where a run stops at the first; it writes nothing.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,36 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tailor.cli._options import DataDir, console
+from tailor.cli._options import DataDir, TaskName, console
 
-data_app = typer.Typer(help="LaMP data: inspect it, download the official files.", no_args_is_help=True)
+data_app = typer.Typer(help="Users' data: check a users file against a task; LaMP's: inspect it, download it.",
+                       no_args_is_help=True)
+
+
+@data_app.command("validate")
+def data_validate(
+    task: TaskName,
+    data: Annotated[list[Path], typer.Option("--data", help="users file(s) to check (JSONL, one user per line)")],
+) -> None:
+    """Check users files (JSONL) against a task, listing every problem.
+
+    Each problem is one line, file:line: field: problem; the exit code is 2 when there is any. Writes nothing."""
+    from tailor.data.jsonl import check_users_file
+    from tailor.data.lamp import DataError
+    from tailor.tasks.lamp import get_task
+
+    definition = get_task(task)
+    problems = 0
+    for path in data:
+        check = check_users_file(definition, path)
+        for problem in check.problems:
+            typer.echo(problem)
+        problems += len(check.problems)
+        if not check.problems:
+            typer.echo(f"{path}: {len(check.ids)} users, {check.items} history items, "
+                       f"{sum(map(len, check.query_ids))} queries: no problems", err=True)
+    if problems:  # main() prints it in one line and exits with code 2, as for any bad data
+        raise DataError(f"{problems} problem{'s' if problems > 1 else ''} in {', '.join(map(str, data))}")
 
 
 @data_app.command("info")

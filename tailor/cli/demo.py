@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tailor.backbone.defaults import FAST_MODEL
 from tailor.cli._options import (DataDir, Device, Dtype, Model, check_spec, console, load_backbone, progress_bars,
                                  threads)
 
@@ -13,7 +14,7 @@ def demo_command(
     users: int = 8,
     seed: int = 0,
     out: Path = Path("runs/demo"),
-    model: Model = "smollm2-135m",
+    model: Model = FAST_MODEL,
     device: Device = "auto",
     dtype: Dtype = "auto",
     data_dir: DataDir = None,

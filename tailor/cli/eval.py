@@ -1,4 +1,8 @@
-"""`tailor eval`: one method on one task, in this process or on Ray, into a resumable run folder."""
+"""`tailor eval`: one method on one task, in this process or on Ray, into a resumable run folder.
+
+The task is LaMP's or a task file's (`--task my-task.toml`), and the users LaMP's (`--split`) or a users file's
+(`--data dev.jsonl --train-data train.jsonl`); everything is checked, one line per problem, before a model loads.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
 from rich.table import Table
 
+from tailor.backbone.defaults import DEFAULT_MODEL
 from tailor.cli._options import (BatchSize, ChunkUsers, DataDir, Device, Dtype, GpusPerWorker, Model, RayAddress,
-                                 SetOptions, TaskName, Users, Variant, Workers, WorkerThreads, build, checked_spec,
-                                 console, merge_flags, parse_options, progress_bars, ray_errors, ray_options,
-                                 resolve_method)
+                                 SetOptions, TaskName, TrainUsersFile, Users, UsersFile, Variant, Workers,
+                                 WorkerThreads, build, check_options, checked_spec, console, merge_flags, progress_bars,
+                                 ray_errors, ray_options, resolve_method, set_pairs)
 
 
 def eval_command(
@@ -35,11 +41,13 @@ def eval_command(
     calibrate: Annotated[bool, typer.Option(help="contextual calibration of label scores")] = False,
     batch_size: BatchSize = None,
     set_: SetOptions = [],
-    model: Model = "smollm2-135m",
+    model: Model = DEFAULT_MODEL,
     device: Device = "auto",
     dtype: Dtype = "auto",
     label: Annotated[Optional[str], typer.Option(help="name shown in reports")] = None,
     chunk_users: ChunkUsers = 16,
+    data: UsersFile = None,
+    train_data: TrainUsersFile = None,
     data_dir: DataDir = None,
     ray: RayAddress = None,
     workers: Workers = 2,
@@ -47,12 +55,16 @@ def eval_command(
     gpus_per_worker: GpusPerWorker = 0.0,
 ) -> None:
     """Evaluate one method on one task and write config, predictions, metrics and a report to OUT."""
-    explicit = parse_options(set_)
+    from tailor.runs.spec import check_golds
+
+    explicit = check_options(method, set_pairs(set_))
     options = merge_flags(explicit, {"k": k, "mode": mode, "calibrate": calibrate or None, "batch_size": batch_size})
     if not resolve_method(method).needs_backbone:  # --k, --mode, --calibrate are for LM methods; a prior takes
         options = {key: v for key, v in options.items() if key in explicit or key == "batch_size"}  # only --set
-    spec = checked_spec(method, options, model, data_dir, task=task, device=device, dtype=dtype, split=split,
-                        variant=variant, users=users, seed=seed, label=label, histories=histories)
+    spec = checked_spec(method, options, model, data_dir, task=task, data=data, train_data=train_data,
+                        device=device, dtype=dtype, split=split, variant=variant, users=users, seed=seed, label=label,
+                        histories=histories, queries_per_user=queries_per_user)
+    check_golds(spec)
     with progress_bars() as progress:
         if ray is not None:
             from tailor.distributed.ray_runner import ray_eval
@@ -63,7 +75,7 @@ def eval_command(
         else:
             from tailor.eval.runner import run_eval
 
-            built = build(method, task, model, device, dtype, options)
+            built = build(method, spec.task, model, device, dtype, spec.options)
             metrics = run_eval(spec, out, method=built, chunk_users=chunk_users, progress=progress)
     console.print(metrics_table([metrics]))
     console.print(f"run folder: {out}")

@@ -16,9 +16,11 @@ from tailor.cli._options import ray_argv
 from tailor.cli.data import data_app
 from tailor.cli.demo import demo_command
 from tailor.cli.eval import eval_command
+from tailor.cli.export import export_peft_command
 from tailor.cli.personalize import personalize_command
 from tailor.cli.report import report_command
 from tailor.cli.serve import serve_command
+from tailor.cli.tenants import tenants_app
 
 app = typer.Typer(help="Personalize a language model for each of its users.", no_args_is_help=True,
                   pretty_exceptions_enable=False)  # main() prints user errors in one line; bugs get Python's traceback
@@ -27,7 +29,9 @@ app.command("personalize")(personalize_command)
 app.command("report")(report_command)
 app.command("demo")(demo_command)
 app.command("serve")(serve_command)
+app.command("export-peft")(export_peft_command)
 app.add_typer(data_app, name="data")
+app.add_typer(tenants_app, name="tenants")
 
 # Recent typer ships its own copy of click, whose errors are not click's classes: catch both kinds.
 CLICK_ERRORS = tuple({click.ClickException,
@@ -48,7 +52,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        app(args=ray_argv(sys.argv[1:]), standalone_mode=False)
+        code = app(args=ray_argv(sys.argv[1:]), standalone_mode=False)  # a `typer.Exit(n)` comes back as n
     except (DataError, DownloadError, RunConflict, RunDirError, CompareError, StateError, StoreError, ModelNotFound,
             KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
@@ -59,6 +63,8 @@ def main() -> None:
     except CLICK_ERRORS as error:
         error.show()  # type: ignore[attr-defined]
         raise SystemExit(error.exit_code) from None
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""User data: LaMP's files read into `User` records (`tailor.data.lamp`), the downloader and the user splits.
+"""User data: LaMP's files (`tailor.data.lamp`) and users files of one's own (JSONL, `tailor.data.jsonl`) read into
+`User` records, the downloader and the user splits.
 
 The records themselves (`User`, `HistoryItem`, `Query`) belong to the task layer below (`tailor.tasks.records`) and
 are re-exported here. The reader, downloader and splits load on first use, so `import tailor.data` does not pull in
@@ -14,6 +15,7 @@ from tailor.tasks.records import HistoryItem, Query, User
 
 if TYPE_CHECKING:
     from tailor.data.download import OFFICIAL_BASE, DownloadError, default_cache_dir, download_task, lamp_cache_dir
+    from tailor.data.jsonl import check_users_file, load_jsonl_users
     from tailor.data.lamp import DataError, available_tasks, load_users, resolve_data_dir
     from tailor.data.splits import ood_split, random_split, subset
 
@@ -22,6 +24,8 @@ _LAZY = {
     "available_tasks": "tailor.data.lamp",
     "load_users": "tailor.data.lamp",
     "resolve_data_dir": "tailor.data.lamp",
+    "check_users_file": "tailor.data.jsonl",
+    "load_jsonl_users": "tailor.data.jsonl",
     "OFFICIAL_BASE": "tailor.data.download",
     "DownloadError": "tailor.data.download",
     "default_cache_dir": "tailor.data.download",

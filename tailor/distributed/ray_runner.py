@@ -149,7 +149,15 @@ def _for_workers(spec: EvalSpec) -> EvalSpec:
         resolve_model(model)
         if Path(model).expanduser().is_dir():
             model = str(Path(model).expanduser().resolve())
+    if spec.task.strip().lower().endswith(".toml"):
+        spec = replace(spec, task=_absolute(spec.task))
+    if spec.data is not None:  # users files of one's own: no LaMP folder is read
+        return replace(spec, model=model, data=_absolute(spec.data), train_data=_absolute(spec.train_data))
     return replace(spec, model=model, data_dir=str(resolve_data_dir(spec.data_dir)))
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
 
 
 class WorkerPool:

@@ -36,6 +36,7 @@ import torch
 
 from tailor.backbone.model import log_normalise
 from tailor.methods.base import LMConfig, LMPersonalizer, Personalizer, Prediction, Progress, Request
+from tailor.methods.options import pairs, typed_options
 from tailor.store.state import UserState
 from tailor.tasks.records import HistoryItem, Query, User
 
@@ -64,10 +65,11 @@ class Fusion(LMPersonalizer[FusionConfig]):
         super().__init__(*args, **kwargs)
         if self.task.family == "generation":
             raise ValueError(f"fusion combines label distributions; {self.task.name} has no label set")
-        from tailor.methods import build_method
+        from tailor.methods import build_method, method_class
 
-        self.base = build_method(self.config.base, self.task, self.backbone,
-                                 **{"batch_size": self.config.batch_size, **parse_options(self.config.base_options)})
+        options = pairs([p for p in self.config.base_options.split(",") if p.strip()], "base_options")
+        typed = typed_options(method_class(self.config.base), {"batch_size": self.config.batch_size, **options})
+        self.base = build_method(self.config.base, self.task, self.backbone, **typed)
         if not isinstance(self.base, LMPersonalizer):
             raise ValueError(f"fusion's base must answer through the backbone; {self.config.base!r} does not")
         self.labels = list(self.task.labels)
@@ -223,22 +225,3 @@ class Fusion(LMPersonalizer[FusionConfig]):
     def edits(self, states: Sequence[UserState]):  # noqa: ANN201 - the base's edits, if any
         return self.base.edits([self._base_state(s) for s in states])
 
-
-def parse_options(text: str) -> dict[str, Any]:
-    """`base_options` ("max_total=64,epochs=1") as keyword options: ints, floats and true/false cast."""
-    options: dict[str, Any] = {}
-    for pair in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise ValueError(f"base_options takes KEY=VALUE pairs separated by commas, got {pair!r}")
-        value: Any = raw
-        for cast in (int, float):
-            try:
-                value = cast(raw)
-                break
-            except ValueError:
-                continue
-        if raw.lower() in ("true", "false"):
-            value = raw.lower() == "true"
-        options[key.strip()] = value
-    return options

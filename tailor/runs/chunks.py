@@ -7,7 +7,9 @@ predictions, and a resumed run re-forms the chunks it had started with instead o
 
 Each user's state is saved in the run's states/ as soon as its group is personalized, and a state found there is
 loaded instead of made again, so a killed run keeps every user it finished. A personalize-only run (`tailor
-personalize`) writes the same states and records each user in personalized.jsonl.
+personalize`) writes the same states and records each user in personalized.jsonl. Every row records the size of the
+user's saved state file as `state_bytes`: what storing the user costs, header (a history kept as text) and tensors
+together.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from typing import Iterable, Iterator, Sequence
 
 from tailor.methods.base import Personalizer
 from tailor.runs.fits import ProgressFactory, fit_for_spec
-from tailor.runs.folder import Appender, iter_predictions, method_identity, open_run, read_predictions
+from tailor.runs.folder import Appender, iter_predictions, method_identity, open_run, read_predictions, run_lock
 from tailor.runs.spec import EvalSpec, run_users
 from tailor.store.paths import state_path
 from tailor.store.state import UserState
+from tailor.tasks.lamp import get_task
 from tailor.tasks.records import User
 
 PERSONALIZED = "personalized.jsonl"
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -103,12 +107,18 @@ def process_chunk(method: Personalizer, users: Sequence[User], states_dir: Path,
     predictions = method.predict(requests, progress=None)
     per_query = (time.perf_counter() - started) / max(len(requests), 1)
     queries_of = {s.user_id: sum(1 for t, _ in requests if t is s) for s in states}
+    sizes = {s.user_id: state_bytes(states_dir, u.id) for s, u in zip(states, users)}
     return [{"user_id": state.user_id, "query_id": query.id, "prediction": prediction.text, "gold": query.gold,
              "mode": prediction.mode, "predict_s": round(per_query, 5),
              "personalize_s": round(state.header["personalize_s"] / queries_of[state.user_id], 5),
-             "state_bytes": state.nbytes}
+             "state_bytes": sizes[state.user_id]}
             for (state, query), prediction in zip(requests, predictions)]
 
+
+def state_bytes(states_dir: Path, user_id: str) -> int:
+    """The size of a user's saved state file: header and tensors, what the user costs to store (`UserState.nbytes`
+    counts the tensors alone, nothing for a method that keeps the history in the header)."""
+    return state_path(states_dir, user_id).stat().st_size
 
 
 def personalized_users(out: Path) -> set[str]:
@@ -127,8 +137,9 @@ def personalize_chunks(users: Iterable[User], chunk_users: int, done: set[str]) 
 def personalize_rows(method: Personalizer, users: Sequence[User], states_dir: Path) -> list[dict]:
     """Personalize (or reload) the users' states into `states_dir`: one summary row per user."""
     states = personalize_with_states(method, users, states_dir)
-    return [{"user_id": s.user_id, "state": state_path(states_dir, s.user_id).name, "state_bytes": s.nbytes,
-             "personalize_s": s.header["personalize_s"]} for s in states]
+    return [{"user_id": s.user_id, "state": state_path(states_dir, u.id).name,
+             "state_bytes": state_bytes(states_dir, u.id), "personalize_s": s.header["personalize_s"]}
+            for s, u in zip(states, users)]
 
 
 def personalize_run(spec: EvalSpec, out_dir: str | Path, method: Personalizer, chunk_users: int = 16,
@@ -140,22 +151,24 @@ def personalize_run(spec: EvalSpec, out_dir: str | Path, method: Personalizer, c
     """
     out = Path(out_dir)
     users = run_users(spec)
-    open_run(spec, out, method_identity(method), len(users))
-    done = personalized_users(out)
-    finished = sum(u in done for u in users.ids)
-    if finished < len(users):
-        fit_for_spec(method, spec, progress)
-        tick = progress(f"personalize {spec.task} {spec.method}", finished, len(users)) if progress else None
-        appender = Appender(out / PERSONALIZED)
-        try:
-            for chunk in personalize_chunks(users, chunk_users, done):
-                rows = personalize_rows(method, chunk.users, out / "states")
-                appender.write(rows)
-                if tick:
-                    tick(len(rows))
-        finally:
-            appender.close()
-    return personalize_summary(out, len(users))
+    with run_lock(out):
+        open_run(spec, out, method_identity(method), len(users))
+        done = personalized_users(out)
+        finished = sum(u in done for u in users.ids)
+        if finished < len(users):
+            fit_for_spec(method, spec, progress)
+            tick = progress(f"personalize {get_task(spec.task).name} {spec.method}", finished, len(users)) \
+                if progress else None
+            appender = Appender(out / PERSONALIZED)
+            try:
+                for chunk in personalize_chunks(users, chunk_users, done):
+                    rows = personalize_rows(method, chunk.users, out / "states")
+                    appender.write(rows)
+                    if tick:
+                        tick(len(rows))
+            finally:
+                appender.close()
+        return personalize_summary(out, len(users))
 
 
 def personalize_summary(out: Path, n_users: int) -> dict:

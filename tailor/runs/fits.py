@@ -1,6 +1,7 @@
 """The fit cache: what a method learns from training users, fitted once and reused by every run, worker and server.
 
-A fitted method is kept in one folder per (what the fit depends on, backbone, dtype, task, training users) under
+A fitted method is kept in one folder per (what the fit depends on, backbone, dtype, the task's whole definition, the
+training users' content) under
 $TAILOR_CACHE/fits/<method>/. The fit runs with that folder as its workdir, so a killed fit resumes from its
 checkpoint (`tailor.methods.checkpoint`); `DONE` marks a folder whose fit is complete. A method that builds on
 another fitted method (OPPU on MT-LoRA) names it in `prerequisites()`, and that one is fitted, or loaded, from its own
@@ -9,6 +10,7 @@ folder first: runs of both methods share one fit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -26,10 +28,14 @@ ProgressFactory = Callable[[str, int, int], Callable[[int], None]]
 
 
 def fit_folder(method: Personalizer, users: Sequence[User]) -> Path:
-    """Where a fitted method is kept."""
+    """Where a fitted method is kept. The key holds the task's every field and a digest of the users' records, not
+    just their names, so that an edited task file or users file is fitted afresh rather than served a stale fit."""
     backbone = method.backbone
+    content = hashlib.sha256()
+    for user in users:
+        content.update(repr(user).encode())
     key = text_key("fit", method.fit_settings(), method.model_id, str(backbone.dtype) if backbone else None,
-                   method.task.name, [u.id for u in users])
+                   repr(method.task), content.hexdigest())
     return cache_root() / "fits" / method.name / key[:20]
 
 

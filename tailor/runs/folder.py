@@ -3,12 +3,14 @@
 A run lives in one folder: config.json (what was asked), states/ (each user's saved UserState), predictions.jsonl
 (one line per answered query, appended and fsynced chunk by chunk), metrics.json and report.md. Running the same
 command again on the same folder resumes: answered queries are skipped, a line torn by a kill is cut off, and a
-folder holding a run of another configuration is refused instead of mixed.
+folder holding a run of another configuration is refused instead of mixed. A run that fails before it writes
+anything (a fit that raises) takes the folder it made away again: only runs that started leave one.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -21,7 +23,11 @@ from tailor.backbone.device import describe_device, dtype_name
 from tailor.methods import method_class
 from tailor.methods.base import Personalizer
 from tailor.runs.spec import EvalSpec, spec_defaults
-from tailor.tasks.lamp import get_task
+from tailor.tasks.lamp import get_task, task_file
+
+UNSTARTED = {".lock", "config.json"}
+"""What a run folder holds before the run has written anything of its own."""
+
 
 class RunConflict(ValueError):
     """The output folder holds a run with a different configuration."""
@@ -36,7 +42,7 @@ def _check_config(path: Path, config: dict) -> None:
         except KeyError:  # a method this install cannot import: compare the options as written
             defaults = {}
         old["method_config"] = {**defaults, **old["method_config"]}
-    volatile = {"data_dir", "label", "device", "hardware"}  # a run may resume on another machine or device
+    volatile = {"data_dir", "data", "train_data", "label", "device", "hardware"}  # a run may resume elsewhere
     if config.get("model") is None:
         volatile.add("dtype")  # a method without a backbone computes in no precision
     diffs = [k for k in sorted(set(old) | set(config)) if k not in volatile and old.get(k) != config.get(k)]
@@ -102,21 +108,41 @@ def method_identity(method: Personalizer) -> dict[str, Any]:
 @contextmanager
 def run_lock(out: Path) -> Iterator[None]:
     """Let one process at a time write a run folder: two appending answers to one predictions file would leave
-    duplicates that the run cannot be finalized from."""
+    duplicates that the run cannot be finalized from. A folder made here is removed again if the run fails before
+    writing anything into it (config.json aside), so a run that cannot start leaves no folder behind."""
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunConflict(f"{out} is being written by another running evaluation; wait for it or use a new --out") \
-                from None
-        yield
+    try:
+        with open(out / ".lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunConflict(f"{out} is being written by another running evaluation; wait for it or use a new "
+                                  "--out") from None
+            yield
+    except BaseException:
+        if made and {p.name for p in out.iterdir()} <= UNSTARTED:
+            for name in UNSTARTED:
+                (out / name).unlink(missing_ok=True)
+            out.rmdir()
+        raise
+
+
+def task_identity(name: str) -> dict[str, Any]:
+    """How config.json names a run's task: LaMP's by name; a task file by its absolute path, which `tailor report`
+    reads it back from, and a digest of what it defines, so a resumed run whose file was edited is refused."""
+    task = get_task(name)
+    path = task_file(name)
+    if path is None:
+        return {"task": task.name}
+    digest = hashlib.sha256(json.dumps(asdict(task), sort_keys=True).encode()).hexdigest()[:16]
+    return {"task": str(path.resolve()), "task_digest": digest}
 
 
 def open_run(spec: EvalSpec, out: Path, identity: dict[str, Any], n_users: int) -> None:
     """Create the run folder and its config.json, or check that the folder holds a run of the same configuration."""
     out.mkdir(parents=True, exist_ok=True)
-    config = {**asdict(spec), "task": get_task(spec.task).name, **identity, "users": n_users}
+    config = {**asdict(spec), **task_identity(spec.task), **identity, "users": n_users}
     if ":" in spec.method:  # a method outside tailor: keep the import path that builds it again, not just its name
         config["method"] = spec.method
     config_path = out / "config.json"

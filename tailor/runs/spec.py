@@ -3,6 +3,9 @@
 Users are streamed, not loaded: a run knows its users' ids from one pass over the data file's ids (`RunUsers`), and
 the chunks draw the users themselves from a second, streamed pass, so memory holds the chunks being worked on, not
 every profile of a run over more users than fit in memory.
+
+The users come from LaMP's files (`split` of the folder `data_dir`) or from users files of one's own (`data`, answered,
+and `train_data`, fitted on; JSONL, `tailor.data.jsonl`), for any task, LaMP's or a task file's.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from functools import lru_cache
 from typing import Any, Callable, Iterator, Sequence
 
 from tailor.backbone.device import resolve_device, resolve_dtype
-from tailor.data.lamp import SPLITS, VARIANTS, iter_users, load_users, question_ids, resolve_data_dir
+from tailor.data.jsonl import iter_jsonl_users, load_jsonl_users, users_index
+from tailor.backbone.defaults import DEFAULT_MODEL
+from tailor.data.lamp import SPLITS, VARIANTS, DataError, iter_users, load_users, question_ids, resolve_data_dir
 from tailor.data.splits import history_queries, ood_split, random_split, subset, subset_positions, swap_histories
 from tailor.tasks.lamp import get_task
 from tailor.tasks.records import User
@@ -30,9 +35,10 @@ class EvalSpec:
     """Everything that determines a run's predictions. Two runs with equal specs give equal predictions."""
 
     task: str
+    """A task's name or the path of its task file (.toml)."""
     method: str
     options: dict[str, Any] = field(default_factory=dict)
-    model: str | None = "smollm2-135m"
+    model: str | None = DEFAULT_MODEL
     device: str = "auto"
     """Where the backbone runs (auto, cpu, cuda, cuda:N, mps); config.json records the device a run used."""
     dtype: str = "auto"
@@ -50,13 +56,19 @@ class EvalSpec:
     queries_per_user: int = 0
     """0: LaMP's protocol, one query per user. M > 0: tailor's own protocol, each user's last M history items asked
     as further queries, the history cut before the first of them (`tailor.data.splits.history_queries`)."""
+    data: str | None = None
+    """A users file (JSONL) whose users the run answers, instead of LaMP's `split`."""
+    train_data: str | None = None
+    """The users file (JSONL) methods fit on, with `data`: the global prior's answer, the task-level fits."""
 
     def check(self) -> None:
-        """Fail on a bad task, split, variant, user count or data folder before a model loads or a folder is made.
+        """Fail on a bad task, split, variant, user count or data before a model loads or a folder is made.
 
-        An unknown task raises KeyError and a missing data folder DataError (both name what exists); the rest
-        raise ValueError."""
-        get_task(self.task)
+        An unknown task or a bad task file raises KeyError, and missing or bad data DataError (both name what is
+        wrong, a users file's first problem by file, line and field); the rest raise ValueError."""
+        task = get_task(self.task)
+        if self.data is not None or self.train_data is not None:
+            self._check_users_files()
         if self.split not in SPLITS + USER_SPLITS:
             raise ValueError(f"unknown split {self.split!r}; expected one of {', '.join(SPLITS + USER_SPLITS)}")
         if self.variant not in VARIANTS:
@@ -67,11 +79,23 @@ class EvalSpec:
             raise ValueError(f"users must be at least 1 (or unset for all users), not {self.users}")
         if self.queries_per_user < 0:
             raise ValueError(f"queries_per_user must be 0 (LaMP's one query) or more, not {self.queries_per_user}")
-        if self.queries_per_user and get_task(self.task).history_prompt is not None:
-            raise ValueError(f"--queries-per-user: {get_task(self.task).name}'s history items hold only the user's "
-                             "output, so they cannot be asked as queries")
+        if self.queries_per_user and task.history_prompt is not None:
+            raise ValueError(f"--queries-per-user: {task.name}'s history items hold only the user's output, so they "
+                             "cannot be asked as queries")
         resolve_dtype(self.dtype, resolve_device(self.device))  # DeviceError (a ValueError) names what is missing
-        resolve_data_dir(self.data_dir)
+        if self.data is None:
+            resolve_data_dir(self.data_dir)
+        else:
+            for path in (self.data, self.train_data):
+                users_index(task, path)  # type: ignore[arg-type]
+
+    def _check_users_files(self) -> None:
+        if self.data is None or self.train_data is None:
+            raise ValueError("--data (the users a run answers) and --train-data (the users methods fit on) go "
+                             "together; give both, two users files (JSONL)")
+        if self.split != "dev" or self.variant != "user":
+            raise ValueError(f"--split {self.split} --variant {self.variant}: these pick among LaMP's files; with "
+                             "--data the run answers that file's users")
 
 
 def spec_defaults(cls: type) -> dict[str, Any]:
@@ -111,6 +135,12 @@ def run_users(spec: EvalSpec) -> RunUsers:
     _check_histories(spec)
     if spec.split in USER_SPLITS or spec.histories == "swapped" or spec.queries_per_user:
         return RunUsers.of(eval_users(spec))
+    if spec.data is not None:
+        users = users_index(get_task(spec.task), spec.data)
+        positions = subset_positions(len(users.ids), spec.users, spec.seed)
+        chosen = frozenset(positions)
+        return RunUsers(tuple(users.ids[i] for i in positions), tuple(q for i in positions for q in users.query_ids[i]),
+                        lambda: iter_jsonl_users(users, chosen))
     index = question_ids(spec.task, spec.split, spec.data_dir, spec.variant)
     positions = subset_positions(len(index.ids), spec.users, spec.seed)
     chosen = frozenset(positions)
@@ -123,6 +153,15 @@ def _check_histories(spec: EvalSpec) -> None:
         raise ValueError(f"histories must be one of {', '.join(HISTORIES)}, not {spec.histories!r}")
 
 
+def check_golds(spec: EvalSpec) -> None:
+    """Every query of a users file has a gold to score the answer against (an evaluation needs one; personalizing
+    does not); DataError naming the first one without."""
+    if spec.data is not None:
+        missing = users_index(get_task(spec.task), spec.data).without_gold
+        if missing is not None:
+            raise DataError(f"{missing}: is missing; `tailor eval` scores every answer against its gold")
+
+
 def eval_users(spec: EvalSpec) -> list[User]:
     """The users a run answers, in file order, all in memory: the seeded subset of the split (with swapped histories
     if asked). Runs use `run_users`, which streams them."""
@@ -130,6 +169,8 @@ def eval_users(spec: EvalSpec) -> list[User]:
     if spec.split in USER_SPLITS:
         users = subset(_user_split(spec.task, spec.data_dir, spec.variant, spec.split, spec.seed)[1], spec.users,
                        spec.seed)
+    elif spec.data is not None:
+        users = subset(load_jsonl_users(get_task(spec.task), spec.data), spec.users, spec.seed)
     else:
         users = subset(load_users(spec.task, spec.split, spec.data_dir, spec.variant), spec.users, spec.seed)
     if spec.queries_per_user:  # before any swap: a user's queries are their own items, the swap moves histories
@@ -139,9 +180,12 @@ def eval_users(spec: EvalSpec) -> list[User]:
 
 
 def fit_users(spec: EvalSpec) -> list[User]:
-    """The users a method is fitted on: the training file, less the held-out users of a random or OOD split."""
+    """The users a method is fitted on: the training file (`train_data`, or LaMP's), less the held-out users of a
+    random or OOD split."""
     if spec.split in USER_SPLITS:
         return _user_split(spec.task, spec.data_dir, spec.variant, spec.split, spec.seed)[0]
+    if spec.train_data is not None:
+        return load_jsonl_users(get_task(spec.task), spec.train_data)
     return load_users(spec.task, "train", spec.data_dir, spec.variant)
 
 

@@ -1,46 +1,56 @@
-"""The HTTP server: one method over the user store, with mixed-user batching and tenant isolation.
+"""The HTTP server: several deployments (task x method x backbone) over one multi-tenant user store, answering through
+an OpenAI-compatible API and tailor's native one, while a worker process personalizes users.
 
-`create_app(method, store)` serves one task with one method (and the non-personalized prompt on the same backbone,
-so a client can compare the two answers). Every /v1 route needs `Authorization: Bearer <tenant key>` and only ever
-sees that tenant's users: the tenant comes from the key, never from the request. The parts: `deployment` (what the
-routes share), `routes/` (one router per concern), `worker` (personalize jobs and the state cache), `batcher`
-(mixed-user micro-batching), `errors` (one error shape, the body limit), `schemas` (the JSON bodies).
+`create_app(server)` wires a `Server` (`tailor.serve.server`: the deployments, batchers, worker and metrics) to the
+routers: `meta` (page, health, metrics, info), `openai` (/v1/models, /v1/chat/completions, /v1/completions over every
+deployment), and each deployment's native `users` and `predict` routes, at /v1/deployments/<name>/ and, for the
+default deployment, at /v1/. Every /v1 route needs `Authorization: Bearer <tenant key>` and only ever sees that
+tenant's users: the tenant comes from the key, never from the request. /docs is Swagger UI served from the
+`fastapi-offline` package, so it works without internet. The other parts: `config` (what a server runs), `build`
+(loading it), `deployment` (one deployment at run time), `batcher` (mixed-user micro-batching), `worker` (the
+personalize process), `states` (the state cache), `auth`, `observe` (access log, metrics), `errors` (one error shape,
+the body limit), `schemas` and `openai_schemas` (the JSON bodies).
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 
-from tailor.methods.base import Personalizer
-from tailor.serve.deployment import Deployment, Limits, base_method
 from tailor.serve.errors import BodyLimit, install_error_handlers
-from tailor.serve.routes import meta, predict, users
-from tailor.store.store import Store
+from tailor.serve.observe import Observe
+from tailor.serve.routes import meta, openai, predict, users
+from tailor.serve.server import Server
 
-__all__ = ["Limits", "base_method", "create_app"]
 
-
-def create_app(method: Personalizer, store: Store, base: Personalizer | None = None, limits: Limits = Limits(),
-               max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256) -> FastAPI:
-    """The server for one method and task over `store`. `base` answers `personalized: false` rows (normally
-    `base_method(method)`, the non-personalized prompt on the same backbone); without it such rows are refused."""
-    deployment = Deployment(method, store, base, limits, max_batch, max_wait_ms, max_queue)
+def create_app(server: Server, access_log: logging.Logger | None = None) -> FastAPI:
+    """The app over `server`, which it starts and stops with itself; `access_log` gets one line per request."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        deployment.start()
+        server.start()
         yield
-        deployment.stop()
+        server.stop()
 
-    app = FastAPI(title="tailor", version="1", lifespan=lifespan,
-                  description=f"Personalized answers for {method.task.name} with {method.name}. Send the tenant key "
-                              "as `Authorization: Bearer <key>`.")
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
-    routers = [part.router(deployment) for part in (meta, users, predict)]
+    names = ", ".join(f"{d.name} ({d.task.name}, {d.method.name})" for d in server.deployments.values())
+    app = FastAPIOffline(title="tailor", version="2", lifespan=lifespan, static_url="/docs-assets",
+                         description=f"Personalized answers from {names}. Send the tenant key as `Authorization: "
+                                     "Bearer <key>`. The OpenAI-compatible routes take the deployment as `model` and "
+                                     "the end user as `user`; the native routes at /v1 are those of "
+                                     f"{server.default.name}.")
+    routers = [meta.router(server), openai.router(server)]
+    prefixed = [(d.prefix, d) for d in server.deployments.values()]
+    if server.default.prefix == "/v1":  # the default deployment is also at /v1/deployments/<name>
+        prefixed.append((f"/v1/deployments/{server.default.name}", server.default))
+    for prefix, deployment in prefixed:
+        routers += [part.router(server, deployment, prefix) for part in (users, predict)]
     install_error_handlers(app, [route for r in routers for route in r.routes if isinstance(route, APIRoute)])
     for router in routers:
         app.include_router(router)
+    app.add_middleware(BodyLimit, limit=server.config.limits.max_body_bytes)
+    app.add_middleware(Observe, metrics=server.metrics, log=access_log)
     return app

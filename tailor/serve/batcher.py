@@ -1,16 +1,18 @@
-"""Mixed-user micro-batching: predict requests that arrive within a few milliseconds of each other share one forward.
+"""Mixed-user micro-batching: rows that arrive within a few milliseconds of each other share one forward.
 
-Each HTTP request brings a few (state, query) rows. They wait in one bounded queue; a single model thread takes the
-oldest request, then keeps gathering until `max_batch` rows are in hand or `max_wait_ms` has passed since that request
-arrived, and answers them with one `predict` call per method (a server has the personalized method and the
-non-personalized one). `LMPersonalizer.predict` already gives each row its own user's edit or adapter inside that one
+Each HTTP request brings a few rows, each a (key, payload) pair: the key says what answers the row (a deployment, its
+personalized method or the base one, label scoring or generation with a token budget), the payload what to answer
+((state, query), and how to sample). Rows wait in one bounded queue; a single model thread takes the oldest, then
+keeps gathering until `max_batch` rows are in hand or `max_wait_ms` has passed since that row arrived, and answers them
+with one call per key. `LMPersonalizer.predict` already gives each row its own user's edit or adapter inside that one
 forward, so a batch of sixteen users costs about what a batch of sixteen queries of one user costs.
 
-The queue is bounded in rows: when it is full a request is refused at once (`QueueFull`, a 503) instead of waiting
-without end. The model thread holds `model_lock` while it runs, which the personalize worker also takes: the backbone's
-hooks are installed per forward, so two forwards at once would see each other's edits.
+The queue is bounded in rows: when a request's rows do not fit it is refused at once (`QueueFull`, a 503) instead of
+waiting without end. A server has one batcher per backbone, whose thread is the only one running that backbone's
+forwards: its hooks are installed per forward, so two forwards at once would see each other's edits (personalize jobs
+run in another process, with their own copy).
 
-A failing batch is retried request by request, so a request that cannot be answered fails alone.
+Every row has its own future, and a failing call is retried row by row, so a row that cannot be answered fails alone.
 """
 
 from __future__ import annotations
@@ -21,15 +23,12 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
-from tailor.methods.base import Prediction
-from tailor.store.state import UserState
-from tailor.tasks.records import Query
-
-Row = tuple[str, UserState, Query]
-"""(method key, state, query): the key picks which method answers the row."""
-Runner = Callable[[str, list[tuple[UserState, Query]]], list[Prediction]]
+Row = tuple[Hashable, Any]
+"""(key, payload): rows of one key are answered by one call."""
+Runner = Callable[[Any, list[Any]], list[Any]]
+"""Answers for the payloads of one key, in order."""
 
 
 class QueueFull(Exception):
@@ -38,7 +37,8 @@ class QueueFull(Exception):
 
 @dataclass
 class _Pending:
-    rows: Sequence[Row]
+    key: Hashable
+    payload: Any
     future: Future
     arrived: float = field(default_factory=time.monotonic)
 
@@ -56,18 +56,18 @@ class BatchStats:
 
 
 class MicroBatcher:
-    def __init__(self, run: Runner, model_lock: threading.Lock, max_batch: int = 16, max_wait_ms: float = 5.0,
-                 max_queue: int = 256):
+    def __init__(self, run: Runner, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
+                 on_batch: Callable[[int], None] | None = None):
         if max_batch < 1 or max_queue < max_batch:
             raise ValueError(f"need 1 <= max_batch <= max_queue, got max_batch={max_batch}, max_queue={max_queue}")
         self.run = run
-        self.model_lock = model_lock
+        self.on_batch = on_batch
+        """Told the size of every batch taken (the server's batch-size histogram)."""
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.stats = BatchStats()
         self._pending: deque[_Pending] = deque()
-        self._queued_rows = 0
         self._ready = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="tailor-batcher", daemon=True)
@@ -81,73 +81,65 @@ class MicroBatcher:
             self._ready.notify_all()
         self._thread.join(timeout=30)
 
-    def submit(self, rows: Sequence[Row]) -> Future:
-        """Queue rows for the model thread; raises QueueFull when they do not fit."""
-        pending = _Pending(rows, Future())
-        with self._ready:
-            if self._queued_rows + len(rows) > self.max_queue:
-                self.stats.refused += 1
-                raise QueueFull(f"the predict queue is full ({self._queued_rows} rows waiting, at most "
-                                f"{self.max_queue}); retry shortly")
-            self._pending.append(pending)
-            self._queued_rows += len(rows)
-            self._ready.notify_all()
-        return pending.future
+    @property
+    def queued_rows(self) -> int:
+        return len(self._pending)
 
-    async def predict(self, rows: Sequence[Row]) -> list[Prediction]:
-        return await asyncio.wrap_future(self.submit(rows))
+    def submit(self, rows: Sequence[Row]) -> list[Future]:
+        """Queue rows for the model thread, a future for each; raises QueueFull (queuing none) when they do not
+        all fit."""
+        pending = [_Pending(key, payload, Future()) for key, payload in rows]
+        with self._ready:
+            if len(self._pending) + len(pending) > self.max_queue:
+                self.stats.refused += 1
+                raise QueueFull(f"the predict queue is full ({len(self._pending)} rows waiting, at most "
+                                f"{self.max_queue}); retry shortly")
+            self._pending.extend(pending)
+            self._ready.notify_all()
+        return [p.future for p in pending]
+
+    async def answer(self, rows: Sequence[Row]) -> list[Any]:
+        """Each row's answer, or the exception that row failed with."""
+        futures = [asyncio.wrap_future(f) for f in self.submit(rows)]
+        return await asyncio.gather(*futures, return_exceptions=True)
 
     def _take(self) -> list[_Pending] | None:
-        """The next batch: wait for a first request, then gather until full or its wait is over."""
+        """The next batch: wait for a first row, then gather until full or its wait is over."""
         with self._ready:
             while not self._pending and not self._stopping:
                 self._ready.wait()
-            if not self._pending:  # stopping, and every queued request was answered
+            if not self._pending:  # stopping, and every queued row was answered
                 return None
             deadline = self._pending[0].arrived + self.max_wait
-            while (self._queued_rows < self.max_batch and not self._stopping
+            while (len(self._pending) < self.max_batch and not self._stopping
                    and (left := deadline - time.monotonic()) > 0):
                 self._ready.wait(left)
-            taken = [self._pending.popleft()]
-            size = len(taken[0].rows)
-            while self._pending and size + len(self._pending[0].rows) <= self.max_batch:
-                taken.append(self._pending.popleft())
-                size += len(taken[-1].rows)
-            self._queued_rows -= size
+            taken = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
             self.stats.batches += 1
-            self.stats.rows += size
-            self.stats.largest = max(self.stats.largest, size)
-            return taken
-
-    def _answer(self, batch: Sequence[_Pending]) -> list[list[Prediction]]:
-        """Predictions per request; one predict call per method key over the rows of every request."""
-        rows = [row for pending in batch for row in pending.rows]
-        answers: dict[int, Prediction] = {}
-        for key in dict.fromkeys(key for key, _, _ in rows):
-            where = [i for i, (k, _, _) in enumerate(rows) if k == key]
-            answers.update(zip(where, self.run(key, [(rows[i][1], rows[i][2]) for i in where])))
-        out, start = [], 0
-        for pending in batch:
-            out.append([answers[i] for i in range(start, start + len(pending.rows))])
-            start += len(pending.rows)
-        return out
+            self.stats.rows += len(taken)
+            self.stats.largest = max(self.stats.largest, len(taken))
+        if self.on_batch:
+            self.on_batch(len(taken))
+        return taken
 
     def _resolve(self, batch: Sequence[_Pending]) -> None:
-        try:
-            results = self._answer(batch)
-        except Exception as error:
-            if len(batch) == 1:
-                batch[0].future.set_exception(error)
-            else:  # isolate the request that failed
-                for pending in batch:
-                    self._resolve([pending])
-            return
-        for pending, predictions in zip(batch, results):
-            pending.future.set_result(predictions)
+        """One call per key over the batch's rows; a call that fails is retried row by row."""
+        for key in dict.fromkeys(p.key for p in batch):
+            rows = [p for p in batch if p.key == key]
+            try:
+                answers = self.run(key, [p.payload for p in rows])
+            except Exception as error:
+                if len(rows) == 1:
+                    rows[0].future.set_exception(error)
+                else:  # isolate the row that failed
+                    for row in rows:
+                        self._resolve([row])
+                continue
+            for row, answer in zip(rows, answers):
+                row.future.set_result(answer)
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
-            live = [p for p in batch if p.future.set_running_or_notify_cancel()]  # drop requests whose client left
+            live = [p for p in batch if p.future.set_running_or_notify_cancel()]  # drop rows whose client left
             if live:
-                with self.model_lock:
-                    self._resolve(live)
+                self._resolve(live)

@@ -1,39 +1,33 @@
-"""One deployment: a method and task over the user store, with everything its routes share at run time.
+"""One deployment at run time: a task and method on a backbone, its non-personalized counterpart, the states its users
+answer from, and how a request's row becomes an answer.
 
-The method answers personalized rows; `base` (normally the non-personalized prompt on the same backbone) answers rows
-that ask for the model without the user's personalization. Predictions go through the micro-batcher and personalize
-jobs through the worker; both take `model_lock`, because the backbone's hooks are installed per forward.
+A row is answered on the micro-batcher's model thread, with the rows of every request that share its `Work`: the
+method's own answer (a label and its scores for a classification or rating task, the method's text otherwise), or
+text generated through the backbone with each row's sampling options, for generation tasks of methods that answer
+through `LMPersonalizer`'s prompt path (every built-in one but p2p, whose adapter depends on the query: it answers
+with its own greedy `predict`).
+
+A user's state is looked up at each request, so an answer comes from the latest state the personalize worker saved;
+while a newer history awaits personalization the previous state answers, and the answer says it is stale.
 """
 
-# No `from __future__ import annotations`: FastAPI reads `tenant_of`'s signature, whose types are local to it.
-import threading
+from __future__ import annotations
+
+import re
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Sequence
 
-from fastapi import Depends
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
+from tailor.backbone.model import GREEDY, Sampling
 from tailor.methods import build_method
-from tailor.methods.base import LMPersonalizer, Personalizer
+from tailor.methods.base import LMPersonalizer, Personalizer, Prediction
 from tailor.serve.batcher import MicroBatcher
+from tailor.serve.config import Limits
 from tailor.serve.errors import ApiError
-from tailor.serve.worker import Personalizing, StateCache
-from tailor.store.state import UserState
-from tailor.store.store import Store, UnknownUser, UserRecord
-from tailor.tasks.records import User
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may carry; larger inputs get a 413 that names the limit."""
-
-    max_query_chars: int = 8000
-    max_item_chars: int = 20000
-    max_items: int = 1000
-    """History items per POST."""
-    max_requests: int = 64
-    """(user, query) rows per predict call."""
-    max_body_bytes: int = 8 << 20
+from tailor.serve.states import StateCache
+from tailor.store.state import StateError, UserState
+from tailor.store.store import Store, UserRecord
+from tailor.tasks.lamp import Task
+from tailor.tasks.records import Query, User
 
 
 def base_method(method: Personalizer) -> Personalizer | None:
@@ -48,45 +42,110 @@ def base_method(method: Personalizer) -> Personalizer | None:
                         batch_size=config.batch_size, max_new_tokens=config.max_new_tokens)
 
 
+def as_question(task: Task, text: str) -> str:
+    """The task's question for a text: a text that asks it already (it starts as the task's questions start, LaMP's
+    inputs do) is kept, any other is the question's content (the article, review, tweet) and is put into the task's
+    question template. LaMP-1's questions (two candidate papers) have no template: its texts are kept."""
+    lead = task.question_template.split("{", 1)[0].strip()
+    if task.name == "LaMP-1" or text.lstrip().startswith(lead[:40]):
+        return text
+    return re.sub(r"\{\w+\}", lambda _: text, task.question_template, count=1)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What answers a batch of rows: the key the micro-batcher groups rows by."""
+
+    deployment: str
+    personalized: bool
+    generate: int = 0
+    """0: the method's own answer; n > 0: text of at most n new tokens, sampled as each row asks."""
+
+
+@dataclass(frozen=True)
+class Row:
+    state: UserState
+    query: Query
+    sampling: Sampling = GREEDY
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    mode: str
+    scores: dict[str, float] | None = None
+    """Each label's score (log-probability) where the answer is a label."""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    """Token counts, where the text was generated here: the prompt's, and the returned text's re-tokenized (at most
+    the budget; a text cut at a stop string counts what is left)."""
+
+
 class Deployment:
-    """The method, its store and the parts that run beside the routes (batcher, personalize worker, state cache)."""
+    """A deployment's method and base, its store slot (its name) and state cache, and the batcher it answers on."""
 
-    def __init__(self, method: Personalizer, store: Store, base: Personalizer | None, limits: Limits,
-                 max_batch: int, max_wait_ms: float, max_queue: int):
-        self.method, self.store, self.limits = method, store, limits
+    def __init__(self, name: str, method: Personalizer, store: Store, limits: Limits, batcher: MicroBatcher,
+                 prefix: str):
+        self.name, self.method, self.store, self.limits, self.batcher = name, method, store, limits, batcher
+        self.prefix = prefix
+        """Where its native routes are (/v1 for the default deployment)."""
         self.task = method.task
-        self.model_lock = threading.Lock()
-        self.methods = {"personalized": method, **({"base": base} if base is not None else {})}
-        self.base_state: UserState | None = base.personalize(User("-", self.task.name, ())) if base else None
-        self.batcher = MicroBatcher(lambda key, requests: self.methods[key].predict(requests), self.model_lock,
-                                    max_batch, max_wait_ms, max_queue)
-        self.worker = Personalizing(store, method, self.model_lock)
+        self.base = base_method(method)
+        self.base_state: UserState | None = self.base.personalize(User("-", self.task.name, ())) if self.base else None
         self.cache = StateCache(store, method)
-        self.batching = {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_queue": max_queue}
-        bearer = HTTPBearer(auto_error=False, description="the tenant's API key")
 
-        def tenant_of(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
-            if credentials is None:
-                raise ApiError(401, "unauthorized", "missing API key: send the header Authorization: Bearer <key>",
-                               {"WWW-Authenticate": "Bearer"})
-            tenant = store.authenticate(credentials.credentials)
-            if tenant is None:
-                raise ApiError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "Bearer"})
-            return tenant
+    def generates(self, personalized: bool) -> bool:
+        """Whether completions are generated here with sampling options (else the method's own `predict` answers)."""
+        method = self.method if personalized else self.base
+        return (self.task.family == "generation" and isinstance(method, LMPersonalizer)
+                and type(method).predict is LMPersonalizer.predict)
 
-        self.tenant_of = tenant_of
-        """The route dependency that turns the bearer key into the tenant; the tenant never comes from the body."""
+    def default_tokens(self, personalized: bool) -> int:
+        method = self.method if personalized else self.base
+        return method.max_new_tokens if isinstance(method, LMPersonalizer) else self.task.max_new_tokens
 
-    def start(self) -> None:
-        self.batcher.start()
-        self.worker.start()
+    def records(self, tenant: str, user_ids: Sequence[str]) -> dict[str, UserRecord]:
+        return self.store.records(tenant, user_ids, self.name)
 
-    def stop(self) -> None:
-        self.batcher.stop()
-        self.worker.stop()
-
-    def record_of(self, tenant: str, user_id: str) -> UserRecord:
+    def state_of(self, tenant: str, user_id: str, record: UserRecord | None, param: str | None = None) -> UserState:
+        """The state a personalized answer comes from (the latest saved, stale or not); ApiError when there is none
+        to use."""
+        if record is None:
+            raise ApiError(404, "unknown_user", f"unknown user {user_id!r}", param=param)
+        personalize = f"POST {self.prefix}/users/{user_id}/personalize"
+        if not record.has_state:
+            raise ApiError(409, "not_personalized", f"user {user_id!r} has no personalized state for {self.name}; "
+                           f"{personalize} first", param=param)
         try:
-            return self.store.record(tenant, user_id)
-        except UnknownUser:
-            raise ApiError(404, "unknown_user", f"unknown user {user_id!r}") from None
+            return self.cache.get(tenant, record)
+        except StateError as error:
+            raise ApiError(409, "state_unusable", f"{error}; {personalize} to rebuild it", param=param) from None
+
+    def check_query(self, text: str, param: str) -> str:
+        if len(text) > self.limits.max_query_chars:
+            raise ApiError(413, "too_long", f"{param} has {len(text)} characters; at most "
+                           f"{self.limits.max_query_chars}", param=param)
+        return as_question(self.task, text)
+
+    def run(self, work: Work, rows: list[Row]) -> list[Answer]:
+        """Answers for rows of one `Work`, in one call (run on the batcher's model thread)."""
+        method = self.method if work.personalized else self.base
+        assert method is not None
+        requests = [(row.state, row.query) for row in rows]
+        if not work.generate:
+            return [self._answer(p) for p in method.predict(requests)]
+        assert isinstance(method, LMPersonalizer)
+        backbone = method.backbone
+        prompts, edits, row_ids = method.forward_inputs(requests)
+        texts = backbone.generate(prompts, work.generate, method.config.batch_size, edits, row_ids,
+                                  sampling=[row.sampling for row in rows])
+        used = [len(ids) for ids in backbone.prompt_ids(prompts, room=work.generate)]
+        return [Answer(text, "generation", None, n, min(backbone.count_tokens(text), work.generate))
+                for text, n in zip(texts, used)]
+
+    def _answer(self, prediction: Prediction) -> Answer:
+        scores = None
+        labels = self.task.labels
+        if prediction.scores is not None and len(prediction.scores) == len(labels):
+            scores = {label: round(score, 4) for label, score in zip(labels, prediction.scores)}
+        return Answer(prediction.text, prediction.mode, scores)

@@ -49,7 +49,9 @@ class UserState:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data (the part that scales with users; the header is a few hundred bytes)."""
+        """Bytes of tensor data alone: what a state holds on an accelerator. Not what storing it costs: the header
+        can be most of the saved file (RAG, PAG and the priors keep the user's history there as text, and hold no
+        tensors at all), so runs record the saved file's size as state bytes (`tailor.runs.chunks.state_bytes`)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def _meta(self) -> dict[str, Any]:

@@ -3,9 +3,11 @@
 - classification (LaMP-1, 2N, 2M): a stripped prediction counts only if it is exactly (case-sensitively) one of the
   task's labels; anything else is "no label" and wrong. Accuracy, and macro-F1 over the task's FULL label set, so a
   label that is never predicted and never gold still contributes an F1 of 0.
-- regression (LaMP-3): Python's float() of the stripped prediction; an unparseable answer is scored as the farther of
-  1 and 5 from the gold (5 for a gold of 3). MAE and RMSE.
+- regression (LaMP-3): Python's float() of the stripped prediction; an unparseable answer is scored as the farther
+  end of the task's score range from the gold (LaMP-3: 1 or 5, and 5 for a gold of 3). MAE and RMSE.
 - generation (LaMP-4, 5, 7): ROUGE-1 and ROUGE-L F-measure of `rouge_score` without stemming, averaged over items.
+
+A task file's own task is scored by its kind's rules in the same way.
 
 Every metric is computed through `ItemScores`: each item is scored once, and a metric is an aggregate of per-item
 quantities under a weighting of the items. The full-set value is the all-ones weighting; a bootstrap resample is a
@@ -21,16 +23,12 @@ from typing import Sequence
 
 import numpy as np
 
-from tailor.tasks.lamp import MetricFamily, Task, get_task, score_value
+from tailor.tasks.lamp import get_task
+from tailor.tasks.task import FAMILY_METRICS, Task, score_value
 
 NO_LABEL = -1
 """The label index of a classification prediction that is not exactly one of the task's labels."""
 
-_FAMILY_METRICS: dict[MetricFamily, tuple[str, ...]] = {
-    "classification": ("accuracy", "f1"),
-    "regression": ("mae", "rmse"),
-    "generation": ("rouge1", "rougeL"),
-}
 _HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "rouge1": True, "rougeL": True, "mae": False, "rmse": False}
 
 
@@ -41,11 +39,11 @@ def resolve_task(task: Task | str) -> Task:
 
 def metric_names(task: Task | str) -> list[str]:
     """The metrics LaMP reports for a task, in LaMP's order."""
-    return list(_FAMILY_METRICS[resolve_task(task).family])
+    return list(FAMILY_METRICS[resolve_task(task).family])
 
 
 def higher_is_better(metric: str) -> bool:
-    """Whether a larger value of `metric` is better (False for the LaMP-3 errors)."""
+    """Whether a larger value of `metric` is better (False for the regression errors)."""
     try:
         return _HIGHER_IS_BETTER[metric]
     except KeyError:
@@ -123,7 +121,7 @@ class LabelScores(ItemScores):
 
 @dataclass(frozen=True, eq=False)
 class ErrorScores(ItemScores):
-    """LaMP-3 items as their absolute and squared errors."""
+    """Regression items as their absolute and squared errors."""
 
     abs_error: np.ndarray
     squared_error: np.ndarray
@@ -171,25 +169,29 @@ def _label_scores(task: Task, predictions: Sequence[str], golds: Sequence[str]) 
     )
 
 
-def lamp3_value(prediction: str, gold: float) -> float:
-    """A LaMP-3 prediction as a number: its float value, or else the farther of 1 and 5 from the gold (LaMP's rule).
+def regression_value(prediction: str, gold: float, score_range: tuple[float, float]) -> float:
+    """A regression prediction as a number: its float value, or else the end of the task's score range farther from
+    the gold (LaMP's rule, for LaMP-3 the farther of 1 and 5).
 
-    The tie at a gold of 3 goes to 5, because LaMP picks 1 only when it is strictly farther.
+    The tie at the middle goes to the top, because LaMP picks the bottom only when it is strictly farther.
     """
     value = score_value(prediction)
     if value is not None:
         return value
-    return 1.0 if abs(1 - gold) > abs(5 - gold) else 5.0
+    low, high = score_range
+    return low if abs(low - gold) > abs(high - gold) else high
 
 
-def _error_scores(predictions: Sequence[str], golds: Sequence[str]) -> ErrorScores:
+def _error_scores(task: Task, predictions: Sequence[str], golds: Sequence[str]) -> ErrorScores:
+    if task.score_range is None:
+        raise ValueError(f"{task.name} is a regression task without a score range")
     gold_values = []
     for gold in golds:
         value = score_value(gold)
         if value is None:
-            raise ValueError(f"LaMP-3 gold {gold!r} is not a number")
+            raise ValueError(f"{task.name} gold {gold!r} is not a number")
         gold_values.append(value)
-    predicted = np.array([lamp3_value(p, g) for p, g in zip(predictions, gold_values)])
+    predicted = np.array([regression_value(p, g, task.score_range) for p, g in zip(predictions, gold_values)])
     errors = predicted - np.array(gold_values)
     return ErrorScores(abs_error=np.abs(errors), squared_error=errors**2)
 
@@ -213,7 +215,7 @@ def score_items(task: Task | str, predictions: Sequence[str], golds: Sequence[st
     if task.family == "classification":
         return _label_scores(task, predictions, golds)
     if task.family == "regression":
-        return _error_scores(predictions, golds)
+        return _error_scores(task, predictions, golds)
     return _rouge_scores(predictions, golds)
 
 

@@ -1,2 +1,3 @@
-"""The native API's routes, one router per concern, each built for a `Deployment`: `meta` (page, health, info),
-`users` (history, state, personalize jobs) and `predict`."""
+"""The routes, one router per concern: `meta` (page, health, metrics, info), `openai` (the OpenAI-compatible API over
+every deployment), and, for each deployment, `users` (history, state, personalize jobs) and `predict` (the native
+API)."""

@@ -1,0 +1,109 @@
+"""The leaderboard end to end on the tiny model and synthetic LaMP-2N: a three-entry matrix (a floor, a baseline and a
+personalized method with its swapped control) under both protocols, run, recorded and reported.
+
+`tailor eval` commands run in this process (the `tailor` app called with the command's arguments) instead of one
+subprocess each, which would spend most of the test importing torch eight times."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import benchmarks.common
+from benchmarks.leaderboard import main
+
+MATRIX = """
+[defaults]
+model = "tiny"
+device = "cpu"
+dtype = "float32"
+seed = 0
+protocols = [0, 2]
+out = "board"
+
+[[entry]]
+label = "user prior"
+method = "user-prior"
+options = {}
+role = "floor"
+tasks = ["lamp2n"]
+
+[[entry]]
+label = "non-personalized"
+method = "none"
+options = {}
+role = "baseline"
+tasks = ["lamp2n"]
+
+[[entry]]
+label = "RAG k=1"
+method = "rag"
+options = { k = 1 }
+role = "method"
+tasks = ["lamp2n"]
+swapped = true
+"""
+FIELDS = {"task", "label", "method", "role", "options", "protocol", "histories", "backbone", "device", "dtype",
+          "hardware", "machine", "load_before", "load_after", "contended", "n_users", "n_queries", "metric", "value",
+          "ci", "metrics", "fit_s", "personalize_s_p50", "personalize_s_p95", "predict_s_per_query",
+          "state_bytes_per_user", "state_params_per_user", "fit_params", "command", "folder"}
+
+
+def tailor_in_process(argv: list[str], check: bool) -> None:
+    from tailor.cli.main import app
+
+    app(args=argv[1:], standalone_mode=False)
+
+
+@pytest.fixture()
+def board(tmp_path: Path, tiny_model_dir: Path, lamp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working folder holding the matrix, with the tiny model under a relative name (run folders are named after
+    the model) and the synthetic data and a private cache in the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TAILOR_DATA", str(lamp_dir))
+    monkeypatch.setenv("TAILOR_THREADS", "1")
+    monkeypatch.setattr(benchmarks.common, "subprocess", SimpleNamespace(run=tailor_in_process))
+    (tmp_path / "tiny").symlink_to(tiny_model_dir, target_is_directory=True)
+    (tmp_path / "matrix.toml").write_text(MATRIX)
+    return tmp_path
+
+
+def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["run", "--matrix", "matrix.toml"])
+    records = {(r["label"], r["protocol"], r["histories"]): r
+               for r in map(json.loads, map(Path.read_text, (board / "board" / "records").rglob("*.json")))}
+    assert set(records) == {(label, protocol, histories) for protocol in (0, 2)
+                            for label, histories in (("user prior", "own"), ("non-personalized", "own"),
+                                                     ("RAG k=1", "own"), ("RAG k=1", "swapped"))}
+    for record in records.values():
+        assert FIELDS <= set(record)
+        assert record["metric"] == "accuracy" and record["fit_params"] == 0
+        assert ("--queries-per-user 2" in record["command"]) == (record["protocol"] == 2)
+        assert ("--histories swapped" in record["command"]) == (record["histories"] == "swapped")
+        counts = f"{record['label']}, protocol {record['protocol']}: {record['n_queries']} queries, " \
+                 f"{record['n_users']} users"
+        assert (record["n_queries"] > record["n_users"]) == (record["protocol"] == 2), counts
+    assert records[("RAG k=1", 0, "own")]["backbone"] == "tiny/2x32"
+    assert records[("user prior", 0, "own")]["backbone"] is None
+
+    main(["run", "--matrix", "matrix.toml"])  # every record exists: nothing is run again
+    assert "recorded: lamp2n / protocol 2 / RAG k=1 (swapped histories)" in capsys.readouterr().err
+
+    main(["report", "--matrix", "matrix.toml", "--out-md", "board.md"])
+    text = capsys.readouterr().out
+    assert (board / "board.md").read_text().strip() == text.strip()
+    decision = text.split("## Which method", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in decision.splitlines() if line.startswith("| LaMP-2N")]
+    assert len(rows) == 2 and all("RAG k=1" in row and "p=" in row for row in rows)
+    assert "python -m benchmarks.leaderboard report --matrix matrix.toml --out-md board.md" in decision
+    assert "tiny/2x32 on cpu in float32" in decision
+    assert text.count("### LaMP-2N") == 2 and "RAG k=1, swapped histories" in text
+    assert (board / "board" / "plots" / "lamp2n.png").stat().st_size > 0
+    for record in records.values():
+        assert f"    {record['command']}" in text
+        assert shlex.split(record["command"])[0] == "tailor"
