@@ -13,9 +13,9 @@ user answered from another user's history, the control that a method which reall
 
 `run` runs or resumes one `tailor eval` per (task, entry, protocol, histories) and writes one JSON record per run to
 OUT/records/<task>/<protocol>/<slug>.json: what ran where (backbone, device, precision, hardware, the machine, the
-load averages before and after: a run on a busy machine is flagged contended, its seconds are not a speed
-measurement), its quality (every metric with its CI over users) and its cost (fit seconds and parameters, personalize
-seconds per user p50 and p95, predict seconds per query, state bytes and parameters per user). A record that exists
+CPU the rest of the machine used while it ran: a run that shared the machine is flagged contended, its seconds are
+not a speed measurement), its quality (every metric with its CI over users) and its cost (fit seconds and
+parameters, personalize seconds per user p50 and p95, predict seconds per query, state bytes and parameters per user). A record that exists
 is kept, so re-running measures only what is missing; a run that fails is reported and the others go on.
 
 `report` compares each record, by paired bootstrap over users on the queries both runs answered, with the best floor
@@ -30,9 +30,11 @@ import argparse
 import json
 import math
 import os
+import resource
 import shlex
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -63,10 +65,10 @@ ROLES = ("floor", "baseline", "method")
 ENTRY_KEYS = {"label", "method", "options", "role", "tasks", "users", "why", "swapped", "protocols"}
 RUN_REFERENCE = "run:"
 """An option value "run:LABEL" is the run folder of entry LABEL for the same task, protocol and histories."""
-BUSY_BEFORE = 0.5
-"""A run is contended when the 1-minute load average, in cores, was above this share of them as it began (work that
-was not the run), or above BUSY_AFTER of them as it ended (where the run's own threads count, up to one per core)."""
-BUSY_AFTER = 1.25
+BUSY_OTHERS = 0.2
+"""A run is contended when processes other than the run used more than this many cores, on average, while it ran
+(the machine's busy CPU time less the run's own, from /proc/stat and the finished child's rusage). The load average
+cannot tell: right after one run ends it still counts that run's threads for a minute or more."""
 RESAMPLES = 1000
 SIGNIFICANT = 0.05
 COST_FLOOR_S = 1e-4
@@ -185,24 +187,41 @@ def method_args(entry: Entry, options: dict[str, Any], protocol: int, histories:
                                       "--histories swapped" if histories == "swapped" else "") if part)
 
 
-def contended(before: Sequence[float], after: Sequence[float]) -> bool:
-    cores = os.cpu_count() or 1
-    return before[0] > BUSY_BEFORE * cores or after[0] > BUSY_AFTER * cores
+def busy_cpu_s() -> float | None:
+    """Seconds of CPU the whole machine has been busy (every core, every process), or None where /proc/stat is not."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def others_cores(busy: tuple[float | None, float | None], own: tuple[float, float], wall: float) -> float | None:
+    """Cores used, on average over `wall` seconds, by everything but the run (None where it cannot be measured)."""
+    if busy[0] is None or busy[1] is None or wall <= 0:
+        return None
+    return max(0.0, (busy[1] - busy[0]) - (own[1] - own[0])) / wall
 
 
 def run_entry(task: str, entry: Entry, protocol: int, histories: str, matrix: Matrix, where: str) -> Path:
     """One `tailor eval` (resumed if its folder exists) and its record; returns the record's path."""
     options = resolved_options(entry, task, protocol, histories, matrix.out)
     label = entry.label if histories == "own" else f"{entry.label}, swapped histories"
-    load_before = os.getloadavg()
+    busy_before, own_before, start = busy_cpu_s(), children_cpu_s(), time.monotonic()
     folder, command = run(label, task, method_args(entry, options, protocol, histories),
                           matrix.out / "runs" / f"protocol-{protocol}", matrix.model, entry.users,
                           device=matrix.device, dtype=matrix.dtype)
-    load_after = os.getloadavg()
+    others = others_cores((busy_before, busy_cpu_s()), (own_before, children_cpu_s()), time.monotonic() - start)
     record = {"task": task, "label": entry.label, "method": entry.method, "role": entry.role, "options": options,
               "protocol": protocol, "histories": histories, "users_asked": entry.users, "why": entry.why,
-              "machine": where, "load_before": [round(x, 2) for x in load_before],
-              "load_after": [round(x, 2) for x in load_after], "contended": contended(load_before, load_after),
+              "machine": where, "other_cores": None if others is None else round(others, 3),
+              "contended": others is None or others > BUSY_OTHERS,
               "command": command, "folder": str(folder), **measured(folder, task)}
     path = record_path(matrix.out, task, protocol, entry.label, histories)
     write_json(path, record)
@@ -395,8 +414,8 @@ def provenance(records: Sequence[dict]) -> str:
     machines = sorted({r["machine"] for r in records})
     contended_runs = sum(r["contended"] for r in records)
     return (f"Backbone: {'; '.join(backbones) or 'none (model-free runs only)'}. Machine: {'; '.join(machines)}."
-            + (f" {contended_runs} of {len(records)} runs were contended (marked †: the load average was high, so "
-               "their seconds are not speed measurements)." if contended_runs else ""))
+            + (f" {contended_runs} of {len(records)} runs were contended (marked †: other processes used the CPU "
+               "while they ran, so their seconds are not speed measurements)." if contended_runs else ""))
 
 
 def cell(delta: Delta | None) -> str:

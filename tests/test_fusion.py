@@ -54,3 +54,18 @@ def test_tasks_without_labels_and_bad_base_options_are_refused(backbone: Backbon
         Fusion(get_task("lamp2n"), backbone, base_options="nope=1")
     base = Fusion(get_task("lamp2n"), backbone, base_options="max_total=16, lr=0.5,calibrate=true").base.config
     assert (base.max_total, base.lr, base.calibrate) == (16, 0.5, True)
+
+
+def test_the_weights_are_learned_on_a_seeded_sample_of_the_training_queries(backbone: Backbone,
+                                                                            lamp_dir: Path) -> None:
+    task = get_task("lamp2n")
+    train = load_users(task, "train", lamp_dir)
+    assert sum(len(u.queries) for u in train) > 8  # more than the sample, or the cap is not exercised
+    fits = []
+    for _ in range(2):
+        method = Fusion(task, backbone, base_options=BASE, fit_queries=8)
+        method.fit(train)
+        fits.append(method.fit_log)
+    assert fits[0]["queries"] == 8 and fits[0] == fits[1]
+    with pytest.raises(ValueError, match="fit_queries must be at least 8"):
+        Fusion(task, backbone, fit_queries=2)

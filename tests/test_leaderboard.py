@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,7 +49,7 @@ tasks = ["lamp2n"]
 swapped = true
 """
 FIELDS = {"task", "label", "method", "role", "options", "protocol", "histories", "backbone", "device", "dtype",
-          "hardware", "machine", "load_before", "load_after", "contended", "n_users", "n_queries", "metric", "value",
+          "hardware", "machine", "other_cores", "contended", "n_users", "n_queries", "metric", "value",
           "ci", "metrics", "fit_s", "personalize_s_p50", "personalize_s_p95", "predict_s_per_query",
           "state_bytes_per_user", "state_params_per_user", "fit_params", "command", "folder"}
 
@@ -107,3 +108,19 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     for record in records.values():
         assert f"    {record['command']}" in text
         assert shlex.split(record["command"])[0] == "tailor"
+
+
+def test_a_run_is_contended_by_what_others_use_not_by_its_own_threads() -> None:
+    from benchmarks.leaderboard import BUSY_OTHERS, busy_cpu_s, others_cores
+
+    before = busy_cpu_s()
+    end = time.process_time() + 0.3
+    while time.process_time() < end:  # this process burns CPU: the machine's busy time must count it
+        pass
+    after = busy_cpu_s()
+    assert before is not None and after is not None and after - before >= 0.25
+    # 10 s of wall: the run's own process tree used 19 core-seconds of the machine's 20 (2 threads), others 1
+    quiet, shared = others_cores((100.0, 120.0), (5.0, 24.0), 10.0), others_cores((100.0, 120.0), (5.0, 10.0), 10.0)
+    assert quiet == pytest.approx(0.1) and quiet < BUSY_OTHERS
+    assert shared == pytest.approx(1.5) and shared > BUSY_OTHERS
+    assert others_cores((None, None), (0.0, 1.0), 10.0) is None
