@@ -1,5 +1,5 @@
 """Shared by the benchmark scripts: run `tailor eval` commands exactly as printed, and turn run folders into the
-markdown sections of BENCHMARKS.md. Every script that runs the backbone takes `--device` and `--dtype`
+markdown sections of the studies in docs/benchmarks/. Every script that runs the backbone takes `--device` and `--dtype`
 (`add_device_options`), passes them on to what it loads or runs, and prints what they resolved to in its header
 (`machine`), so each number says where and in what precision it was measured."""
 

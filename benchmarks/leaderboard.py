@@ -10,6 +10,7 @@ user answered from another user's history, the control that a method which reall
     .venv/bin/python -m benchmarks.leaderboard run                        # run or resume the whole matrix
     .venv/bin/python -m benchmarks.leaderboard run --tasks lamp2n --only 'user prior' 'RAG k=4'
     .venv/bin/python -m benchmarks.leaderboard report --out-md runs/leaderboard/leaderboard.md
+    .venv/bin/python -m benchmarks.leaderboard report --benchmarks BENCHMARKS.md --plot docs/benchmarks/leaderboard
 
 `run` runs or resumes one `tailor eval` per (task, entry, protocol, histories) and writes one JSON record per run to
 OUT/records/<task>/<protocol>/<slug>.json: what ran where (backbone, device, precision, hardware, the machine, the
@@ -47,7 +48,7 @@ import typer
 from safetensors import safe_open
 
 from benchmarks.common import add_device_options, machine, publish, run, slug
-from tailor.atomic import write_json
+from tailor.atomic import write_json, write_text
 from tailor.backbone.defaults import DEFAULT_MODEL
 from tailor.backbone.device import DeviceError
 from tailor.cli._options import check_options
@@ -60,6 +61,9 @@ from tailor.tasks.metrics import higher_is_better, metric_names
 from tailor.tasks.stats import paired_bootstrap
 
 MATRIX = Path(__file__).with_name("leaderboard.toml")
+TEMPLATE = Path(__file__).with_name("BENCHMARKS.template.md")
+"""BENCHMARKS.md around the leaderboard: what the file is for, then `{leaderboard}`, then serving, scale-out and the
+studies in docs/benchmarks/."""
 TASKS = ("lamp2n", "lamp2m", "lamp3", "lamp4", "lamp7")
 ROLES = ("floor", "baseline", "method")
 ENTRY_KEYS = {"label", "method", "options", "role", "tasks", "users", "why", "swapped", "protocols"}
@@ -541,7 +545,7 @@ def plot(groups: Sequence[Group], folder: Path) -> list[Path]:
     return paths
 
 
-def report(out: Path, plots: Path, made_by: str) -> str:
+def report(out: Path, plots: Path, made_by: str, matrix: Matrix | None = None) -> str:
     records = load_records(out)
     if not records:
         raise MatrixError(f"no records under {out / 'records'}; run `python -m benchmarks.leaderboard run` first")
@@ -554,8 +558,26 @@ def report(out: Path, plots: Path, made_by: str) -> str:
         "# Leaderboard\n", decision_table(groups, made_by),
         "## Every run, per task and protocol\n", *(group_table(g, made_by) for g in groups),
         interval_table(groups, made_by),
-        "## Quality against cost per user\n\n" + "\n".join(f"- {p}" for p in pictures) + "\n",
+        "## Quality against cost per user\n\n" + "\n".join(f"![{get_task(p.stem).name}]({p})" for p in pictures)
+        + "\n",
+        *([missing_table(matrix, out)] if matrix is not None else []),
     ])
+
+
+def missing_table(matrix: Matrix, out: Path) -> str:
+    """The matrix's runs that have no record yet, per task and protocol: what the tables above do not answer."""
+    missing: dict[tuple[str, int], list[str]] = {}
+    for task, entry, protocol, histories in planned(matrix, None, None, None):
+        if not record_path(out, task, protocol, entry.label, histories).exists():
+            label = entry.label + (", swapped histories" if histories == "swapped" else "")
+            missing.setdefault((task, protocol), []).append(label)
+    if not missing:
+        return "## Not measured yet\n\nEvery run of the matrix has its record.\n"
+    rows = [(get_task(task).name, protocol_short(protocol), len(labels), "; ".join(labels))
+            for (task, protocol), labels in missing.items()]
+    return ("## Not measured yet\n\nRuns of the matrix (benchmarks/leaderboard.toml) without a record: "
+            "`python -m benchmarks.leaderboard run` runs exactly these.\n\n"
+            + table(("task", "protocol", "runs", "entries"), rows) + "\n")
 
 
 # --- the command -----------------------------------------------------------------------------------------------------
@@ -604,6 +626,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     reporting = commands.add_parser("report", parents=[common], help="compare the records and plot them")
     reporting.add_argument("--out-md", type=Path, default=None, help="also write the markdown here")
     reporting.add_argument("--plot", type=Path, default=None, help="folder of the per-task PNGs (default OUT/plots)")
+    reporting.add_argument("--benchmarks", type=Path, default=None, metavar="PATH",
+                           help="also write BENCHMARKS.md here: benchmarks/BENCHMARKS.template.md around the report")
     args = parser.parse_args(argv)
     try:
         matrix = load_matrix(args.matrix)
@@ -622,7 +646,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     made_by = f"{parser.prog} " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     try:
-        publish(report(out, args.plot or out / "plots", made_by), args.out_md)
+        text = report(out, args.plot or out / "plots", made_by, matrix)
+        publish(text, args.out_md)
+        if args.benchmarks is not None:
+            template = TEMPLATE.read_text()
+            body = text.split("\n", 1)[1]  # its sections under the template's title
+            write_text(args.benchmarks, template.replace("{leaderboard}", body.strip() + "\n"))
     except MatrixError as error:
         parser.error(str(error))
 

@@ -1,7 +1,7 @@
 """Profile-to-PEFT's deployment cost on one task: seconds per user for each part (summary, embedding, hypernetwork
 pass, save), against OPPU's per-user training on the same users in the same run, plus the one-time fit and the
 break-even number of users (the paper's section 6, "Deployment Efficiency"). `--quality` also runs P2P beside the
-baselines on the dev users, each as its `tailor eval` command. Output: a markdown section for BENCHMARKS.md.
+baselines on the dev users, each as its `tailor eval` command. Output: a markdown section for docs/benchmarks/.
 
 The hypernetwork is fitted on the task's training users (or read from tailor's fit cache, e.g. after
 `tailor eval --method p2p`); its fit time is the time recorded when it was fitted. Each dev user is then

@@ -1,5 +1,5 @@
 """PerFit's cost on one task: trainable parameters, bytes of state and stage-2 seconds per user, inference throughput
-with and without the interventions at batch 16. Output: a markdown section for BENCHMARKS.md, with its command.
+with and without the interventions at batch 16. Output: a markdown section for docs/benchmarks/, with its command.
 
 Stage 1 is fitted on the task's training users (or read from tailor's fit cache when an identical stage 1 was fitted
 before, e.g. by `tailor eval --method perfit`). Stage 2 is timed per dev user, each user alone, from history to

@@ -1,5 +1,5 @@
 """Users per second on 1 and 2 Ray workers (one method per family), the scaling efficiency, and the per-user costs
-that docs/scaling.md's cost model takes as inputs. Output: a markdown section for BENCHMARKS.md, and the raw numbers.
+that docs/scaling.md's cost model takes as inputs. Output: a markdown section for docs/benchmarks/, and the raw numbers.
 
 Each measurement evaluates the same users in a fresh run folder with fresh text and hidden-state caches (so a later
 measurement does not reuse what an earlier one generated), while the converted model and the fitted methods are

@@ -108,6 +108,18 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     for record in records.values():
         assert f"    {record['command']}" in text
         assert shlex.split(record["command"])[0] == "tailor"
+    assert "Every run of the matrix has its record." in text
+
+    (board / "board" / "records" / "lamp2n" / "2" / "RAG-k1-swapped.json").unlink()
+    main(["report", "--matrix", "matrix.toml"])
+    missing = capsys.readouterr().out.split("## Not measured yet", 1)[1]
+    assert "| LaMP-2N | tailor, +2/user | 1 | RAG k=1, swapped histories |" in missing
+
+    main(["report", "--matrix", "matrix.toml", "--benchmarks", "BENCH.md", "--plot", "pictures"])
+    bench = (board / "BENCH.md").read_text()
+    assert bench.startswith("# tailor benchmarks") and "{leaderboard}" not in bench and "# Leaderboard" not in bench
+    assert "## Which method, for which task, at what cost" in bench and "## Serving" in bench
+    assert "![LaMP-2N](pictures/lamp2n.png)" in bench and (board / "pictures" / "lamp2n.png").exists()
 
 
 def test_a_run_is_contended_by_what_others_use_not_by_its_own_threads() -> None:

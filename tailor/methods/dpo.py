@@ -57,7 +57,7 @@ class DPOConfig(ChameleonConfig):
     bf16: bool | None = None
     """Train under bfloat16 autocast (the paper's precision); None: where the backbone's device computes bfloat16 in
     hardware (a CUDA device that supports it, a CPU with AMX or AVX512-BF16), where a step is faster than in float32
-    (BENCHMARKS.md section 12), not where it is emulated."""
+    (docs/benchmarks/chameleon-scopes.md), not where it is emulated."""
 
 
 class TimeConstrainedDPO(Chameleon[DPOConfig]):
