@@ -554,8 +554,11 @@ def report(out: Path, plots: Path, made_by: str, matrix: Matrix | None = None) -
     groups = [compare(task, protocol, [r for r in records if (r["task"], r["protocol"]) == (task, protocol)])
               for task, protocol in keys]
     pictures = plot(groups, plots)
+    unmeasured = [get_task(task).name for task in TASKS if task not in {g.task for g in groups}]
+    gaps = (f"No run of the matrix has a record yet on {', '.join(unmeasured)}; the last section lists every run "
+            "still missing.\n" if unmeasured else "")
     return "\n".join([
-        "# Leaderboard\n", decision_table(groups, made_by),
+        "# Leaderboard\n", decision_table(groups, made_by) + gaps,
         "## Every run, per task and protocol\n", *(group_table(g, made_by) for g in groups),
         interval_table(groups, made_by),
         "## Quality against cost per user\n\n" + "\n".join(f"![{get_task(p.stem).name}]({p})" for p in pictures)
