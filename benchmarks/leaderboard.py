@@ -554,8 +554,9 @@ def report(out: Path, plots: Path, made_by: str, matrix: Matrix | None = None) -
     groups = [compare(task, protocol, [r for r in records if (r["task"], r["protocol"]) == (task, protocol)])
               for task, protocol in keys]
     pictures = plot(groups, plots)
-    unmeasured = [get_task(task).name for task in TASKS if task not in {g.task for g in groups}]
-    gaps = (f"No run of the matrix has a record yet on {', '.join(unmeasured)}; the last section lists every run "
+    with_methods = {g.task for g in groups if any(r["role"] == "method" for r in g.records)}
+    unmeasured = [get_task(task).name for task in TASKS if task not in with_methods]
+    gaps = (f"No personalized method has a record yet on {', '.join(unmeasured)}; the last section lists every run "
             "still missing.\n" if unmeasured else "")
     return "\n".join([
         "# Leaderboard\n", decision_table(groups, made_by) + gaps,
