@@ -141,22 +141,17 @@ def check_spec(spec: EvalSpec) -> None:
         raise typer.BadParameter(str(error)) from None
 
 
-def _absolute(path: Path | None) -> str | None:
-    """A path as config.json records it: absolute, so a resumed run, a Ray worker or a report finds it anywhere."""
-    return str(path.expanduser().resolve()) if path is not None else None
-
-
 def checked_spec(method: str, options: Mapping[str, object], model: str, data_dir: Path | None, task: str,
                  data: Path | None = None, train_data: Path | None = None, **fields: object) -> EvalSpec:
     """The run's spec, its method options (typed) and the spec itself checked, one line each, before anything
     loads; the model is recorded only for methods that use one, and a task file and users files by absolute path."""
     from tailor.runs.spec import EvalSpec
-    from tailor.tasks.lamp import task_file
 
     typed = check_options(method, options)
     spec = EvalSpec(method=method, options=typed, model=model if resolve_method(method).needs_backbone else None,
-                    data_dir=str(data_dir) if data_dir else None, task=_absolute(task_file(task)) or task,
-                    data=_absolute(data), train_data=_absolute(train_data), **fields)  # type: ignore[arg-type]
+                    data_dir=str(data_dir) if data_dir else None, task=task,
+                    data=str(data) if data else None, train_data=str(train_data) if train_data else None,
+                    **fields).portable()  # type: ignore[arg-type]
     check_spec(spec)
     return spec
 

@@ -38,7 +38,6 @@ from tailor.runs.fits import ProgressFactory, fit_for_spec
 from tailor.runs.folder import Appender, answered_queries, method_identity, open_run, record_fit_time
 from tailor.runs.scoring import finalize
 from tailor.runs.spec import EvalSpec, run_users
-from tailor.tasks.lamp import task_file
 from tailor.tasks.records import User
 
 FAILURES = "failures.jsonl"
@@ -150,16 +149,10 @@ def _for_workers(spec: EvalSpec) -> EvalSpec:
         resolve_model(model)
         if Path(model).expanduser().is_dir():
             model = str(Path(model).expanduser().resolve())
-    path = task_file(spec.task)
-    if path is not None:
-        spec = replace(spec, task=str(path.resolve()))
+    spec = replace(spec.portable(), model=model)
     if spec.data is not None:  # users files of one's own: no LaMP folder is read
-        return replace(spec, model=model, data=_absolute(spec.data), train_data=_absolute(spec.train_data))
-    return replace(spec, model=model, data_dir=str(resolve_data_dir(spec.data_dir)))
-
-
-def _absolute(path: str | None) -> str | None:
-    return None if path is None else str(Path(path).expanduser().resolve())
+        return spec
+    return replace(spec, data_dir=str(resolve_data_dir(spec.data_dir)))
 
 
 class WorkerPool:

@@ -10,8 +10,9 @@ and `train_data`, fitted on; JSONL, `tailor.data.jsonl`), for any task, LaMP's o
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from tailor.backbone.device import resolve_device, resolve_dtype
@@ -19,7 +20,7 @@ from tailor.data.jsonl import iter_jsonl_users, load_jsonl_users, users_index
 from tailor.backbone.defaults import DEFAULT_MODEL
 from tailor.data.lamp import SPLITS, VARIANTS, DataError, iter_users, load_users, question_ids, resolve_data_dir
 from tailor.data.splits import history_queries, ood_split, random_split, subset, subset_positions, swap_histories
-from tailor.tasks.lamp import get_task
+from tailor.tasks.lamp import get_task, task_file
 from tailor.tasks.records import User
 
 USER_SPLITS = ("random", "ood")
@@ -89,6 +90,13 @@ class EvalSpec:
             for path in (self.data, self.train_data):
                 users_index(task, path)  # type: ignore[arg-type]
 
+    def portable(self) -> EvalSpec:
+        """The spec with its task file and users files by absolute path, as config.json records them: a resumed run,
+        a Ray worker or a report then finds them from any working directory."""
+        path = task_file(self.task)
+        return replace(self, task=str(path.expanduser().resolve()) if path is not None else self.task,
+                       data=_absolute(self.data), train_data=_absolute(self.train_data))
+
     def _check_users_files(self) -> None:
         if self.data is None or self.train_data is None:
             raise ValueError("--data (the users a run answers) and --train-data (the users methods fit on) go "
@@ -96,6 +104,10 @@ class EvalSpec:
         if self.split != "dev" or self.variant != "user":
             raise ValueError(f"--split {self.split} --variant {self.variant}: these pick among LaMP's files; with "
                              "--data the run answers that file's users")
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
 
 
 def spec_defaults(cls: type) -> dict[str, Any]:
