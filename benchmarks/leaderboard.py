@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 import typer
 from safetensors import safe_open
 
@@ -52,10 +51,7 @@ from tailor.atomic import write_json, write_text
 from tailor.backbone.defaults import DEFAULT_MODEL
 from tailor.backbone.device import DeviceError
 from tailor.cli._options import check_options
-from tailor.methods import REGISTRY, build_method
-from tailor.methods.base import Personalizer
-from tailor.runs.fits import fit_folder
-from tailor.runs.spec import EvalSpec, fit_users
+from tailor.methods import REGISTRY
 from tailor.tasks import get_task
 from tailor.tasks.metrics import higher_is_better, metric_names
 from tailor.tasks.stats import paired_bootstrap
@@ -236,7 +232,6 @@ def run_entry(task: str, entry: Entry, protocol: int, histories: str, matrix: Ma
 def measured(folder: Path, task: str) -> dict[str, Any]:
     """Quality and cost of a finished run, from its metrics.json, predictions.jsonl, states/ and the fit cache."""
     metrics = json.loads((folder / "metrics.json").read_text())
-    config = json.loads((folder / "config.json").read_text())
     primary = metric_names(task)[0]
     personalize, state_bytes = per_user(folder)
     return {
@@ -250,7 +245,7 @@ def measured(folder: Path, task: str) -> dict[str, Any]:
         "predict_s_per_query": metrics["predict_s_per_query"],
         "state_bytes_per_user": float(np.mean(state_bytes)),
         "state_params_per_user": float(np.mean([numel(p) for p in (folder / "states").rglob("*.safetensors")] or [0])),
-        "fit_params": fit_parameters(config, task),
+        "fit_params": fit_parameters(folder),
     }
 
 
@@ -271,38 +266,14 @@ def numel(path: Path) -> int:
         return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
 
 
-@dataclass(frozen=True)
-class RecordedBackbone:
-    """What the fit cache's key reads of a backbone (its model id and precision), as config.json recorded them: enough
-    to find a run's fits without loading the model."""
-
-    model_id: str
-    dtype: torch.dtype
-
-
-def fit_parameters(config: dict[str, Any], task: str) -> int | None:
-    """Elements of the tensors of every fit the run's method used: its own and those it builds on (OPPU's and
-    fusion's MT-LoRA), each found under the fit cache's own key (`fit_folder`) rebuilt from config.json, so a fit of
-    another task, backbone or precision with the same options is never counted. 0 for a method that fits nothing;
-    None when a fit's folder is no longer in the cache."""
-    backbone = RecordedBackbone(config["model"], getattr(torch, config["dtype"])) if config.get("model") else None
-    options = {k: v for k, v in config["method_config"].items() if k not in ("method", "version")}
-    method = build_method(config["method"], get_task(task), backbone, **options)  # type: ignore[arg-type]
-    fitted = [m for m in with_prerequisites(method) if m.fits]
-    if not fitted:
-        return 0
-    users = fit_users(EvalSpec(task=task, method=config["method"], split=config["split"], variant=config["variant"],
-                               seed=config["seed"], data_dir=config.get("data_dir")))
-    folders = [fit_folder(m, users) for m in fitted]
-    if not all((f / "DONE").exists() for f in folders):
+def fit_parameters(folder: Path) -> int | None:
+    """Elements of the tensors of every fit the run's method used, its own and those it builds on (OPPU's and
+    fusion's MT-LoRA), from the fit cache folders the run recorded (fit_time.json). 0 for a method that fits
+    nothing; None for a run that recorded no folders, or whose fit is no longer in the cache."""
+    recorded = json.loads((folder / "fit_time.json").read_text()).get("fits")
+    if recorded is None or not all((Path(f) / "DONE").exists() for f in recorded):
         return None
-    return sum(numel(p) for f in folders for p in f.rglob("*.safetensors"))
-
-
-def with_prerequisites(method: Personalizer) -> Iterator[Personalizer]:
-    for needed in method.prerequisites():
-        yield from with_prerequisites(needed)
-    yield method
+    return sum(numel(p) for f in recorded for p in Path(f).rglob("*.safetensors"))
 
 
 @lru_cache(maxsize=64)

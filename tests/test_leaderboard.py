@@ -41,6 +41,22 @@ role = "baseline"
 tasks = ["lamp2n"]
 
 [[entry]]
+label = "MT-LoRA"
+method = "mt-lora"
+options = { max_total = 8, epochs = 1 }
+role = "baseline"
+tasks = ["lamp2n"]
+protocols = [0]
+
+[[entry]]
+label = "StyleVector"
+method = "stylevector"
+options = { layer = 1 }
+role = "method"
+tasks = ["lamp2n"]
+protocols = [0]
+
+[[entry]]
 label = "RAG k=1"
 method = "rag"
 options = { k = 1 }
@@ -80,10 +96,12 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
                for r in map(json.loads, map(Path.read_text, (board / "board" / "records").rglob("*.json")))}
     assert set(records) == {(label, protocol, histories) for protocol in (0, 2)
                             for label, histories in (("user prior", "own"), ("non-personalized", "own"),
-                                                     ("RAG k=1", "own"), ("RAG k=1", "swapped"))}
+                                                     ("RAG k=1", "own"), ("RAG k=1", "swapped"))} | \
+        {("MT-LoRA", 0, "own"), ("StyleVector", 0, "own")}
     for record in records.values():
         assert FIELDS <= set(record)
-        assert record["metric"] == "accuracy" and record["fit_params"] == 0
+        fitted = record["label"] == "MT-LoRA"
+        assert record["metric"] == "accuracy" and (record["fit_params"] > 0 if fitted else record["fit_params"] == 0)
         assert ("--queries-per-user 2" in record["command"]) == (record["protocol"] == 2)
         assert ("--histories swapped" in record["command"]) == (record["histories"] == "swapped")
         counts = f"{record['label']}, protocol {record['protocol']}: {record['n_queries']} queries, " \

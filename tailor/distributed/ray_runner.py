@@ -34,7 +34,7 @@ from tailor.data.lamp import resolve_data_dir
 from tailor.methods.base import Personalizer
 from tailor.runs.chunks import (PERSONALIZED, Chunk, pending_chunks, personalize_chunks, personalize_rows,
                                 personalize_summary, personalized_users, process_chunk)
-from tailor.runs.fits import ProgressFactory, fit_for_spec
+from tailor.runs.fits import ProgressFactory, fit_folders, fit_for_spec
 from tailor.runs.folder import Appender, answered_queries, method_identity, open_run, record_fit_time
 from tailor.runs.scoring import finalize
 from tailor.runs.spec import EvalSpec, run_users
@@ -131,8 +131,8 @@ class Worker:
         return os.getpid()
 
     def identity(self) -> dict[str, Any]:
-        """What config.json records about the method, and how long the fit (or loading it) took."""
-        return {**method_identity(self._fitted()), "fit_s": self.fit_s}
+        """What config.json records about the method, how long the fit (or loading it) took and which fits it used."""
+        return {**method_identity(self._fitted()), "fit_s": self.fit_s, "fits": fit_folders(self.method, self.spec)}
 
     def evaluate(self, users: Sequence[User], answered: frozenset[str], states_dir: str) -> list[dict]:
         return process_chunk(self._fitted(), users, Path(states_dir), answered)
@@ -178,11 +178,16 @@ class WorkerPool:
 
     @property
     def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in self.info.items() if k != "fit_s"}
+        return {k: v for k, v in self.info.items() if k not in ("fit_s", "fits")}
 
     @property
     def fit_s(self) -> float:
         return float(self.info["fit_s"])
+
+    @property
+    def fits(self) -> list[str]:
+        """The fit cache folders the method uses (`tailor.runs.fits.fit_folders`)."""
+        return list(self.info["fits"])
 
     def pids(self) -> list[int]:
         return ray.get([actor.pid.remote() for actor in self.actors])
@@ -357,7 +362,7 @@ def ray_eval(spec: EvalSpec, out_dir: str | Path, options: RayOptions | None = N
             run_chunks(workers.actors, out, out / "predictions.jsonl", pending_chunks(users, chunk_users, answered),
                        lambda actor, chunk: actor.evaluate.remote(chunk.users, chunk.answered, states), tick,
                        options.in_flight)
-            record_fit_time(out, workers.fit_s)
+            record_fit_time(out, workers.fit_s, workers.fits)
     return finalize(out, spec, users.query_ids)
 
 

@@ -68,6 +68,17 @@ def fit_method(method: Personalizer, users: Sequence[User], progress: ProgressFa
     return folder
 
 
+def fit_folders(method: Personalizer, spec: EvalSpec) -> list[str]:
+    """The cache folders of every fit the method uses on the spec's training users, its prerequisites' first: what a
+    run records (fit_time.json), so a report can count what was learned without rebuilding the method."""
+    users = fit_users(spec)
+    return [str(fit_folder(m, users)) for m in _with_prerequisites(method) if m.fits]
+
+
+def _with_prerequisites(method: Personalizer) -> list[Personalizer]:
+    return [m for needed in method.prerequisites() for m in _with_prerequisites(needed)] + [method]
+
+
 def fit_for_spec(method: Personalizer, spec: EvalSpec, progress: ProgressFactory | None = None) -> float:
     """Fit `method` on the spec's training users (or load the cached fit); returns the seconds it took."""
     started = time.perf_counter()

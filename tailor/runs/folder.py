@@ -157,10 +157,11 @@ def answered_queries(out: Path) -> set[str]:
     return {row["query_id"] for row in iter_predictions(out / "predictions.jsonl")}
 
 
-def record_fit_time(out: Path, seconds: float) -> None:
-    """Add one process's fit time to the run's fit_time.json: a resumed run, or the same command run again after
-    it finished, keeps the time the first process spent fitting instead of replacing it."""
-    write_json(out / "fit_time.json", {"seconds": round(recorded_fit_time(out) + seconds, 3)})
+def record_fit_time(out: Path, seconds: float, folders: Sequence[str] = ()) -> None:
+    """Add one process's fit time to the run's fit_time.json, with the fit cache folders the method used
+    (`tailor.runs.fits.fit_folders`): a resumed run, or the same command run again after it finished, keeps the time
+    the first process spent fitting instead of replacing it."""
+    write_json(out / "fit_time.json", {"seconds": round(recorded_fit_time(out) + seconds, 3), "fits": list(folders)})
 
 
 def recorded_fit_time(out: Path) -> float:
