@@ -15,9 +15,10 @@ from tailor.backbone.edits import hooked
 from tailor.backbone.lora import LoRAStack, load_peft, lora_sites, save_peft, user_seed
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
-from tailor.methods.lora import (OPPU, LoRAP, MTLoRA, StackTrainer, plan, token_groups, tokenise, train_users)
+from tailor.methods.lora import (OPPU, LoRAP, MTLoRA, StackTrainer, plan, round_robin, token_groups, tokenise,
+                                 train_users)
 from tailor.tasks import get_task
-from tailor.tasks.records import HistoryItem, User
+from tailor.tasks.records import HistoryItem, Query, User
 
 pytestmark = pytest.mark.usefixtures("private_cache", "one_thread")
 
@@ -280,3 +281,25 @@ def test_training_examples_retrieve_from_earlier_items_only(backbone: Backbone) 
     prompts = [prompt for prompt, _ in method.training_pairs(user, limit=3)]
     assert "eagle" not in prompts[0] and "senate" not in prompts[0]  # item 0 has nothing before it
     assert "birdie" in prompts[2] and "senate" not in prompts[2]  # item 2 retrieves its best earlier match
+
+
+def test_mt_lora_examples_come_from_the_history_the_queries_or_both(backbone: Backbone) -> None:
+    """`examples="queries"` trains on each training user's queries with their golds, the prompt retrieving from the
+    whole history as inference does; "history" never shows a query's gold; "both" takes the query first."""
+    task = get_task("lamp2n")
+
+    def item(i: int, text: str, category: str) -> HistoryItem:
+        return HistoryItem(f"i{i}", {"text": text, "title": f"t{i}", "category": category})
+
+    query = Query("q", task.ask("golf open final round eagle putt"), "sports")
+    user = User("u", task.name, (item(0, "golf open final round birdie", "sports"),
+                                 item(1, "senate vote on the budget bill", "politics")), (query,))
+    pairs = {source: MTLoRA(task, backbone, examples=source, k=1, history_tokens=64).fit_pairs(user)
+             for source in ("history", "queries", "both")}
+    assert [target for _, target in pairs["history"]] == ["sports", "politics"]
+    [(prompt, target)] = pairs["queries"]
+    assert target == "sports" and "eagle putt" in prompt and "birdie" in prompt and "senate" not in prompt
+    assert pairs["both"] == pairs["history"] + pairs["queries"]
+    assert round_robin([pairs["both"]], 1) == pairs["queries"]
+    with pytest.raises(ValueError, match="examples must be one of"):
+        MTLoRA(task, backbone, examples="tweets")

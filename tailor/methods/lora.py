@@ -40,6 +40,7 @@ from tailor.methods.base import Personalizer, Progress
 from tailor.methods.checkpoint import Checkpoint
 from tailor.methods.profile import ProfileSummarizer, format_history
 from tailor.methods.prompting import RAG, RAGConfig, profile_header, retrieve_earlier
+from tailor.retrieval import BM25Index
 from tailor.store.state import UserState
 from tailor.tasks.records import HistoryItem, User
 
@@ -69,12 +70,16 @@ class LoRAConfig(RAGConfig):
     history_tokens: int = 128
 
 
+EXAMPLE_SOURCES = ("history", "queries", "both")
+"""Where MT-LoRA's training examples come from (MTLoRAConfig.examples)."""
+
+
 @dataclass
 class MTLoRAConfig(LoRAConfig):
     """OPPU's base recipe (official task_LoRA.py: r=8, alpha=8 on q, k and v, 3 epochs). What differs: lr 5e-4 for
     its 1e-4 (its batch of 16 over whole training sets takes far more steps than this budget of 1,024 examples),
-    no dropout (0.05 there), and the examples are training users' history items, where OPPU's base reads other users'
-    queries."""
+    no dropout (0.05 there), and by default the examples are training users' history items, where OPPU's base reads
+    other users' queries (`examples="queries"`)."""
 
     targets: str = "q_proj,k_proj,v_proj"
     lr: float = 5e-4
@@ -83,6 +88,17 @@ class MTLoRAConfig(LoRAConfig):
     max_total: int = 1024
     """Training examples over all users at most: each user's newest items are taken in turn, user by user, so
     every user contributes before any contributes twice."""
+    examples: str = "history"
+    """What the task adapter learns from: "history" (each training user's newest `max_examples` history items, each
+    prompt retrieving from the items before it), "queries" (each training user's LaMP queries with their golds, each
+    prompt retrieving from the user's whole history, which is older than the query: what OPPU's official base trains
+    on, and the only paraphrasing examples LaMP-7 has, whose history items hold tweets alone), or "both" (a user's
+    queries taken before their history items)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.examples not in EXAMPLE_SOURCES:
+            raise ValueError(f"examples must be one of {', '.join(EXAMPLE_SOURCES)}, not {self.examples!r}")
 
 
 @dataclass
@@ -326,10 +342,32 @@ class MTLoRA(LoRAFamily[MTLoRAConfig]):
         self.stack: LoRAStack | None = None
         self.fit_log: dict = {}
 
+    def fit_pairs(self, user: User) -> list[tuple[str, str]]:
+        """One training user's (prompt, target) pairs, oldest first (`round_robin` takes the newest first): the history
+        items, then the queries, as `examples` says."""
+        history = self.training_pairs(user, self.config.max_examples) if self.config.examples != "queries" else []
+        return history + (self.query_pairs(user) if self.config.examples != "history" else [])
+
+    def query_pairs(self, user: User) -> list[tuple[str, str]]:
+        """The user's queries that have a gold, as (prompt, gold); the prompt retrieves as inference does, from the
+        whole history (a query is newer than every history item)."""
+        asked = [q for q in user.queries if q.gold is not None]
+        if not asked:
+            return []
+        index = BM25Index([self.task.document(item) for item in user.profile]) if self.config.k > 0 else None
+        pairs = []
+        for query in asked:
+            top = index.top_k(self.task.retrieval_query(query.input), self.config.k) if index else []
+            pairs.append((self.compose(query.input, [user.profile[i] for i in top]), str(query.gold)))
+        return pairs
+
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
         cfg = self.config
         checkpoint = Checkpoint(workdir, every=CHECKPOINT_EVERY)  # its clock counts the preparation too
-        pairs = round_robin([self.training_pairs(user, cfg.max_examples) for user in users], cfg.max_total)
+        pairs = round_robin([self.fit_pairs(user) for user in users], cfg.max_total)
+        if not pairs:
+            raise ValueError(f"mt-lora: no training examples in {len(users)} training users of {self.task.name} "
+                             f"(examples={cfg.examples!r})")
         examples = tokenise(self.backbone, pairs, cfg.max_target_tokens)
         batches = plan([len(e.ids) for e in examples], cfg.train_batch, cfg.seed, epochs=cfg.epochs)
         init = LoRAStack.init(self.backbone.model, self.sites, cfg.r, cfg.alpha, [user_seed(cfg.seed, self.task.name)])
