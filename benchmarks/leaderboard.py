@@ -12,12 +12,12 @@ user answered from another user's history, the control that a method which reall
     .venv/bin/python -m benchmarks.leaderboard report --out-md runs/leaderboard/leaderboard.md
     .venv/bin/python -m benchmarks.leaderboard report --benchmarks BENCHMARKS.md --plot docs/benchmarks/leaderboard
 
-`run` runs or resumes one `tailor eval` per (task, entry, protocol, histories) and writes one JSON record per run to
-OUT/records/<task>/<protocol>/<slug>.json: what ran where (backbone, device, precision, hardware, the machine, the
+`run` runs or resumes one `tailor eval` per (task, entry, protocol, histories) in OUT/runs and writes one JSON record
+per run to RECORDS/<task>/<protocol>/<slug>.json (the matrix's `records`, checked in): what ran where (backbone, device, precision, hardware, the machine, the
 CPU the rest of the machine used while it ran: a run that shared the machine is flagged contended, its seconds are
 not a speed measurement), its quality (every metric with its CI over users) and its cost (fit seconds and
-parameters, personalize seconds per user p50 and p95, predict seconds per query, state bytes and parameters per user). A record that exists
-is kept, so re-running measures only what is missing; a run that fails is reported and the others go on.
+parameters, personalize seconds per user p50 and p95, predict seconds per query, state bytes and parameters per user)
+and every query's answer and gold, so the report reads records alone. A record that exists is kept, so re-running measures only what is missing; a run that fails is reported and the others go on.
 
 `report` compares each record, by paired bootstrap over users on the queries both runs answered, with the best floor
 and the best baseline of its task and protocol, and with its swapped control; it prints a decision table (the best
@@ -102,6 +102,8 @@ class Matrix:
     device: str
     dtype: str
     out: Path
+    records: Path
+    """Where the records are kept: checked in (benchmarks/records), unlike the run folders under `out`."""
     entries: tuple[Entry, ...]
 
 
@@ -116,8 +118,9 @@ def load_matrix(path: Path) -> Matrix:
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
         raise MatrixError(f"{path}: labels name one entry each; repeated: {', '.join(duplicates)}")
+    out = Path(defaults.get("out", "runs/leaderboard"))
     return Matrix(defaults.get("model", DEFAULT_MODEL), defaults.get("device", "auto"), defaults.get("dtype", "auto"),
-                  Path(defaults.get("out", "runs/leaderboard")), entries)
+                  out, Path(defaults.get("records", out / "records")), entries)
 
 
 def _entry(raw: dict[str, Any], protocols: tuple[int, ...]) -> Entry:
@@ -143,8 +146,8 @@ def _entry(raw: dict[str, Any], protocols: tuple[int, ...]) -> Entry:
 
 
 # --- running ---------------------------------------------------------------------------------------------------------
-def record_path(out: Path, task: str, protocol: int, label: str, histories: str) -> Path:
-    return out / "records" / task / str(protocol) / f"{slug(label)}{'-swapped' if histories == 'swapped' else ''}.json"
+def record_path(records: Path, task: str, protocol: int, label: str, histories: str) -> Path:
+    return records / task / str(protocol) / f"{slug(label)}{'-swapped' if histories == 'swapped' else ''}.json"
 
 
 def planned(matrix: Matrix, tasks: Sequence[str] | None, only: Sequence[str] | None,
@@ -166,12 +169,12 @@ def option_value(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def resolved_options(entry: Entry, task: str, protocol: int, histories: str, out: Path) -> dict[str, Any]:
+def resolved_options(entry: Entry, task: str, protocol: int, histories: str, records: Path) -> dict[str, Any]:
     """The entry's options with each "run:LABEL" replaced by that entry's run folder, read from its record."""
     options = {}
     for key, value in entry.options.items():
         if isinstance(value, str) and value.startswith(RUN_REFERENCE):
-            needed = record_path(out, task, protocol, value[len(RUN_REFERENCE):], histories)
+            needed = record_path(records, task, protocol, value[len(RUN_REFERENCE):], histories)
             if not needed.exists():
                 raise MatrixError(f"{entry.label} needs the run of {value[len(RUN_REFERENCE):]!r} first "
                                   f"({needed} is missing)")
@@ -211,7 +214,7 @@ def others_cores(busy: tuple[float | None, float | None], own: tuple[float, floa
 
 def run_entry(task: str, entry: Entry, protocol: int, histories: str, matrix: Matrix, where: str) -> Path:
     """One `tailor eval` (resumed if its folder exists) and its record; returns the record's path."""
-    options = resolved_options(entry, task, protocol, histories, matrix.out)
+    options = resolved_options(entry, task, protocol, histories, matrix.records)
     label = entry.label if histories == "own" else f"{entry.label}, swapped histories"
     busy_before, own_before, start = busy_cpu_s(), children_cpu_s(), time.monotonic()
     folder, command = run(label, task, method_args(entry, options, protocol, histories),
@@ -223,7 +226,7 @@ def run_entry(task: str, entry: Entry, protocol: int, histories: str, matrix: Ma
               "machine": where, "other_cores": None if others is None else round(others, 3),
               "contended": others is None or others > BUSY_OTHERS,
               "command": command, "folder": str(folder), **measured(folder, task)}
-    path = record_path(matrix.out, task, protocol, entry.label, histories)
+    path = record_path(matrix.records, task, protocol, entry.label, histories)
     write_json(path, record)
     return path
 
@@ -246,7 +249,15 @@ def measured(folder: Path, task: str) -> dict[str, Any]:
         "state_bytes_per_user": float(np.mean(state_bytes)),
         "state_params_per_user": float(np.mean([numel(p) for p in (folder / "states").rglob("*.safetensors")] or [0])),
         "fit_params": fit_parameters(folder),
+        "answers": answers(folder),
     }
+
+
+def answers(folder: Path) -> list[list[str]]:
+    """[query id, user id, answer, gold] per query: what a paired comparison with another record needs, so that the
+    report reads records alone and a checked-in record stays comparable after its run folder is gone."""
+    return [[qid, str(row["user_id"]), str(row["prediction"]), str(row["gold"])]
+            for qid, row in predictions(folder).items()]
 
 
 def per_user(folder: Path) -> tuple[list[float], list[float]]:
@@ -300,19 +311,19 @@ class Delta:
 
 
 def paired(a: dict, b: dict) -> Delta:
-    theirs = predictions(Path(b["folder"]))
-    shared = [(row, theirs[qid]) for qid, row in predictions(Path(a["folder"])).items() if qid in theirs]
+    theirs = {qid: (user, answer, gold) for qid, user, answer, gold in b["answers"]}
+    shared = [(answer, theirs[qid]) for qid, _, answer, _ in a["answers"] if qid in theirs]
     if not shared:
-        raise ValueError(f"{a['folder']} and {b['folder']} share no query")
-    result = paired_bootstrap(a["task"], [x["prediction"] for x, _ in shared], [y["prediction"] for _, y in shared],
-                              [y["gold"] for _, y in shared], [str(y["user_id"]) for _, y in shared],
+        raise ValueError(f"{a['label']} and {b['label']} share no query")
+    result = paired_bootstrap(a["task"], [x for x, _ in shared], [y[1] for _, y in shared],
+                              [y[2] for _, y in shared], [y[0] for _, y in shared],
                               n_resamples=RESAMPLES, seed=0)[a["metric"]]
     return Delta(result.delta, result.p_value)
 
 
-def load_records(out: Path) -> list[dict]:
+def load_records(folder: Path) -> list[dict]:
     """Every record, floors first, then baselines, then methods, each control after its own run."""
-    records = [json.loads(p.read_text()) for p in (out / "records").glob("*/*/*.json")]
+    records = [json.loads(p.read_text()) for p in folder.glob("*/*/*.json")]
     return sorted(records, key=lambda r: (ROLES.index(r["role"]), r["label"], r["histories"] == "swapped"))
 
 
@@ -516,10 +527,11 @@ def plot(groups: Sequence[Group], folder: Path) -> list[Path]:
     return paths
 
 
-def report(out: Path, plots: Path, made_by: str, matrix: Matrix | None = None) -> str:
-    records = load_records(out)
+def report(folder: Path, plots: Path, made_by: str, matrix: Matrix | None = None) -> str:
+    """The leaderboard's markdown from the records in `folder` alone (their answers carry the paired comparisons)."""
+    records = load_records(folder)
     if not records:
-        raise MatrixError(f"no records under {out / 'records'}; run `python -m benchmarks.leaderboard run` first")
+        raise MatrixError(f"no records under {folder}; run `python -m benchmarks.leaderboard run` first")
     order = {task: i for i, task in enumerate(TASKS)}
     keys = sorted({(r["task"], r["protocol"]) for r in records}, key=lambda k: (order.get(k[0], len(order)), k[1]))
     groups = [compare(task, protocol, [r for r in records if (r["task"], r["protocol"]) == (task, protocol)])
@@ -535,15 +547,15 @@ def report(out: Path, plots: Path, made_by: str, matrix: Matrix | None = None) -
         interval_table(groups, made_by),
         "## Quality against cost per user\n\n" + "\n".join(f"![{get_task(p.stem).name}]({p})" for p in pictures)
         + "\n",
-        *([missing_table(matrix, out)] if matrix is not None else []),
+        *([missing_table(matrix, folder)] if matrix is not None else []),
     ])
 
 
-def missing_table(matrix: Matrix, out: Path) -> str:
+def missing_table(matrix: Matrix, records: Path) -> str:
     """The matrix's runs that have no record yet, per task and protocol: what the tables above do not answer."""
     missing: dict[tuple[str, int], list[str]] = {}
     for task, entry, protocol, histories in planned(matrix, None, None, None):
-        if not record_path(out, task, protocol, entry.label, histories).exists():
+        if not record_path(records, task, protocol, entry.label, histories).exists():
             label = entry.label + (", swapped histories" if histories == "swapped" else "")
             missing.setdefault((task, protocol), []).append(label)
     if not missing:
@@ -565,7 +577,7 @@ def run_matrix(args: argparse.Namespace, matrix: Matrix) -> int:
     failed = []
     for task, entry, protocol, histories in planned(matrix, args.tasks, args.only, args.protocols):
         name = f"{task} / protocol {protocol} / {entry.label}{' (swapped histories)' if histories == 'swapped' else ''}"
-        path = record_path(matrix.out, task, protocol, entry.label, histories)
+        path = record_path(matrix.records, task, protocol, entry.label, histories)
         if path.exists():
             print(f"recorded: {name} ({path})", file=sys.stderr)
             continue
@@ -586,7 +598,9 @@ def run_matrix(args: argparse.Namespace, matrix: Matrix) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--matrix", type=Path, default=MATRIX, help="the matrix file (default: %(default)s)")
-    common.add_argument("--out", type=Path, default=None, help="records, runs and plots (default: the matrix's out)")
+    common.add_argument("--out", type=Path, default=None, help="run folders and plots (default: the matrix's out)")
+    common.add_argument("--records", type=Path, default=None,
+                        help="the records' folder (default: the matrix's records; OUT/records with --out)")
     parser = argparse.ArgumentParser(prog="python -m benchmarks.leaderboard", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     running = commands.add_parser("run", parents=[common], help="run or resume the matrix, one record per run",
@@ -609,9 +623,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (MatrixError, tomllib.TOMLDecodeError, OSError) as error:
         parser.error(str(error))
     out = args.out or matrix.out
+    records = args.records or (args.out / "records" if args.out else matrix.records)
     if args.command == "run":
         matrix = Matrix(args.model or matrix.model, args.device or matrix.device, args.dtype or matrix.dtype, out,
-                        matrix.entries)
+                        records, matrix.entries)
         try:
             failed = run_matrix(args, matrix)
         except (MatrixError, DeviceError) as error:
@@ -621,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     made_by = f"{parser.prog} " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     try:
-        text = report(out, args.plot or out / "plots", made_by, matrix)
+        text = report(records, args.plot or out / "plots", made_by, matrix)
         publish(text, args.out_md)
         if args.benchmarks is not None:
             template = TEMPLATE.read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,7 +68,7 @@ swapped = true
 FIELDS = {"task", "label", "method", "role", "options", "protocol", "histories", "backbone", "device", "dtype",
           "hardware", "machine", "other_cores", "contended", "n_users", "n_queries", "metric", "value",
           "ci", "metrics", "fit_s", "personalize_s_p50", "personalize_s_p95", "predict_s_per_query",
-          "state_bytes_per_user", "state_params_per_user", "fit_params", "command", "folder"}
+          "state_bytes_per_user", "state_params_per_user", "fit_params", "answers", "command", "folder"}
 
 
 def tailor_in_process(argv: list[str], check: bool) -> None:
@@ -113,6 +114,7 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     main(["run", "--matrix", "matrix.toml"])  # every record exists: nothing is run again
     assert "recorded: lamp2n / protocol 2 / RAG k=1 (swapped histories)" in capsys.readouterr().err
 
+    shutil.rmtree(board / "board" / "runs")  # the report reads the records alone
     main(["report", "--matrix", "matrix.toml", "--out-md", "board.md"])
     text = capsys.readouterr().out
     assert (board / "board.md").read_text().strip() == text.strip()
