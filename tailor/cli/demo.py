@@ -17,7 +17,7 @@ from tailor.cli._options import (DataDir, Device, Dtype, Model, check_spec, cons
 
 FUSION_BASE = "max_total=256,epochs=1"
 """The multi-task LoRA under prior fusion: the leaderboard's budget (benchmarks/leaderboard.toml); with the 135M model
-the first demo's fusion run, fit included, took 137 s on two CPU cores."""
+the demo's fusion run, fit included, took 128 s on two CPU cores from empty fit and text caches."""
 QUERIES_PER_USER = 4
 
 
