@@ -18,6 +18,7 @@ from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.data.splits import swap_histories
 from tailor.eval.runner import run_eval
+from tailor.runs.fits import Fitted
 from tailor.runs.folder import RunConflict, read_predictions
 from tailor.runs.spec import EvalSpec
 from tailor.store.paths import state_path
@@ -206,7 +207,7 @@ def test_a_run_that_fails_before_it_starts_leaves_no_folder(lamp_dir: Path, tmp_
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import tailor.eval.runner as runner
 
-    def failing_fit(*args: object, **kwargs: object) -> float:
+    def failing_fit(*args: object, **kwargs: object) -> Fitted:
         raise ValueError("the fit cannot start")
 
     spec = EvalSpec(task="lamp3", method="user-prior", model=None, data_dir=str(lamp_dir), users=2)
@@ -313,7 +314,7 @@ def test_fit_time_survives_a_resume_and_a_rerun(backbone: Backbone, lamp_dir: Pa
     import tailor.eval.runner as runner
 
     spec = EvalSpec(task="lamp3", method="rag", options={"k": 1}, data_dir=str(lamp_dir), users=4)
-    fits = iter([100.0, 5.0])
+    fits = iter([Fitted(100.0, []), Fitted(5.0, [])])
     monkeypatch.setattr(runner, "fit_for_spec", lambda *args, **kwargs: next(fits))
     assert run_eval(spec, tmp_path, backbone)["fit_s"] == 100.0
     assert run_eval(spec, tmp_path, backbone)["fit_s"] == 100.0  # finished: nothing fitted, the record is kept

@@ -34,7 +34,7 @@ from tailor.data.lamp import resolve_data_dir
 from tailor.methods.base import Personalizer
 from tailor.runs.chunks import (PERSONALIZED, Chunk, pending_chunks, personalize_chunks, personalize_rows,
                                 personalize_summary, personalized_users, process_chunk)
-from tailor.runs.fits import ProgressFactory, fit_folders, fit_for_spec
+from tailor.runs.fits import Fitted, ProgressFactory, fit_for_spec
 from tailor.runs.folder import Appender, answered_queries, method_identity, open_run, record_fit_time
 from tailor.runs.scoring import finalize
 from tailor.runs.spec import EvalSpec, run_users
@@ -120,11 +120,11 @@ class Worker:
             if method_class(spec.method).needs_backbone and spec.model else None  # type: ignore[arg-type]
         self.spec = spec
         self.method: Personalizer = build_method(spec.method, get_task(spec.task), backbone, **spec.options)
-        self.fit_s: float | None = None
+        self.fitted: Fitted | None = None
 
     def _fitted(self) -> Personalizer:
-        if self.fit_s is None:
-            self.fit_s = fit_for_spec(self.method, self.spec)
+        if self.fitted is None:
+            self.fitted = fit_for_spec(self.method, self.spec)
         return self.method
 
     def pid(self) -> int:
@@ -132,7 +132,9 @@ class Worker:
 
     def identity(self) -> dict[str, Any]:
         """What config.json records about the method, how long the fit (or loading it) took and which fits it used."""
-        return {**method_identity(self._fitted()), "fit_s": self.fit_s, "fits": fit_folders(self.method, self.spec)}
+        method = self._fitted()
+        assert self.fitted is not None
+        return {**method_identity(method), "fit_s": self.fitted.seconds, "fits": self.fitted.folders}
 
     def evaluate(self, users: Sequence[User], answered: frozenset[str], states_dir: str) -> list[dict]:
         return process_chunk(self._fitted(), users, Path(states_dir), answered)
@@ -186,7 +188,7 @@ class WorkerPool:
 
     @property
     def fits(self) -> list[str]:
-        """The fit cache folders the method uses (`tailor.runs.fits.fit_folders`)."""
+        """The fit cache folders the method uses (`tailor.runs.fits.Fitted`)."""
         return list(self.info["fits"])
 
     def pids(self) -> list[int]:

@@ -13,7 +13,7 @@ from tailor.backbone.model import Backbone
 from tailor.methods import build_method
 from tailor.methods.base import Personalizer
 from tailor.runs.chunks import pending_chunks, process_chunk
-from tailor.runs.fits import ProgressFactory, fit_folders, fit_for_spec
+from tailor.runs.fits import ProgressFactory, fit_for_spec
 from tailor.runs.folder import Appender, answered_queries, method_identity, open_run, record_fit_time, run_lock
 from tailor.runs.scoring import finalize
 from tailor.runs.spec import EvalSpec, RunUsers, run_users
@@ -44,7 +44,8 @@ def _run_locked(spec: EvalSpec, out: Path, method: Personalizer, users: RunUsers
     answered = answered_queries(out)
     done = sum(q in answered for q in users.query_ids)
     if done < len(users.query_ids):
-        record_fit_time(out, fit_for_spec(method, spec, progress), fit_folders(method, spec))
+        fitted = fit_for_spec(method, spec, progress)
+        record_fit_time(out, fitted.seconds, fitted.folders)
         tick = progress(f"{task.name} {method.name}", done, len(users.query_ids)) if progress else None
         appender = Appender(out / "predictions.jsonl")
         try:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from tailor.backbone.loading import cache_root
 from tailor.backbone.textcache import text_key
@@ -39,17 +39,18 @@ def fit_folder(method: Personalizer, users: Sequence[User]) -> Path:
     return cache_root() / "fits" / method.name / key[:20]
 
 
-def fit_method(method: Personalizer, users: Sequence[User], progress: ProgressFactory | None = None) -> Path | None:
-    """Fit on the training users, or load the fit an earlier run cached for exactly this configuration."""
-    for needed in method.prerequisites():
-        fit_method(needed, users, progress)
+def fit_method(method: Personalizer, users: Sequence[User], progress: ProgressFactory | None = None) -> list[Path]:
+    """Fit on the training users, or load the fit an earlier run cached for exactly this configuration. Returns the
+    cache folders of every fit the method uses, its prerequisites' first (none for a method that fits nothing)."""
+    folders = [f for needed in method.prerequisites() for f in fit_method(needed, users, progress)]
     if not method.fits:
         method.fit(users)
-        return None
+        return folders
     folder = fit_folder(method, users)
+    folders.append(folder)
     if (folder / "DONE").exists():
         method.load_fit(folder)
-        return folder
+        return folders
     folder.mkdir(parents=True, exist_ok=True)
     bar = progress(f"fit {method.name}", 0, len(users)) if progress else None
     ticked = 0
@@ -65,22 +66,19 @@ def fit_method(method: Personalizer, users: Sequence[User], progress: ProgressFa
     method.save_fit(folder)
     Checkpoint.discard(folder)
     (folder / "DONE").write_text(json.dumps({"users": len(users), "method": method.describe()}, indent=2))
-    return folder
+    return folders
 
 
-def fit_folders(method: Personalizer, spec: EvalSpec) -> list[str]:
-    """The cache folders of every fit the method uses on the spec's training users, its prerequisites' first: what a
-    run records (fit_time.json), so a report can count what was learned without rebuilding the method."""
-    users = fit_users(spec)
-    return [str(fit_folder(m, users)) for m in _with_prerequisites(method) if m.fits]
+class Fitted(NamedTuple):
+    """A run's fit: the seconds it took (or loading it) and the cache folders of every fit the method uses, which the
+    run records (fit_time.json) so a report can count what was learned without rebuilding the method."""
+
+    seconds: float
+    folders: list[str]
 
 
-def _with_prerequisites(method: Personalizer) -> list[Personalizer]:
-    return [m for needed in method.prerequisites() for m in _with_prerequisites(needed)] + [method]
-
-
-def fit_for_spec(method: Personalizer, spec: EvalSpec, progress: ProgressFactory | None = None) -> float:
-    """Fit `method` on the spec's training users (or load the cached fit); returns the seconds it took."""
+def fit_for_spec(method: Personalizer, spec: EvalSpec, progress: ProgressFactory | None = None) -> Fitted:
+    """Fit `method` on the spec's training users (or load the cached fit)."""
     started = time.perf_counter()
-    fit_method(method, fit_users(spec), progress)
-    return time.perf_counter() - started
+    folders = fit_method(method, fit_users(spec), progress)
+    return Fitted(time.perf_counter() - started, [str(f) for f in folders])

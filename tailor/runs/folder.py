@@ -159,7 +159,7 @@ def answered_queries(out: Path) -> set[str]:
 
 def record_fit_time(out: Path, seconds: float, folders: Sequence[str] = ()) -> None:
     """Add one process's fit time to the run's fit_time.json, with the fit cache folders the method used
-    (`tailor.runs.fits.fit_folders`): a resumed run, or the same command run again after it finished, keeps the time
+    (`tailor.runs.fits.Fitted`): a resumed run, or the same command run again after it finished, keeps the time
     the first process spent fitting instead of replacing it."""
     write_json(out / "fit_time.json", {"seconds": round(recorded_fit_time(out) + seconds, 3), "fits": list(folders)})
 
