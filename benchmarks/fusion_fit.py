@@ -1,8 +1,10 @@
-"""Choose prior fusion's base on training users only: fit fusion once per base configuration (into the fit cache, where
-the leaderboard's runs find it) and report the fused model's accuracy on the training users' own LaMP queries, which
-the base never trained on (its examples are history items), beside the learned weights and the fit's seconds.
+"""Choose prior fusion's options on training users only: fit fusion once per base configuration and neighbour count
+(into the fit cache, where the leaderboard's runs find it) and report the fused model's scores on the training users'
+own LaMP queries, which the base never trained on (its examples are history items): in-sample, and cross-validated
+over folds of users (the number to choose by), beside the learned weights and the fit's seconds.
 
     .venv/bin/python -m benchmarks.fusion_fit --task lamp2n --bases "max_total=256,epochs=1" "max_total=1024,epochs=1"
+    .venv/bin/python -m benchmarks.fusion_fit --task lamp2n --bases "max_total=256,epochs=1" --neighbours 0 4
 
 Dev users are never read: the choice this prints is the one a held-out check can trust.
 """
@@ -28,27 +30,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", default="lamp2n")
     parser.add_argument("--base", default="mt-lora", help="fusion's base method")
     parser.add_argument("--bases", nargs="+", required=True, help="the base's options to compare, KEY=VALUE,...")
+    parser.add_argument("--neighbours", nargs="+", type=int, default=[0],
+                        help="fusion's neighbours options to compare (0: no query-retrieved label feature)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--report", type=Path, default=None, help="also write the table to this markdown file")
     add_device_options(parser)
     args = parser.parse_args(argv)
     backbone = Backbone.load(args.model, device=args.device, dtype=args.dtype)
     users = fit_users(EvalSpec(task=args.task, method="fusion", model=args.model))
+    regression = get_task(args.task).family == "regression"
+    scores = ["accuracy", "mae"] if regression else ["accuracy"]
     lines = [f"Prior fusion on {get_task(args.task).name}'s {len(users)} training users, base {args.base}, "
              f"{backbone.model_id} ({machine(args.device, args.dtype)}):", "",
-             "| base options | fit s | fit queries | training accuracy | weights (model, user, recent, global) |",
-             "|---|---|---|---|---|"]
+             "| base options | neighbours | fit s | fit queries | "
+             + " | ".join(f"training {s} | cross-validated {s}" for s in scores) + " | weights |",
+             "|---|---|---|---|" + "---|---|" * len(scores) + "---|"]
     for base_options in args.bases:
-        options = typed_options(method_class("fusion"), {"base": args.base, "base_options": base_options})
-        method = build_method("fusion", get_task(args.task), backbone, **options)
-        cached = (fit_folder(method, users) / "DONE").exists()
-        started = time.perf_counter()
-        fit_method(method, users)
-        seconds = "cached" if cached else f"{time.perf_counter() - started:.0f}"
-        log = method.fit_log
-        weights = ", ".join(f"{w:+.3f}" for w in log["weights"].values())
-        lines.append(f"| {base_options} | {seconds} | {log['queries']} | "
-                     f"{log['training_accuracy']:.4f} | {weights} |")
+        for neighbours in args.neighbours:
+            options = typed_options(method_class("fusion"), {"base": args.base, "base_options": base_options,
+                                                             "neighbours": str(neighbours)})
+            method = build_method("fusion", get_task(args.task), backbone, **options)
+            cached = (fit_folder(method, users) / "DONE").exists()
+            started = time.perf_counter()
+            fit_method(method, users)
+            seconds = "cached" if cached else f"{time.perf_counter() - started:.0f}"
+            log = method.fit_log
+            weights = ", ".join(f"{name} {w:+.3f}" for name, w in log["weights"].items())
+            measured = " | ".join(f"{log['training'][s]:.4f} | {log['cross_validated'][s]:.4f}" for s in scores)
+            lines.append(f"| {base_options} | {neighbours} | {seconds} | {log['queries']} | {measured} | {weights} |")
     publish("\n".join(lines), args.report)
 
 

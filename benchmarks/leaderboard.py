@@ -184,11 +184,20 @@ def resolved_options(entry: Entry, task: str, protocol: int, histories: str, rec
     return options
 
 
-def method_args(entry: Entry, options: dict[str, Any], protocol: int, histories: str) -> str:
+def method_args(entry: Entry, options: dict[str, Any], protocol: int, histories: str,
+                states_from: str | None = None) -> str:
     sets = " ".join(f"--set {shlex.quote(f'{key}={option_value(value)}')}" for key, value in options.items())
     return " ".join(part for part in (f"--method {entry.method}", sets,
                                       f"--queries-per-user {protocol}" if protocol else "",
-                                      "--histories swapped" if histories == "swapped" else "") if part)
+                                      "--histories swapped" if histories == "swapped" else "",
+                                      f"--states-from {shlex.quote(states_from)}" if states_from else "") if part)
+
+
+def lender(matrix: Matrix, task: str, entry: Entry, protocol: int, histories: str) -> str | None:
+    """The run folder a swapped control borrows its states from: the entry's own-histories run, once recorded (a
+    per-user method then trains each history once, and the control's personalize times are the cold ones)."""
+    own = record_path(matrix.records, task, protocol, entry.label, "own")
+    return json.loads(own.read_text())["folder"] if histories == "swapped" and own.exists() else None
 
 
 def busy_cpu_s() -> float | None:
@@ -218,7 +227,8 @@ def run_entry(task: str, entry: Entry, protocol: int, histories: str, matrix: Ma
     options = resolved_options(entry, task, protocol, histories, matrix.records)
     label = entry.label if histories == "own" else f"{entry.label}, swapped histories"
     busy_before, own_before, start = busy_cpu_s(), children_cpu_s(), time.monotonic()
-    folder, command = run(label, task, method_args(entry, options, protocol, histories),
+    states_from = lender(matrix, task, entry, protocol, histories)
+    folder, command = run(label, task, method_args(entry, options, protocol, histories, states_from),
                           matrix.out / "runs" / f"protocol-{protocol}", matrix.model, entry.users,
                           device=matrix.device, dtype=matrix.dtype)
     others = others_cores((busy_before, busy_cpu_s()), (own_before, children_cpu_s()), time.monotonic() - start)

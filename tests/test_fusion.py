@@ -12,7 +12,7 @@ from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.methods.fusion import Fusion
 from tailor.tasks import get_task
-from tailor.tasks.records import HistoryItem, User
+from tailor.tasks.records import HistoryItem, Query, User
 
 pytestmark = pytest.mark.usefixtures("private_cache", "one_thread")
 
@@ -69,3 +69,32 @@ def test_the_weights_are_learned_on_a_seeded_sample_of_the_training_queries(back
     assert fits[0]["queries"] == 8 and fits[0] == fits[1]
     with pytest.raises(ValueError, match="fit_queries must be at least 8"):
         Fusion(task, backbone, fit_queries=2)
+
+
+def _two_topic_user(task, name: str, asks: str, last: str) -> User:
+    """Half of the history is about football, half about elections (alternating, ending with `last`); the query asks
+    about `asks`. Counts and recency cannot tell the answer; the history items the query retrieves can."""
+    words = {"sports": "football match goal striker", "politics": "election senate vote ballot"}
+    other = "politics" if last == "sports" else "sports"
+    topics = [other, last] * 4
+    history = tuple(HistoryItem(f"{name}-{i}", {"text": words[t], "title": words[t].split()[0], "category": t})
+                    for i, t in enumerate(topics))
+    return User(name, task.name, history, (Query(f"{name}-q", task.ask(words[asks]), asks),))
+
+
+def test_neighbours_let_the_query_pick_between_a_users_two_habits(backbone: Backbone) -> None:
+    task = get_task("lamp2n")
+    habits = [("sports", "politics"), ("politics", "sports"), ("sports", "sports"), ("politics", "politics")]
+    train = [_two_topic_user(task, f"u{i}", asks, last) for i, (asks, last) in enumerate(habits * 4)]
+    plain = Fusion(task, backbone, base_options=BASE, fit_queries=16)
+    plain.fit(train)
+    fused = Fusion(task, backbone, base_options=BASE, fit_queries=16, neighbours=2)
+    fused.fit(train)
+    assert set(fused.fit_log["weights"]) == {"model", "user", "recent", "global", "neighbours"}
+    assert fused.fit_log["weights"]["neighbours"] > 0
+    assert fused.fit_log["cross_validated"]["accuracy"] == 1.0 > plain.fit_log["cross_validated"]["accuracy"]
+    dev = [_two_topic_user(task, "d1", "sports", "politics"), _two_topic_user(task, "d2", "politics", "sports")]
+    answers = fused.predict(list(zip(fused.personalize_many(dev), (u.queries[0] for u in dev))))
+    assert [a.text for a in answers] == ["sports", "politics"]
+    with pytest.raises(ValueError, match="neighbours must be >= 0"):
+        Fusion(task, backbone, neighbours=-1)

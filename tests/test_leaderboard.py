@@ -105,6 +105,8 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
         assert record["metric"] == "accuracy" and (record["fit_params"] > 0 if fitted else record["fit_params"] == 0)
         assert ("--queries-per-user 2" in record["command"]) == (record["protocol"] == 2)
         assert ("--histories swapped" in record["command"]) == (record["histories"] == "swapped")
+        own = records.get((record["label"], record["protocol"], "own"), {}).get("folder")
+        assert (f"--states-from {own}" in record["command"]) == (record["histories"] == "swapped")
         counts = f"{record['label']}, protocol {record['protocol']}: {record['n_queries']} queries, " \
                  f"{record['n_users']} users"
         assert (record["n_queries"] > record["n_users"]) == (record["protocol"] == 2), counts

@@ -20,8 +20,9 @@ from tailor.data.splits import swap_histories
 from tailor.eval.runner import run_eval
 from tailor.runs.fits import Fitted
 from tailor.runs.folder import RunConflict, read_predictions
-from tailor.runs.spec import EvalSpec
+from tailor.runs.spec import EvalSpec, eval_users
 from tailor.store.paths import state_path
+from tailor.store.state import UserState
 from tailor.tasks import get_task
 from tests.conftest import write_lamp_dir
 
@@ -339,6 +340,37 @@ def test_swapped_histories_answer_each_user_from_another_users_history(lamp_dir:
         assert {swapped_answers[q.id] for q in user.queries} == {own_answers[q.id] for q in donors[user.id].queries}
     assert swapped_answers != own_answers, "the data gives users different priors, so the swap shows"
     assert json.loads((tmp_path / "swapped" / "config.json").read_text())["histories"] == "swapped"
+
+
+def test_a_swapped_control_borrows_the_own_runs_states_instead_of_personalizing_again(
+        lamp_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each swapped user gets the state its history's owner has in the own run (under its own id, with the owner's
+    personalize time) and answers as a swapped run that personalized afresh; nothing is personalized twice."""
+    from tailor.methods.priors import UserPrior
+
+    def spec(**fields: object) -> EvalSpec:
+        return EvalSpec(task="lamp2n", method="user-prior", model=None, data_dir=str(lamp_dir), seed=3,
+                        queries_per_user=1, **fields)  # type: ignore[arg-type]
+
+    run_eval(spec(), tmp_path / "own")
+    run_eval(spec(histories="swapped"), tmp_path / "fresh")
+    built = []
+    original = UserPrior.personalize
+    monkeypatch.setattr(UserPrior, "personalize", lambda self, user: built.append(user.id) or original(self, user))
+    run_eval(spec(histories="swapped", states_from=str(tmp_path / "own")), tmp_path / "borrowed")
+    assert built == []
+    assert predictions_by_query(tmp_path / "borrowed") == predictions_by_query(tmp_path / "fresh")
+    own, swapped = eval_users(spec()), eval_users(spec(histories="swapped"))
+    for user in swapped:
+        donor = next(d for d in own if d.profile == user.profile)
+        state = UserState.load(state_path(tmp_path / "borrowed" / "states", user.id))
+        lent = UserState.load(state_path(tmp_path / "own" / "states", donor.id))
+        assert donor.id != user.id and state.user_id == user.id and state.header == lent.header
+    with pytest.raises(ValueError, match="add --histories swapped"):
+        spec(states_from=str(tmp_path / "own")).check()
+    with pytest.raises(RunConflict, match="queries_per_user: 1 there, 0 here"):
+        run_eval(EvalSpec(task="lamp2n", method="user-prior", model=None, data_dir=str(lamp_dir), seed=3,
+                          histories="swapped", states_from=str(tmp_path / "own")), tmp_path / "other")
 
 
 def test_a_run_made_before_a_spec_field_existed_resumes(lamp_dir: Path, tmp_path: Path) -> None:

@@ -33,6 +33,9 @@ def eval_command(
     variant: Variant = "user",
     histories: Annotated[str, typer.Option(help="own, or swapped: each user answered with another user's history "
                                                 "(a control that must not help)")] = "own",
+    states_from: Annotated[Optional[Path], typer.Option(help="with --histories swapped: the run folder of the same "
+                                                             "run with own histories, whose states the swapped "
+                                                             "users borrow instead of personalizing again")] = None,
     queries_per_user: Annotated[int, typer.Option(help="tailor's own protocol: each user's last M history items "
                                                        "also asked as queries, the history cut before them (0: LaMP's "
                                                        "one query per user)")] = 0,
@@ -63,7 +66,8 @@ def eval_command(
         options = {key: v for key, v in options.items() if key in explicit or key == "batch_size"}  # only --set
     spec = checked_spec(method, options, model, data_dir, task=task, data=data, train_data=train_data,
                         device=device, dtype=dtype, split=split, variant=variant, users=users, seed=seed, label=label,
-                        histories=histories, queries_per_user=queries_per_user)
+                        histories=histories, queries_per_user=queries_per_user,
+                        states_from=str(states_from) if states_from else None)
     check_golds(spec)
     with progress_bars() as progress:
         if ray is not None:

@@ -96,12 +96,18 @@ def swap_histories(users: Sequence[User], seed: int) -> list[User]:
     The control for what a method takes from a user's own history. P2P's ablation (section 6, table 5) feeds the
     hypernetwork shuffled profiles and finds it hurts; any method can be run this way.
     """
-    if len(users) < 2:
-        raise ValueError("swapping histories needs at least two users")
-    order = list(range(len(users)))
-    random.Random(seed).shuffle(order)
-    donor = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+    donor = history_donors(len(users), seed)
     return [dataclasses.replace(user, profile=users[donor[i]].profile) for i, user in enumerate(users)]
+
+
+def history_donors(n_users: int, seed: int) -> list[int]:
+    """For each of n users, the position of the user whose history `swap_histories` gives them (never their own)."""
+    if n_users < 2:
+        raise ValueError("swapping histories needs at least two users")
+    order = list(range(n_users))
+    random.Random(seed).shuffle(order)
+    donor = {order[i]: order[(i + 1) % n_users] for i in range(n_users)}
+    return [donor[i] for i in range(n_users)]
 
 
 def random_split(users: Sequence[User], embeddings: Any, test_size: int | None = None,

@@ -34,6 +34,7 @@ from tailor.data.lamp import resolve_data_dir
 from tailor.methods.base import Personalizer
 from tailor.runs.chunks import (PERSONALIZED, Chunk, pending_chunks, personalize_chunks, personalize_rows,
                                 personalize_summary, personalized_users, process_chunk)
+from tailor.runs.borrow import borrow_states
 from tailor.runs.fits import Fitted, ProgressFactory, fit_for_spec
 from tailor.runs.folder import Appender, answered_queries, method_identity, open_run, record_fit_time
 from tailor.runs.scoring import finalize
@@ -358,6 +359,8 @@ def ray_eval(spec: EvalSpec, out_dir: str | Path, options: RayOptions | None = N
         answered = answered_queries(out)
         done = sum(q in answered for q in users.query_ids)
         if done < len(users.query_ids):
+            if spec.states_from:
+                borrow_states(spec, out)
             tick = progress(f"{spec.task} {spec.method} (ray, {len(workers.actors)} workers)", done,
                             len(users.query_ids)) if progress else None
             states = str(out / "states")

@@ -12,6 +12,7 @@ from pathlib import Path
 from tailor.backbone.model import Backbone
 from tailor.methods import build_method
 from tailor.methods.base import Personalizer
+from tailor.runs.borrow import borrow_states
 from tailor.runs.chunks import pending_chunks, process_chunk
 from tailor.runs.fits import ProgressFactory, fit_for_spec
 from tailor.runs.folder import Appender, answered_queries, method_identity, open_run, record_fit_time, run_lock
@@ -46,6 +47,8 @@ def _run_locked(spec: EvalSpec, out: Path, method: Personalizer, users: RunUsers
     if done < len(users.query_ids):
         fitted = fit_for_spec(method, spec, progress)
         record_fit_time(out, fitted.seconds, fitted.folders)
+        if spec.states_from:
+            borrow_states(spec, out)
         tick = progress(f"{task.name} {method.name}", done, len(users.query_ids)) if progress else None
         appender = Appender(out / "predictions.jsonl")
         try:

@@ -6,21 +6,26 @@ right 74% of the time), and the models are weak at the task; neither sees what t
 conditional-logit stack (McFadden 1974) over the task's labels y for a query x of user u:
 
     s(y) = w_m · log p_model(y | x)  +  w_u · log p̃_u(y)  +  w_r · log p̃_u^recent(y)  +  w_g · log p_global(y)
+           [ + w_n · log p̃_u(y | x) ]
     p(y | x, u) = softmax_y s(y)
 
 - p_model(y | x): the base method's label likelihoods (a task-trained LM, by default the multi-task LoRA, whose
   prompt also retrieves from the user's history), normalised over the labels;
 - p̃_u(y) = (c_u(y) + α p_global(y)) / (n_u + α): the user's label counts smoothed towards the global distribution
   (α = `strength`), and p̃_u^recent the same with each item weighted by recency (half-life `half_life` items);
-- p_global(y): the training users' label distribution.
+- p_global(y): the training users' label distribution;
+- p̃_u(y | x), only with `neighbours` k > 0: the labels of the k items of the user's history that BM25 ranks highest
+  for the query, smoothed the same way: the one feature that lets the user's own evidence depend on the query.
 
-The four weights are learned by maximum likelihood on training users' own queries (their golds are public), which
-the base method never trained on. A classification answer is the most likely label; a rating (LaMP-3) the median of
+The weights are learned by maximum likelihood on training users' own queries (their golds are public), which
+the base method never trained on; the fit also reports their 5-fold cross-validated accuracy on those queries, the
+number to choose options by without reading a dev user. A classification answer is the most likely label; a rating (LaMP-3) the median of
 p(y | x, u), the point that minimises the expected absolute error LaMP-3 is scored by. Generation tasks have no label
 set to fuse over and are refused.
 
-The state is the base method's state and the user's counts: nothing is trained per user, so personalizing costs
-what the base's personalize costs, and an update is a personalize (`state_is_history` when the base's is).
+The state is the base method's state and the user's counts (and, with `neighbours`, the history to retrieve from):
+nothing is trained per user, so personalizing costs what the base's personalize costs, and an update is a personalize
+(`state_is_history` when the base's is).
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ import torch
 from tailor.backbone.model import log_normalise
 from tailor.methods.base import LMConfig, LMPersonalizer, Personalizer, Prediction, Progress, Request
 from tailor.methods.options import pairs, typed_options
+from tailor.methods.prompting import bm25_of, history_of, profile_header
 from tailor.store.state import UserState
 from tailor.tasks.records import HistoryItem, Query, User
 
-FEATURES = ("model", "user", "recent", "global")
+FEATURES = ("model", "user", "recent", "global", "neighbours")
+FOLDS = 5
 
 
 @dataclass
@@ -61,6 +68,8 @@ class FusionConfig(LMConfig):
     need few, and each costs one answer of the base method (LaMP-3's 745 training users would take 15 minutes on two
     CPU cores for no better fit)."""
     seed: int = 0
+    neighbours: int = 0
+    """k: also fuse the labels of the k history items BM25 ranks highest for the query (0: no such feature)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -108,14 +117,35 @@ class Fusion(LMPersonalizer[FusionConfig]):
                 recent[position[label]] += 0.5 ** (age / self.config.half_life)
         return plain, recent
 
-    def _features(self, model_scores: np.ndarray, plain: Sequence[float], recent: Sequence[float]) -> np.ndarray:
+    @property
+    def features(self) -> tuple[str, ...]:
+        return FEATURES if self.config.neighbours else FEATURES[:-1]
+
+    def _smoothed(self, counts: Sequence[float]) -> np.ndarray:
+        assert self.global_share is not None
+        alpha = self.config.strength
+        return np.log((np.asarray(counts) + alpha * self.global_share) / (sum(counts) + alpha))
+
+    def _neighbour_counts(self, state: UserState, query_input: str) -> list[float]:
+        """Label counts of the `neighbours` history items BM25 ranks highest for the query."""
+        history = history_of(state)
+        position = {label: i for i, label in enumerate(self.labels)}
+        counts = [0.0] * len(self.labels)
+        for i in bm25_of(self.task, state).top_k(self.task.retrieval_query(query_input), self.config.neighbours):
+            label = self.task.item_output(history[i])
+            if label in position:
+                counts[position[label]] += 1.0
+        return counts
+
+    def _features(self, model_scores: np.ndarray, state: UserState, query_input: str) -> np.ndarray:
         """(labels, features) for one query: each feature a log-probability over the labels."""
         assert self.global_share is not None
-        alpha, share = self.config.strength, self.global_share
-        user = (np.asarray(plain) + alpha * share) / (sum(plain) + alpha)
-        recency = (np.asarray(recent) + alpha * share) / (sum(recent) + alpha)
         model = log_normalise(np.asarray(model_scores, dtype=np.float64)[None])[0]
-        return np.stack([model, np.log(user), np.log(recency), np.log(share)], axis=1)
+        columns = [model, self._smoothed(state.header["counts"]), self._smoothed(state.header["recent"]),
+                   np.log(self.global_share)]
+        if self.config.neighbours:
+            columns.append(self._smoothed(self._neighbour_counts(state, query_input)))
+        return np.stack(columns, axis=1)
 
     # --- fit -----------------------------------------------------------------------------------------------------
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
@@ -133,14 +163,15 @@ class Fusion(LMPersonalizer[FusionConfig]):
             keep = sorted(random.Random(self.config.seed).sample(range(len(asked)), self.config.fit_queries))
             asked = [asked[i] for i in keep]
         owners = list({user.id: user for user, _ in asked}.values())
-        states = dict(zip((u.id for u in owners), self.base.personalize_many(owners)))
-        scores = self._model_scores([(states[user.id], query) for user, query in asked])
-        features = np.stack([self._features(s, *self._counts(user.profile)) for s, (user, _) in zip(scores, asked)])
+        states = dict(zip((u.id for u in owners), self.personalize_many(owners)))
+        requests = [(states[user.id], query) for user, query in asked]
+        scores = self._model_scores([(self._base_state(state), query) for state, query in requests])
+        features = np.stack([self._features(s, state, query.input) for s, (state, query) in zip(scores, requests)])
         targets = np.array([self.labels.index(query.gold) for _, query in asked])
         self.weights = self._learn(features, targets)
-        accuracy = float((np.einsum("nlf,f->nl", features, self.weights).argmax(1) == targets).mean())
-        self.fit_log = {"queries": len(asked), "weights": dict(zip(FEATURES, self.weights.round(4).tolist())),
-                        "training_accuracy": round(accuracy, 4)}
+        self.fit_log = {"queries": len(asked), "weights": dict(zip(self.features, self.weights.round(4).tolist())),
+                        "training": self._scored(self._answers(features, self.weights), targets),
+                        "cross_validated": self._cross_validated(features, targets, [u.id for u, _ in asked])}
         if progress:
             progress(len(users))
 
@@ -148,11 +179,40 @@ class Fusion(LMPersonalizer[FusionConfig]):
         probe = getattr(self.base, "stack", None)
         return probe is not None or getattr(self.base, "stage1", None) is not None
 
+    def _answers(self, features: np.ndarray, weights: np.ndarray) -> list[str]:
+        logits = np.einsum("nlf,f->nl", features, weights)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return [self._answer(row / row.sum()) for row in probs]
+
+    def _scored(self, answers: Sequence[str], targets: np.ndarray) -> dict[str, float]:
+        """Accuracy, and for a rating the mean absolute error (LaMP-3's metric) too."""
+        golds = [self.labels[t] for t in targets]
+        scored = {"accuracy": float(np.mean([a == g for a, g in zip(answers, golds)]))}
+        if self.task.family == "regression":
+            scored["mae"] = float(np.mean([abs(float(a) - float(g)) for a, g in zip(answers, golds)]))
+        return {k: round(v, 4) for k, v in scored.items()}
+
+    def _cross_validated(self, features: np.ndarray, targets: np.ndarray, owners: Sequence[str]) -> dict[str, float]:
+        """Scores on each of FOLDS folds of users (seeded) with the weights learned on the other folds: the fit's
+        estimate of how it does on users it has not seen, unlike the training scores."""
+        users = sorted(set(owners))
+        random.Random(self.config.seed).shuffle(users)
+        fold = {user: i % FOLDS for i, user in enumerate(users)}
+        assigned = np.array([fold[owner] for owner in owners])
+        answers = [""] * len(targets)
+        for k in range(min(FOLDS, len(users))):
+            held = np.flatnonzero(assigned == k)
+            weights = self._learn(np.delete(features, held, axis=0), np.delete(targets, held))
+            for i, answer in zip(held, self._answers(features[held], weights)):
+                answers[i] = answer
+        return self._scored(answers, targets)
+
     def _learn(self, features: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """The conditional logit's weights: minimise the mean negative log-likelihood plus `l2` times |w|^2."""
         x = torch.as_tensor(features, dtype=torch.float64)
         y = torch.as_tensor(targets)
-        w = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+        start = [1.0, 1.0] + [0.0] * (features.shape[2] - 2)
+        w = torch.tensor(start, dtype=torch.float64, requires_grad=True)
         optimizer = torch.optim.LBFGS([w], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
 
         def objective() -> torch.Tensor:
@@ -176,6 +236,8 @@ class Fusion(LMPersonalizer[FusionConfig]):
         if saved["labels"] != self.labels:
             raise ValueError(f"{folder}: a fusion fit for labels {saved['labels']}, not {self.labels}")
         self.weights = np.array(saved["weights"])
+        if len(self.weights) != len(self.features):
+            raise ValueError(f"{folder}: a fusion fit of {len(self.weights)} weights, not {len(self.features)}")
         self.global_share = np.array(saved["global_share"])
         self.fit_log = saved["log"]
 
@@ -189,6 +251,8 @@ class Fusion(LMPersonalizer[FusionConfig]):
             plain, recent = self._counts(user.profile)
             header = {"base": {"method": base.method, "version": base.version, "header": base.header},
                       "counts": plain, "recent": recent}
+            if self.config.neighbours:
+                header["profile"] = profile_header(user)["profile"]
             states.append(self.new_state(user, header, {f"base/{k}": v for k, v in base.tensors.items()}))
         if progress:
             progress(len(users))
@@ -219,8 +283,8 @@ class Fusion(LMPersonalizer[FusionConfig]):
             raise RuntimeError("fusion needs fit(train_users) first")
         scores = self._model_scores([(self._base_state(state), query) for state, query in requests])
         out = []
-        for (state, _), model in zip(requests, scores):
-            logits = self._features(model, state.header["counts"], state.header["recent"]) @ self.weights
+        for (state, query), model in zip(requests, scores):
+            logits = self._features(model, state, query.input) @ self.weights
             probs = np.exp(logits - logits.max())
             probs /= probs.sum()
             out.append(Prediction(self._answer(probs), "fusion", tuple(float(x) for x in np.log(probs))))

@@ -33,6 +33,10 @@ class RunConflict(ValueError):
     """The output folder holds a run with a different configuration."""
 
 
+VOLATILE = frozenset({"data_dir", "data", "train_data", "label", "device", "hardware"})
+"""config.json keys that may differ between two processes of one run: a run may resume elsewhere."""
+
+
 def _check_config(path: Path, config: dict) -> None:
     # A spec field or method option added after a run was made is absent from its config.json: absent means default.
     old = {**spec_defaults(EvalSpec), **json.loads(path.read_text())}
@@ -42,7 +46,7 @@ def _check_config(path: Path, config: dict) -> None:
         except KeyError:  # a method this install cannot import: compare the options as written
             defaults = {}
         old["method_config"] = {**defaults, **old["method_config"]}
-    volatile = {"data_dir", "data", "train_data", "label", "device", "hardware"}  # a run may resume elsewhere
+    volatile = set(VOLATILE)
     if config.get("model") is None:
         volatile.add("dtype")  # a method without a backbone computes in no precision
     diffs = [k for k in sorted(set(old) | set(config)) if k not in volatile and old.get(k) != config.get(k)]

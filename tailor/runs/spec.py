@@ -61,6 +61,10 @@ class EvalSpec:
     """A users file (JSONL) whose users the run answers, instead of LaMP's `split`."""
     train_data: str | None = None
     """The users file (JSONL) methods fit on, with `data`: the global prior's answer, the task-level fits."""
+    states_from: str | None = None
+    """With swapped histories: the folder of the same run with own histories, whose saved states are the swapped
+    users' states (each user gets the state of the user whose history they are given, and its personalize time), so
+    a method that trains per user does not train every history twice (`tailor.runs.borrow`)."""
 
     def check(self) -> None:
         """Fail on a bad task, split, variant, user count or data before a model loads or a folder is made.
@@ -76,6 +80,12 @@ class EvalSpec:
             raise ValueError(f"unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
         if self.histories not in HISTORIES:
             raise ValueError(f"{self.histories!r} is not one of {', '.join(HISTORIES)}")
+        if self.states_from is not None:
+            if self.histories != "swapped":
+                raise ValueError("--states-from lends a run's states to its swapped-histories control; add "
+                                 "--histories swapped")
+            if not (Path(self.states_from) / "config.json").exists():
+                raise ValueError(f"--states-from {self.states_from}: no run there (it has no config.json)")
         if self.users is not None and self.users < 1:
             raise ValueError(f"users must be at least 1 (or unset for all users), not {self.users}")
         if self.queries_per_user < 0:
@@ -95,7 +105,8 @@ class EvalSpec:
         a Ray worker or a report then finds them from any working directory."""
         path = task_file(self.task)
         return replace(self, task=str(path.expanduser().resolve()) if path is not None else self.task,
-                       data=_absolute(self.data), train_data=_absolute(self.train_data))
+                       data=_absolute(self.data), train_data=_absolute(self.train_data),
+                       states_from=_absolute(self.states_from))
 
     def _check_users_files(self) -> None:
         if self.data is None or self.train_data is None:

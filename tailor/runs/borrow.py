@@ -1,0 +1,58 @@
+"""A swapped-histories control that borrows its states from the run it controls.
+
+The control answers user A from the history of user B (`tailor.data.splits.swap_histories`). A method that trains
+per user would train on B's history a second time to build A's state, although the run with own histories has
+already built and saved exactly that state. Borrowing it halves what a control costs for per-user methods, and the
+control then reports B's personalize time as measured when the state was built, where personalizing again could read
+the generations and hidden states the first run left in the text and hidden-state caches and look cheaper than it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from tailor.data.splits import history_donors
+from tailor.runs.folder import VOLATILE, RunConflict
+from tailor.runs.spec import EvalSpec, eval_users, spec_defaults
+from tailor.store.paths import state_path
+from tailor.store.state import UserState
+
+LENDER_ONLY = frozenset({"histories", "states_from"})
+"""config.json keys in which the lending run differs from its control."""
+
+
+def borrow_states(spec: EvalSpec, out: Path) -> int:
+    """Save into `out`/states, for each user of the swapped run `spec` without a state there, the state its history's
+    owner has in `spec.states_from` (under the borrowing user's id). Users whose owner has no saved state yet are left
+    to personalize as usual. Returns how many states were borrowed; raises RunConflict if the lending run is not the
+    same run with own histories (the check compares config.json, which `open_run` has written for `out`)."""
+    assert spec.states_from is not None and spec.histories == "swapped"
+    lender = Path(spec.states_from)
+    _check_lender(lender / "config.json", out / "config.json")
+    users = eval_users(dataclasses.replace(spec, histories="own", states_from=None))
+    lent = 0
+    for user, donor in zip(users, history_donors(len(users), spec.seed)):
+        target = state_path(out / "states", user.id)
+        source = state_path(lender / "states", users[donor].id)
+        if target.exists() or not source.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dataclasses.replace(UserState.load(source), user_id=user.id).save(target)
+        lent += 1
+    return lent
+
+
+def _check_lender(lender: Path, borrower: Path) -> None:
+    defaults = spec_defaults(EvalSpec)
+    theirs = {**defaults, **json.loads(lender.read_text())}
+    ours = {**defaults, **json.loads(borrower.read_text())}
+    if theirs.get("histories") != "own":
+        raise RunConflict(f"--states-from {lender.parent}: that run answers with {theirs.get('histories')!r} "
+                          "histories; lend states from the run with own histories")
+    skip = VOLATILE | LENDER_ONLY
+    diffs = [k for k in sorted(set(theirs) | set(ours)) if k not in skip and theirs.get(k) != ours.get(k)]
+    if diffs:
+        detail = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diffs)
+        raise RunConflict(f"--states-from {lender.parent} is another configuration ({detail})")
