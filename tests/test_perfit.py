@@ -13,7 +13,7 @@ from tailor.backbone.layers import Site
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.eval.runner import run_eval
-from tailor.methods.perfit import PerFit, history_examples, length_grouped, parameter_counts
+from tailor.methods.perfit import PerFit, history_examples, length_grouped, parameter_counts, parse_layers
 from tailor.methods.reft import LowRankIntervention, PerFitEdit, Positions, count_parameters, loreft
 from tailor.runs.spec import EvalSpec
 from tailor.serve.worker import rebuild_reason
@@ -246,3 +246,12 @@ def test_update_continues_stage2_from_the_old_state(backbone: Backbone) -> None:
     other = PerFit(NEWS, backbone, **{**STAGE2, "rank2": 3})
     assert other.update(old, grown, grown.profile[4:]) is None
     assert "other settings" in rebuild_reason(other, old)
+
+
+def test_default_layers_keep_the_searched_depths_on_any_backbone(backbone: Backbone) -> None:
+    """The searched layers (4, 11, 19, 26 of SmolLM2's 30) at the same relative depth of a 24-layer Qwen2.5-0.5B and
+    of the 2-layer test model, where an explicit list past the last layer is refused."""
+    assert parse_layers("auto", 30) == [4, 11, 19, 26] and parse_layers("auto", 24) == [3, 9, 15, 21]
+    assert PerFit(get_task("lamp2n"), backbone).layers == parse_layers("auto", backbone.n_layers) == [0, 1]
+    with pytest.raises(ValueError, match="beyond the backbone's 2 layers"):
+        PerFit(get_task("lamp2n"), backbone, layers="4,11,19,26")

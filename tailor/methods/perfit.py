@@ -67,8 +67,9 @@ class PerFitConfig(RAGConfig):
     history_tokens: int = 256
     stages: Literal["1+2", "1", "2"] = "1+2"
     """Which interventions answer: both (PerFit), the collective one only, or a per-user one only (table 4)."""
-    layers: str = "4,11,19,26"
-    """Decoder layers whose output (residual stream) is intervened, comma-separated."""
+    layers: str = "auto"
+    """Decoder layers whose output (residual stream) is intervened, comma-separated; auto: the layers the random
+    search chose on SmolLM2-135M's 30 (4, 11, 19, 26), at the same relative depths of the backbone in use."""
     positions: str = "l5"
     """Edited prompt tokens in LoReFT's notation: f5+l5 = first 5 and last 5, l5 = last 5."""
     rank1: int = 8
@@ -98,11 +99,22 @@ class PerFitConfig(RAGConfig):
         super().__post_init__()
         if str(self.stages) not in ("1+2", "1", "2"):  # `--set stages=1` arrives as an int
             raise ValueError(f"stages must be 1+2, 1 or 2, not {self.stages!r}")
-        parse_layers(self.layers)
+        if self.layers != AUTO_LAYERS:
+            parse_layers(self.layers)
         Positions.parse(self.positions)
 
 
-def parse_layers(text: str | int) -> list[int]:
+AUTO_LAYERS = "auto"
+SEARCHED_LAYERS, SEARCHED_DEPTH = (4, 11, 19, 26), 30
+"""The layers perfit_search chose on SmolLM2-135M, and its number of layers: `auto` keeps their relative depths."""
+
+
+def parse_layers(text: str | int, n_layers: int | None = None) -> list[int]:
+    """The intervened layers: a comma-separated list, or `auto` for a backbone of `n_layers` layers."""
+    if str(text) == AUTO_LAYERS:
+        if n_layers is None:
+            raise ValueError("layers=auto needs the backbone's number of layers")
+        return sorted({min(n_layers - 1, round(n_layers * layer / SEARCHED_DEPTH)) for layer in SEARCHED_LAYERS})
     layers = sorted({int(part) for part in str(text).split(",") if part.strip()})
     if not layers:
         raise ValueError(f"no layers in {text!r}")
@@ -223,7 +235,7 @@ def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
 def parameter_counts(backbone: Backbone, config: PerFitConfig) -> dict[str, int]:
     """Trainable numbers of stage 1, of stage 2 (per user), of OPPU's per-user LoRA (r=8 on q_proj and v_proj of
     every layer, OPPU's setting) and of the backbone."""
-    d, n = backbone.hidden_size, len(parse_layers(config.layers))
+    d, n = backbone.hidden_size, len(parse_layers(config.layers, backbone.n_layers))
     lora = 0
     for layer in range(backbone.n_layers):
         for kind in ("q_proj", "v_proj"):
@@ -243,7 +255,7 @@ class PerFit(RAG[PerFitConfig]):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.layers = parse_layers(self.config.layers)
+        self.layers = parse_layers(self.config.layers, self.backbone.n_layers)
         self.positions = Positions.parse(self.config.positions)
         self.stages = str(self.config.stages)  # checked by the config
         if self.layers[-1] >= self.backbone.n_layers:
