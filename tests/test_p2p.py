@@ -289,3 +289,20 @@ def test_a_budgeted_fit_stops_in_time_and_writes_its_learning_curve(backbone: Ba
     rows = list(csv.reader((tmp_path / "curve.csv").open()))
     assert rows[0] == ["step", "train_loss", "validation_loss"] and [r[0] for r in rows[1:]] == ["0", "1"]
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_the_budget_counts_training_not_the_preparation_of_the_training_set(
+        backbone: Backbone, lamp_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Summaries can take most of a 30-minute budget on a CPU: a slow preparation must leave training its budget."""
+    import time
+
+    p2p = method(backbone, steps=6, budget_s=0.5, eval_every=100, val_users=0)
+    prepare = p2p.training_set
+
+    def slow(users):  # noqa: ANN001, ANN202 - the method's own signature
+        time.sleep(1.0)
+        return prepare(users)
+
+    monkeypatch.setattr(p2p, "training_set", slow)
+    p2p.fit(users_of(lamp_dir, "train"), workdir=tmp_path)
+    assert p2p.fit_log["steps"] > 1 and p2p.fit_log["prepare_s"] >= 1.0

@@ -116,7 +116,8 @@ class P2PConfig(LMConfig):
     steps: int = 4000
     """Optimizer steps at most; `budget_s` usually ends the fit first."""
     budget_s: float = 1800.0
-    """Seconds of training (over every process of a resumed fit) after which the fit stops; 0: no budget. The
+    """Seconds of training (over every process of a resumed fit, not counting the preparation of the training set:
+    summaries, retrieval, embeddings) after which the fit stops; 0: no budget. The
     official run trains 10,000 updates of 24 rows on a GPU; on 2 CPU cores 30 minutes is what one task affords."""
     label_smoothing: float = 0.1
     l2_generated: float = 1e-3
@@ -442,7 +443,6 @@ class P2P(LMPersonalizer[P2PConfig]):
         """Train the hypernetwork end to end on the training users (resuming from `workdir`'s checkpoint) until
         `steps` or `budget_s`, recording the loss of `val_users` held-out training users every `eval_every` steps."""
         cfg = self.config
-        checkpoint = Checkpoint(workdir, every=CHECKPOINT_EVERY)  # its clock counts the preparation too
         started = time.perf_counter()
         total = len(users)  # what the caller's progress bar counts
         chosen = subset(users, (cfg.train_users or len(users)) + cfg.val_users, cfg.seed)
@@ -451,6 +451,9 @@ class P2P(LMPersonalizer[P2PConfig]):
         data = self.training_set(users)
         validation = self.training_set(held_out) if held_out else None
         prepared = time.perf_counter() - started
+        # The budget is for training: the summaries that preparation writes (once, then read from the text cache)
+        # can take most of 30 minutes on 2 CPU cores, and counting them would leave the hypernetwork a few steps.
+        checkpoint = Checkpoint(workdir, every=CHECKPOINT_EVERY)
         plan = plan_steps(data, cfg.steps, cfg.batch, cfg.tasks_per_batch, cfg.seed) if data.examples else []
         hypernet = self.new_hypernet()
         optimizer = torch.optim.AdamW(hypernet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
