@@ -170,12 +170,14 @@ def option_value(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def resolved_options(entry: Entry, task: str, protocol: int, histories: str, records: Path) -> dict[str, Any]:
-    """The entry's options with each "run:LABEL" replaced by that entry's run folder, read from its record."""
+def resolved_options(entry: Entry, task: str, protocol: int, records: Path) -> dict[str, Any]:
+    """The entry's options with each "run:LABEL" replaced by the run folder of entry LABEL with own histories, read
+    from its record. A swapped control resolves to the same folder: it is the same configuration (time-constrained
+    DPO keeps CHAMELEON's own time per user) and borrows the own run's states."""
     options = {}
     for key, value in entry.options.items():
         if isinstance(value, str) and value.startswith(RUN_REFERENCE):
-            needed = record_path(records, task, protocol, value[len(RUN_REFERENCE):], histories)
+            needed = record_path(records, task, protocol, value[len(RUN_REFERENCE):], "own")
             if not needed.exists():
                 raise MatrixError(f"{entry.label} needs the run of {value[len(RUN_REFERENCE):]!r} first "
                                   f"({needed} is missing)")
@@ -224,7 +226,7 @@ def others_cores(busy: tuple[float | None, float | None], own: tuple[float, floa
 
 def run_entry(task: str, entry: Entry, protocol: int, histories: str, matrix: Matrix, where: str) -> Path:
     """One `tailor eval` (resumed if its folder exists) and its record; returns the record's path."""
-    options = resolved_options(entry, task, protocol, histories, matrix.records)
+    options = resolved_options(entry, task, protocol, matrix.records)
     label = entry.label if histories == "own" else f"{entry.label}, swapped histories"
     busy_before, own_before, start = busy_cpu_s(), children_cpu_s(), time.monotonic()
     states_from = lender(matrix, task, entry, protocol, histories)
