@@ -129,13 +129,8 @@ class Fusion(LMPersonalizer[FusionConfig]):
     def _neighbour_counts(self, state: UserState, query_input: str) -> list[float]:
         """Label counts of the `neighbours` history items BM25 ranks highest for the query."""
         history = history_of(state)
-        position = {label: i for i, label in enumerate(self.labels)}
-        counts = [0.0] * len(self.labels)
-        for i in bm25_of(self.task, state).top_k(self.task.retrieval_query(query_input), self.config.neighbours):
-            label = self.task.item_output(history[i])
-            if label in position:
-                counts[position[label]] += 1.0
-        return counts
+        top = bm25_of(self.task, state).top_k(self.task.retrieval_query(query_input), self.config.neighbours)
+        return self._counts([history[i] for i in top])[0]
 
     def _features(self, model_scores: np.ndarray, state: UserState, query_input: str) -> np.ndarray:
         """(labels, features) for one query: each feature a log-probability over the labels."""

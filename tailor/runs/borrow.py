@@ -10,12 +10,11 @@ the generations and hidden states the first run left in the text and hidden-stat
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from tailor.data.splits import history_donors
-from tailor.runs.folder import VOLATILE, RunConflict
-from tailor.runs.spec import EvalSpec, eval_users, spec_defaults
+from tailor.runs.folder import RunConflict, config_differences, recorded_config
+from tailor.runs.spec import EvalSpec, eval_users
 from tailor.store.paths import state_path
 from tailor.store.state import UserState
 
@@ -45,14 +44,11 @@ def borrow_states(spec: EvalSpec, out: Path) -> int:
 
 
 def _check_lender(lender: Path, borrower: Path) -> None:
-    defaults = spec_defaults(EvalSpec)
-    theirs = {**defaults, **json.loads(lender.read_text())}
-    ours = {**defaults, **json.loads(borrower.read_text())}
+    theirs, ours = recorded_config(lender), recorded_config(borrower)
     if theirs.get("histories") != "own":
         raise RunConflict(f"--states-from {lender.parent}: that run answers with {theirs.get('histories')!r} "
                           "histories; lend states from the run with own histories")
-    skip = VOLATILE | LENDER_ONLY
-    diffs = [k for k in sorted(set(theirs) | set(ours)) if k not in skip and theirs.get(k) != ours.get(k)]
+    diffs = config_differences(theirs, ours, LENDER_ONLY)
     if diffs:
         detail = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diffs)
         raise RunConflict(f"--states-from {lender.parent} is another configuration ({detail})")

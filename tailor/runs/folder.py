@@ -37,8 +37,9 @@ VOLATILE = frozenset({"data_dir", "data", "train_data", "label", "device", "hard
 """config.json keys that may differ between two processes of one run: a run may resume elsewhere."""
 
 
-def _check_config(path: Path, config: dict) -> None:
-    # A spec field or method option added after a run was made is absent from its config.json: absent means default.
+def recorded_config(path: Path) -> dict:
+    """A run's config.json, with the default of every spec field and method option added after the run was made
+    (absent means default)."""
     old = {**spec_defaults(EvalSpec), **json.loads(path.read_text())}
     if isinstance(old.get("method_config"), dict):
         try:
@@ -46,10 +47,20 @@ def _check_config(path: Path, config: dict) -> None:
         except KeyError:  # a method this install cannot import: compare the options as written
             defaults = {}
         old["method_config"] = {**defaults, **old["method_config"]}
-    volatile = set(VOLATILE)
-    if config.get("model") is None:
-        volatile.add("dtype")  # a method without a backbone computes in no precision
-    diffs = [k for k in sorted(set(old) | set(config)) if k not in volatile and old.get(k) != config.get(k)]
+    return old
+
+
+def config_differences(old: dict, new: dict, ignore: frozenset[str] = frozenset()) -> list[str]:
+    """The keys in which two run configurations differ, beyond VOLATILE ones and `ignore`."""
+    volatile = VOLATILE | ignore
+    if new.get("model") is None:
+        volatile |= {"dtype"}  # a method without a backbone computes in no precision
+    return [k for k in sorted(set(old) | set(new)) if k not in volatile and old.get(k) != new.get(k)]
+
+
+def _check_config(path: Path, config: dict) -> None:
+    old = recorded_config(path)
+    diffs = config_differences(old, config)
     if diffs:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diffs)
         raise RunConflict(f"{path.parent} holds a run with another configuration ({detail}); use a new --out")
