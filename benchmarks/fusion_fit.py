@@ -1,7 +1,8 @@
 """Choose prior fusion's options on training users only: fit fusion once per base configuration and neighbour count
 (into the fit cache, where the leaderboard's runs find it) and report the fused model's scores on the training users'
 own LaMP queries, which the base never trained on (its examples are history items): in-sample, and cross-validated
-over folds of users (the number to choose by), beside the learned weights and the fit's seconds.
+over folds of users (the number to choose by), beside the learned weights, the scale chosen for the user's features
+with each scale's cross-validated score (scale 1 is the likelihood's own answer), and the fit's seconds.
 
     .venv/bin/python -m benchmarks.fusion_fit --task lamp2n --bases "max_total=256,epochs=1" "max_total=1024,epochs=1"
     .venv/bin/python -m benchmarks.fusion_fit --task lamp2n --bases "max_total=256,epochs=1" --neighbours 0 4
@@ -43,8 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"Prior fusion on {get_task(args.task).name}'s {len(users)} training users, base {args.base}, "
              f"{backbone.model_id} ({machine(args.device, args.dtype)}):", "",
              "| base options | neighbours | fit s | fit queries | "
-             + " | ".join(f"training {s} | cross-validated {s}" for s in scores) + " | weights |",
-             "|---|---|---|---|" + "---|---|" * len(scores) + "---|"]
+             + " | ".join(f"training {s} | cross-validated {s}" for s in scores)
+             + f" | user scale | cross-validated {scores[-1]} by user scale | weights |",
+             "|---|---|---|---|" + "---|---|" * len(scores) + "---|---|---|"]
     for base_options in args.bases:
         for neighbours in args.neighbours:
             options = typed_options(method_class("fusion"), {"base": args.base, "base_options": base_options,
@@ -57,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
             log = method.fit_log
             weights = ", ".join(f"{name} {w:+.3f}" for name, w in log["weights"].items())
             measured = " | ".join(f"{log['training'][s]:.4f} | {log['cross_validated'][s]:.4f}" for s in scores)
-            lines.append(f"| {base_options} | {neighbours} | {seconds} | {log['queries']} | {measured} | {weights} |")
+            by_scale = ", ".join(f"{float(k):g}: {v[scores[-1]]:.4f}" for k, v in log["by_scale"].items())
+            lines.append(f"| {base_options} | {neighbours} | {seconds} | {log['queries']} | {measured} | "
+                         f"{log['user_scale']:g} | {by_scale} | {weights} |")
     publish("\n".join(lines), args.report)
 
 

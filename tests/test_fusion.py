@@ -10,7 +10,7 @@ import pytest
 
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
-from tailor.methods.fusion import Fusion
+from tailor.methods.fusion import SCALES, Fusion
 from tailor.tasks import get_task
 from tailor.tasks.records import HistoryItem, Query, User
 
@@ -27,6 +27,7 @@ def test_users_with_a_clear_favourite_are_answered_with_it(backbone: Backbone, l
     method.fit(load_users(task, "train", lamp_dir))
     weights = method.fit_log["weights"]
     assert weights["user"] + weights["recent"] > abs(weights["model"])
+    assert set(method.fit_log["by_scale"]) == {str(s) for s in SCALES}
     favourite = User("fan", task.name, tuple(HistoryItem(str(i), {"text": "x", "title": "t", "category": "sports"})
                                              for i in range(6)))
     dev = load_users(task, "dev", lamp_dir)
@@ -98,3 +99,35 @@ def test_neighbours_let_the_query_pick_between_a_users_two_habits(backbone: Back
     assert [a.text for a in answers] == ["sports", "politics"]
     with pytest.raises(ValueError, match="neighbours must be >= 0"):
         Fusion(task, backbone, neighbours=-1)
+
+
+def _overconfident_users(n: int = 200) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features (queries, 2 labels, model/user/recent/global) of users whose counts mislead the likelihood: half have
+    few items, so extreme log-counts (margin 5) that are right 70% of the time, half have many items, so mild
+    log-counts (margin 0.5) right 95% of the time; the model is right 60% of the time (margin 1)."""
+    rng = np.random.default_rng(0)
+    features, golds = np.zeros((n, 2, 4)), rng.integers(0, 2, n)
+    for i, gold in enumerate(golds):
+        few = i % 2 == 0
+        features[i, gold if rng.random() < (0.7 if few else 0.95) else 1 - gold, 1] = 5.0 if few else 0.5
+        features[i, gold if rng.random() < 0.6 else 1 - gold, 0] = 1.0
+    return features, golds, [f"u{i}" for i in range(n)]
+
+
+def test_the_user_features_weight_is_chosen_by_cross_validated_accuracy_not_likelihood(backbone: Backbone) -> None:
+    """The likelihood keeps the user's weight small (the few-item users' extreme counts are often wrong), so the
+    many-item users' mild counts lose to the model; a larger scale on the user's features answers them right."""
+    features, golds, owners = _overconfident_users()
+    task = get_task("lamp2n")
+    plain = Fusion(task, backbone, base_options=BASE, user_scale="1")
+    auto = Fusion(task, backbone, base_options=BASE)
+    weights, scale, by_scale = auto._fitted(features, golds, owners)
+    likelihood, one, _ = plain._fitted(features, golds, owners)
+    assert one == 1.0 and scale > 1.0 and by_scale[str(scale)] == max(by_scale.values(), key=lambda s: s["accuracy"])
+    assert weights == pytest.approx(likelihood * np.array([1.0, scale, scale, 1.0]))
+    assert (auto._cross_validated(features, golds, owners)["accuracy"]
+            > plain._cross_validated(features, golds, owners)["accuracy"] + 0.1)
+    with pytest.raises(ValueError, match="user_scale must be 'auto' or a positive number, not 'big'"):
+        Fusion(task, backbone, user_scale="big")
+    with pytest.raises(ValueError, match="not '0'"):
+        Fusion(task, backbone, user_scale="0")

@@ -18,8 +18,12 @@ conditional-logit stack (McFadden 1974) over the task's labels y for a query x o
   for the query, smoothed the same way: the one feature that lets the user's own evidence depend on the query.
 
 The weights are learned by maximum likelihood on training users' own queries (their golds are public), which
-the base method never trained on; the fit also reports their 5-fold cross-validated accuracy on those queries, the
-number to choose options by without reading a dev user. A classification answer is the most likely label; a rating (LaMP-3) the median of
+the base method never trained on. Likelihood calibrates probabilities, not answers: it keeps the user features' weights
+small where a user's few items make the counts overconfident, and then the user's favourite loses to a weak model's
+guess more often than it should (LaMP-2M). So the user features' weights are then multiplied by a factor s
+(`user_scale`), by default the one of SCALES whose answers score best in 5-fold cross-validation over the training
+users (s = 1 is the likelihood's own answer). The fit reports that procedure's own cross-validated score too, the
+choice of s redone inside each fold: the number to choose options by without reading a dev user. A classification answer is the most likely label; a rating (LaMP-3) the median of
 p(y | x, u), the point that minimises the expected absolute error LaMP-3 is scored by. Generation tasks have no label
 set to fuse over and are refused.
 
@@ -35,7 +39,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +52,9 @@ from tailor.store.state import UserState
 from tailor.tasks.records import HistoryItem, Query, User
 
 FEATURES = ("model", "user", "recent", "global", "neighbours")
+USER_FEATURES = ("user", "recent", "neighbours")
 FOLDS = 5
+SCALES = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 @dataclass
@@ -70,11 +76,21 @@ class FusionConfig(LMConfig):
     seed: int = 0
     neighbours: int = 0
     """k: also fuse the labels of the k history items BM25 ranks highest for the query (0: no such feature)."""
+    user_scale: str = "auto"
+    """s, the factor on the learned weights of the user's features: a number, or "auto" for the one of SCALES with the
+    best cross-validated score on the training users' queries."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.fit_queries < 8:
             raise ValueError(f"fit_queries must be at least 8, not {self.fit_queries}")
+        if self.user_scale != "auto":
+            try:
+                scale = float(self.user_scale)
+            except ValueError:
+                scale = -1.0
+            if not scale > 0:
+                raise ValueError(f"user_scale must be 'auto' or a positive number, not {self.user_scale!r}")
 
 
 class Fusion(LMPersonalizer[FusionConfig]):
@@ -157,16 +173,18 @@ class Fusion(LMPersonalizer[FusionConfig]):
         if len(asked) > self.config.fit_queries:
             keep = sorted(random.Random(self.config.seed).sample(range(len(asked)), self.config.fit_queries))
             asked = [asked[i] for i in keep]
-        owners = list({user.id: user for user, _ in asked}.values())
-        states = dict(zip((u.id for u in owners), self.personalize_many(owners)))
+        askers = list({user.id: user for user, _ in asked}.values())
+        states = dict(zip((u.id for u in askers), self.personalize_many(askers)))
         requests = [(states[user.id], query) for user, query in asked]
         scores = self._model_scores([(self._base_state(state), query) for state, query in requests])
         features = np.stack([self._features(s, state, query.input) for s, (state, query) in zip(scores, requests)])
         targets = np.array([self.labels.index(query.gold) for _, query in asked])
-        self.weights = self._learn(features, targets)
+        owners = [user.id for user, _ in asked]
+        self.weights, scale, by_scale = self._fitted(features, targets, owners)
         self.fit_log = {"queries": len(asked), "weights": dict(zip(self.features, self.weights.round(4).tolist())),
+                        "user_scale": scale, "by_scale": by_scale,
                         "training": self._scored(self._answers(features, self.weights), targets),
-                        "cross_validated": self._cross_validated(features, targets, [u.id for u, _ in asked])}
+                        "cross_validated": self._cross_validated(features, targets, owners)}
         if progress:
             progress(len(users))
 
@@ -187,9 +205,33 @@ class Fusion(LMPersonalizer[FusionConfig]):
             scored["mae"] = float(np.mean([abs(float(a) - float(g)) for a, g in zip(answers, golds)]))
         return {k: round(v, 4) for k, v in scored.items()}
 
-    def _cross_validated(self, features: np.ndarray, targets: np.ndarray, owners: Sequence[str]) -> dict[str, float]:
-        """Scores on each of FOLDS folds of users (seeded) with the weights learned on the other folds: the fit's
-        estimate of how it does on users it has not seen, unlike the training scores."""
+    def _merit(self, scored: dict[str, float]) -> float:
+        """Higher is better: accuracy, or minus the mean absolute error for a rating."""
+        return -scored["mae"] if self.task.family == "regression" else scored["accuracy"]
+
+    def _scaled(self, weights: np.ndarray, scale: float) -> np.ndarray:
+        factors = [scale if name in USER_FEATURES else 1.0 for name in self.features]
+        return weights * np.array(factors)
+
+    def _fitted(self, features: np.ndarray, targets: np.ndarray,
+                owners: Sequence[str]) -> tuple[np.ndarray, float, dict[str, dict[str, float]]]:
+        """The weights for these queries: the likelihood's, times the user scale (when "auto", the one with the best
+        cross-validated score over these queries' users, the smaller on a tie); the scale, and each scale's score."""
+        weights = self._learn(features, targets)
+        if self.config.user_scale != "auto":
+            scale = float(self.config.user_scale)
+            return self._scaled(weights, scale), scale, {}
+        by_scale = {str(s): self._cross_validated(features, targets, owners, lambda f, t, o, s=s: self._scaled(
+            self._learn(f, t), s)) for s in SCALES}
+        scale = max(SCALES, key=lambda s: (self._merit(by_scale[str(s)]), -s))
+        return self._scaled(weights, scale), scale, by_scale
+
+    def _cross_validated(self, features: np.ndarray, targets: np.ndarray, owners: Sequence[str],
+                         rule: Callable[[np.ndarray, np.ndarray, list[str]], np.ndarray] | None = None,
+                         ) -> dict[str, float]:
+        """Scores on each of FOLDS folds of users (seeded) with the weights `rule` (by default the whole fit) makes
+        from the other folds: an estimate of how it does on users it has not seen, unlike the training scores."""
+        rule = rule or (lambda f, t, o: self._fitted(f, t, o)[0])
         users = sorted(set(owners))
         random.Random(self.config.seed).shuffle(users)
         fold = {user: i % FOLDS for i, user in enumerate(users)}
@@ -197,7 +239,8 @@ class Fusion(LMPersonalizer[FusionConfig]):
         answers = [""] * len(targets)
         for k in range(min(FOLDS, len(users))):
             held = np.flatnonzero(assigned == k)
-            weights = self._learn(np.delete(features, held, axis=0), np.delete(targets, held))
+            kept = np.flatnonzero(assigned != k)
+            weights = rule(features[kept], targets[kept], [owners[i] for i in kept])
             for i, answer in zip(held, self._answers(features[held], weights)):
                 answers[i] = answer
         return self._scored(answers, targets)
