@@ -371,6 +371,9 @@ def test_a_swapped_control_borrows_the_own_runs_states_instead_of_personalizing_
     with pytest.raises(RunConflict, match="queries_per_user: 1 there, 0 here"):
         run_eval(EvalSpec(task="lamp2n", method="user-prior", model=None, data_dir=str(lamp_dir), seed=3,
                           histories="swapped", states_from=str(tmp_path / "own")), tmp_path / "other")
+    with pytest.raises(ValueError, match="no run there"):
+        run_eval(spec(histories="swapped", states_from=str(tmp_path / "nothing")), tmp_path / "other")
+    assert not (tmp_path / "other").exists()  # refused before the folder was made: the same --out works once fixed
 
 
 def test_a_run_made_before_a_spec_field_existed_resumes(lamp_dir: Path, tmp_path: Path) -> None:

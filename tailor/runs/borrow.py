@@ -13,23 +13,18 @@ import dataclasses
 from pathlib import Path
 
 from tailor.data.splits import history_donors
-from tailor.runs.folder import RunConflict, config_differences, recorded_config
 from tailor.runs.spec import EvalSpec, eval_users
 from tailor.store.paths import state_path
 from tailor.store.state import UserState
-
-LENDER_ONLY = frozenset({"histories", "states_from"})
-"""config.json keys in which the lending run differs from its control."""
 
 
 def borrow_states(spec: EvalSpec, out: Path) -> int:
     """Save into `out`/states, for each user of the swapped run `spec` without a state there, the state its history's
     owner has in `spec.states_from` (under the borrowing user's id). Users whose owner has no saved state yet are left
-    to personalize as usual. Returns how many states were borrowed; raises RunConflict if the lending run is not the
-    same run with own histories (the check compares config.json, which `open_run` has written for `out`)."""
+    to personalize as usual. Returns how many states were borrowed. `open_run` has checked that the lending run is
+    the same run with own histories."""
     assert spec.states_from is not None and spec.histories == "swapped"
     lender = Path(spec.states_from)
-    _check_lender(lender / "config.json", out / "config.json")
     users = eval_users(dataclasses.replace(spec, histories="own", states_from=None))
     lent = 0
     for user, donor in zip(users, history_donors(len(users), spec.seed)):
@@ -42,13 +37,3 @@ def borrow_states(spec: EvalSpec, out: Path) -> int:
         lent += 1
     return lent
 
-
-def _check_lender(lender: Path, borrower: Path) -> None:
-    theirs, ours = recorded_config(lender), recorded_config(borrower)
-    if theirs.get("histories") != "own":
-        raise RunConflict(f"--states-from {lender.parent}: that run answers with {theirs.get('histories')!r} "
-                          "histories; lend states from the run with own histories")
-    diffs = config_differences(theirs, ours, LENDER_ONLY)
-    if diffs:
-        detail = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diffs)
-        raise RunConflict(f"--states-from {lender.parent} is another configuration ({detail})")

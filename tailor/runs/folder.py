@@ -35,6 +35,8 @@ class RunConflict(ValueError):
 
 VOLATILE = frozenset({"data_dir", "data", "train_data", "label", "device", "hardware"})
 """config.json keys that may differ between two processes of one run: a run may resume elsewhere."""
+LENDER_ONLY = frozenset({"histories", "states_from"})
+"""config.json keys in which a run that lends its states differs from its swapped-histories control."""
 
 
 def recorded_config(path: Path) -> dict:
@@ -64,6 +66,19 @@ def _check_config(path: Path, config: dict) -> None:
     if diffs:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diffs)
         raise RunConflict(f"{path.parent} holds a run with another configuration ({detail}); use a new --out")
+
+
+def _check_lender(lender: Path, config: dict) -> None:
+    """A swapped-histories control may borrow states (`tailor.runs.borrow`) only from the run with own histories of
+    its own configuration."""
+    theirs = recorded_config(lender / "config.json")
+    if theirs.get("histories") != "own":
+        raise RunConflict(f"--states-from {lender}: that run answers with {theirs.get('histories')!r} "
+                          "histories; lend states from the run with own histories")
+    diffs = config_differences(theirs, config, LENDER_ONLY)
+    if diffs:
+        detail = "; ".join(f"{k}: {theirs.get(k)!r} there, {config.get(k)!r} here" for k in diffs)
+        raise RunConflict(f"--states-from {lender} is another configuration ({detail})")
 
 
 def iter_predictions(path: Path) -> Iterator[dict]:
@@ -155,11 +170,14 @@ def task_identity(name: str) -> dict[str, Any]:
 
 
 def open_run(spec: EvalSpec, out: Path, identity: dict[str, Any], n_users: int) -> None:
-    """Create the run folder and its config.json, or check that the folder holds a run of the same configuration."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Create the run folder and its config.json, or check that the folder holds a run of the same configuration;
+    for a control that borrows states (`spec.states_from`), first check that the lender is the same run."""
     config = {**asdict(spec), **task_identity(spec.task), **identity, "users": n_users}
     if ":" in spec.method:  # a method outside tailor: keep the import path that builds it again, not just its name
         config["method"] = spec.method
+    if spec.states_from:
+        _check_lender(Path(spec.states_from), config)
+    out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
     if config_path.exists():
         _check_config(config_path, config)
