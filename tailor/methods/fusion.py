@@ -23,9 +23,11 @@ small where a user's few items make the counts overconfident, and then the user'
 guess more often than it should (LaMP-2M). So the user features' weights are then multiplied by a factor s
 (`user_scale`), by default the one of SCALES whose answers score best in 5-fold cross-validation over the training
 users (s = 1 is the likelihood's own answer). The fit reports that procedure's own cross-validated score too, the
-choice of s redone inside each fold: the number to choose options by without reading a dev user. A classification answer is the most likely label; a rating (LaMP-3) the median of
-p(y | x, u), the point that minimises the expected absolute error LaMP-3 is scored by. Generation tasks have no label
-set to fuse over and are refused.
+choice of s redone inside each fold: the number to choose options by without reading a dev user.
+
+A classification answer is the most likely label; a rating (LaMP-3) the median of p(y | x, u), the point that
+minimises the expected absolute error LaMP-3 is scored by. Generation tasks have no label set to fuse over and are
+refused.
 
 The state is the base method's state and the user's counts (and, with `neighbours`, the history to retrieve from):
 nothing is trained per user, so personalizing costs what the base's personalize costs, and an update is a personalize
@@ -160,7 +162,8 @@ class Fusion(LMPersonalizer[FusionConfig]):
 
     # --- fit -----------------------------------------------------------------------------------------------------
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
-        """The global distribution, then the four weights by maximum likelihood on the training users' queries."""
+        """The global distribution, then the weights: by maximum likelihood on the training users' queries, those
+        of the user's features then scaled by `user_scale`."""
         if self.base.fits and not self._base_fitted():
             self.base.fit(users, progress, workdir)
         golds = Counter(self.task.item_output(item) for user in users for item in user.profile)
