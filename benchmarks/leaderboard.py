@@ -406,15 +406,28 @@ def cost_per_user(record: dict) -> float:
     return record["personalize_s_p50"] + record["n_queries"] / record["n_users"] * record["predict_s_per_query"]
 
 
-def provenance(records: Sequence[dict]) -> str:
+def setup(records: Sequence[dict]) -> str:
     """Backbones, devices, precisions and machines of the records, each distinct combination once."""
     backbones = sorted({f"{r['backbone']} on {r['device']} in {r['dtype']} ({r['hardware']})"
                         for r in records if r["backbone"]})
     machines = sorted({r["machine"] for r in records})
+    return f"Backbone: {'; '.join(backbones) or 'none (model-free runs only)'}. Machine: {'; '.join(machines)}."
+
+
+def contention(records: Sequence[dict], explained: bool) -> str:
+    """How many runs were contended; what that means is said once, where `explained` is False."""
     contended_runs = sum(r["contended"] for r in records)
-    return (f"Backbone: {'; '.join(backbones) or 'none (model-free runs only)'}. Machine: {'; '.join(machines)}."
-            + (f" {contended_runs} of {len(records)} runs were contended (marked †: other processes used the CPU "
-               "while they ran, so their seconds are not speed measurements)." if contended_runs else ""))
+    if not contended_runs:
+        return ""
+    return (f"{contended_runs} of {len(records)} runs were contended (†)." if explained else
+            f"{contended_runs} of {len(records)} runs were contended (marked †: other processes used the CPU while "
+            "they ran, so their seconds are not speed measurements).")
+
+
+def provenance(records: Sequence[dict], shared: str = "") -> str:
+    """The records' setup and contention; below the decision table (`shared`: its setup) only what differs."""
+    own = setup(records)
+    return " ".join(part for part in (own if own != shared else "", contention(records, bool(shared))) if part)
 
 
 def cell(delta: Delta | None) -> str:
@@ -457,7 +470,7 @@ def decision_table(groups: Sequence[Group], made_by: str) -> str:
               "times the seconds per query.\n")
 
 
-def group_table(group: Group, made_by: str) -> str:
+def group_table(group: Group, shared: str) -> str:
     metric = group.records[0]["metric"]
     arrow = "↑" if higher_is_better(metric) else "↓"
     header = ["run", "role", "users", "queries", f"{metric} {arrow} [95% CI]", "Δ vs best floor (p)",
@@ -477,12 +490,12 @@ def group_table(group: Group, made_by: str) -> str:
     references = ", ".join(f"best {role}: {ref['label']}" for role, ref in
                            (("floor", group.floor), ("baseline", group.baseline)) if ref)
     commands = "\n".join(f"    {r['command']}" for r in group.records)
-    return (f"### {get_task(group.task).name}, {protocol_name(group.protocol)}\n\n"
-            f"Made by `{made_by}`. {provenance(group.records)} {references.capitalize()}.\n\n"
+    said = " ".join(part for part in (provenance(group.records, shared), references.capitalize() + ".") if part)
+    return (f"### {get_task(group.task).name}, {protocol_name(group.protocol)}\n\n{said}\n\n"
             f"{table(header, rows)}\n\nCommands:\n\n{commands}\n")
 
 
-def interval_table(groups: Sequence[Group], made_by: str) -> str:
+def interval_table(groups: Sequence[Group], shared: str) -> str:
     """CI half-widths of each entry under LaMP's protocol and under tailor's, on the same users."""
     lamp = {(g.task, key(r)): r for g in groups if g.protocol == 0 for r in g.records}
     rows = []
@@ -498,8 +511,8 @@ def interval_table(groups: Sequence[Group], made_by: str) -> str:
     header = ["task", "run", "metric", "users", "queries (LaMP)", "CI half-width (LaMP)", "extra queries/user",
               "queries (tailor)", "CI half-width (tailor)", "ratio"]
     records = [r for g in groups for r in g.records]
-    return (f"## How much narrower the intervals get with more queries per user\n\nMade by `{made_by}`. "
-            f"{provenance(records)}\n\n"
+    said = provenance(records, shared)
+    return (f"## How much narrower the intervals get with more queries per user\n\n{said + chr(10) * 2 if said else ''}"
             f"{table(header, rows)}\n\nHalf-width of the 95% bootstrap interval over users of each run's primary "
             "metric, under LaMP's protocol and under tailor's, for the same entry on the same users; a ratio under 1 "
             "is a narrower interval. The two protocols ask different queries, so their metric values differ too.\n")
@@ -550,14 +563,16 @@ def report(folder: Path, plots: Path, made_by: str, matrix: Matrix | None = None
     groups = [compare(task, protocol, [r for r in records if (r["task"], r["protocol"]) == (task, protocol)])
               for task, protocol in keys]
     pictures = plot(groups, plots)
+    shared = setup(records)
     with_methods = {g.task for g in groups if any(r["role"] == "method" for r in g.records)}
     unmeasured = [get_task(task).name for task in TASKS if task not in with_methods]
     gaps = (f"No personalized method has a record yet on {', '.join(unmeasured)}; the last section lists every run "
             "still missing.\n" if unmeasured else "")
     return "\n".join([
         "# Leaderboard\n", decision_table(groups, made_by) + gaps,
-        "## Every run, per task and protocol\n", *(group_table(g, made_by) for g in groups),
-        interval_table(groups, made_by),
+        "## Every run, per task and protocol\n\nEvery table below was made by the same command, on the setup the "
+        "decision table names unless it says otherwise.\n", *(group_table(g, shared) for g in groups),
+        interval_table(groups, shared),
         "## Quality against cost per user\n\n" + "\n".join(f"![{get_task(p.stem).name}]({p})" for p in pictures)
         + "\n",
         *([missing_table(matrix, folder)] if matrix is not None else []),

@@ -125,6 +125,7 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert len(rows) == 2 and all("RAG k=1" in row and "p=" in row for row in rows)
     assert "python -m benchmarks.leaderboard report --matrix matrix.toml --out-md board.md" in decision
     assert "tiny/2x32 on cpu in float32" in decision
+    assert text.count("tiny/2x32 on cpu in float32") == 1  # the setup is said once; the tables below share it
     assert text.count("### LaMP-2N") == 2 and "RAG k=1, swapped histories" in text
     assert (board / "board" / "plots" / "lamp2n.png").stat().st_size > 0
     for record in records.values():
