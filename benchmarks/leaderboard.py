@@ -512,7 +512,8 @@ def interval_table(groups: Sequence[Group], shared: str) -> str:
               "queries (tailor)", "CI half-width (tailor)", "ratio"]
     records = [r for g in groups for r in g.records]
     said = provenance(records, shared)
-    return (f"## How much narrower the intervals get with more queries per user\n\n{said + chr(10) * 2 if said else ''}"
+    intro = f"{said}\n\n" if said else ""
+    return (f"## How much narrower the intervals get with more queries per user\n\n{intro}"
             f"{table(header, rows)}\n\nHalf-width of the 95% bootstrap interval over users of each run's primary "
             "metric, under LaMP's protocol and under tailor's, for the same entry on the same users; a ratio under 1 "
             "is a narrower interval. The two protocols ask different queries, so their metric values differ too.\n")
