@@ -582,17 +582,22 @@ def report(folder: Path, plots: Path, made_by: str, matrix: Matrix | None = None
 
 def missing_table(matrix: Matrix, records: Path) -> str:
     """The matrix's runs that have no record yet, per task and protocol: what the tables above do not answer."""
-    missing: dict[tuple[str, int], list[str]] = {}
+    missing: dict[tuple[str, int], dict[str, list[str]]] = {}
     for task, entry, protocol, histories in planned(matrix, None, None, None):
         if not record_path(records, task, protocol, entry.label, histories).exists():
-            label = entry.label + (", swapped histories" if histories == "swapped" else "")
-            missing.setdefault((task, protocol), []).append(label)
+            missing.setdefault((task, protocol), {}).setdefault(entry.label, []).append(histories)
     if not missing:
         return "## Not measured yet\n\nEvery run of the matrix has its record.\n"
-    rows = [(get_task(task).name, protocol_short(protocol), len(labels), "; ".join(labels))
-            for (task, protocol), labels in missing.items()]
-    return ("## Not measured yet\n\nRuns of the matrix (benchmarks/leaderboard.toml) without a record: "
-            "`python -m benchmarks.leaderboard run` runs exactly these.\n\n"
+
+    def named(label: str, histories: list[str]) -> str:
+        if len(histories) == 2:
+            return f"{label} (+ swapped)"
+        return label + (", swapped histories" if histories == ["swapped"] else "")
+
+    rows = [(get_task(task).name, protocol_short(protocol), sum(map(len, labels.values())),
+             "; ".join(named(label, h) for label, h in labels.items())) for (task, protocol), labels in missing.items()]
+    return ("## Not measured yet\n\nRuns of the matrix (benchmarks/leaderboard.toml) without a record (\"+ swapped\": "
+            "and its swapped control): `python -m benchmarks.leaderboard run` runs exactly these.\n\n"
             + table(("task", "protocol", "runs", "entries"), rows) + "\n")
 
 

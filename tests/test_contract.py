@@ -71,6 +71,7 @@ CASES: dict[str, Case] = {
     "stylevector": Case("lamp7", dict(layer=1, scale=4.0, max_items=3, answer_tokens=6, max_new_tokens=6)),
     "fusion": Case("lamp2n", dict(base_options="r=4,lr=0.02,max_total=16,epochs=1,max_examples=4,history_tokens=48,"
                                                 "max_target_tokens=8")),
+    "lexical": Case("lamp7"),
     "p2p": Case("lamp2n", dict(summary_tokens=8, summary_items=4, summary_history_tokens=64, history_tokens=48, r=4,
                                hidden=32, module_dim=8, depth_dim=8, batch=4, later_items=2, max_target_tokens=8,
                                encoder="backbone", steps=2, lr=1e-2)),
@@ -240,8 +241,10 @@ def bf16_backbone(backbone: Backbone) -> Backbone:
 def test_float32_and_bfloat16_agree(name: str, backbone: Backbone, bf16_backbone: Backbone, lamp_dir: Path,
                                     cache: Path) -> None:
     """Each method fitted, personalized and asked in either precision: the same labels, and scores within
-    BF16_TOLERANCE. Generation tasks are asked as LaMP-2N here, so that answers compare as scores."""
-    task = "lamp2n" if get_task(CASES[name].task).family == "generation" else CASES[name].task
+    BF16_TOLERANCE. Generation tasks are asked as LaMP-2N here, so that answers compare as scores (a method without a
+    backbone, which has no precision, keeps its own task)."""
+    generation = get_task(CASES[name].task).family == "generation"
+    task = "lamp2n" if generation and method_class(name).needs_backbone else CASES[name].task
     methods = [build(name, b, task=task) for b in (backbone, bf16_backbone)]
     chosen = load_users(get_task(task), "dev", lamp_dir)[:3]
     answers, states = [], []

@@ -137,6 +137,10 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     main(["report", "--matrix", "matrix.toml"])
     missing = capsys.readouterr().out.split("## Not measured yet", 1)[1]
     assert "| LaMP-2N | tailor, +2/user | 1 | RAG k=1, swapped histories |" in missing
+    (board / "board" / "records" / "lamp2n" / "2" / "RAG-k1.json").unlink()
+    main(["report", "--matrix", "matrix.toml"])
+    missing = capsys.readouterr().out.split("## Not measured yet", 1)[1]
+    assert "| LaMP-2N | tailor, +2/user | 2 | RAG k=1 (+ swapped) |" in missing  # a run and its control: one name
 
     main(["report", "--matrix", "matrix.toml", "--benchmarks", "BENCH.md", "--plot", "pictures"])
     bench = (board / "BENCH.md").read_text()

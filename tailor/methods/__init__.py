@@ -29,6 +29,7 @@ REGISTRY: dict[str, str] = {
     "stylevector": "tailor.methods.stylevector:StyleVector",
     "p2p": "tailor.methods.p2p:P2P",
     "fusion": "tailor.methods.fusion:Fusion",
+    "lexical": "tailor.methods.lexical:LexicalFusion",
 }
 
 
