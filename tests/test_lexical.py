@@ -53,6 +53,8 @@ def test_it_beats_copying_by_adding_the_users_words_and_deleting_filler(fitted) 
     copies = [task.retrieval_query(u.queries[0].input) for u in dev]
     assert all(f"sig{100 + i}" in words_of(a) for i, a in enumerate(answers))
     assert all("monday" not in words_of(a) for a in answers)
+    probabilities = dict(method.word_probabilities(method.personalize(dev[0]), dev[0].queries[0]))
+    assert probabilities["sig100"] > 0.5 > probabilities["monday"]
     assert compute_metrics(task, answers, golds)["rouge1"] > compute_metrics(task, copies, golds)["rouge1"] + 0.3
     log = method.fit_log
     assert set(log["by_factor"]) == set(FACTORS)

@@ -269,12 +269,18 @@ class LexicalFusion(Personalizer[LexicalConfig]):
                 answers[factor] += [self._answer(q.input, profile, rates, model, factor) for _, q, profile in held]
         return {f: round(compute_metrics(self.task, a, golds)["rouge1"], 4) for f, a in answers.items()}
 
-    def _answer(self, query_input: str, profile: _Profile, rates: _Rates, model: LogisticRegression,
-                factor: float) -> str:
+    def _scored(self, query_input: str, profile: _Profile, rates: _Rates, model: LogisticRegression
+                ) -> tuple[list[_Candidate], np.ndarray]:
         cands = _candidates(self.task, query_input, profile, self.config.add)
         if not cands:
+            return cands, np.zeros(0)
+        return cands, model.predict_proba(_features(cands, sum(c.position >= 0 for c in cands), profile, rates))[:, 1]
+
+    def _answer(self, query_input: str, profile: _Profile, rates: _Rates, model: LogisticRegression,
+                factor: float) -> str:
+        cands, p = self._scored(query_input, profile, rates, model)
+        if not cands:
             return ""
-        p = model.predict_proba(_features(cands, sum(c.position >= 0 for c in cands), profile, rates))[:, 1]
         length = profile.length or sum(c.position >= 0 for c in cands)
         return _decode(cands, p, factor * length)
 
@@ -299,13 +305,24 @@ class LexicalFusion(Personalizer[LexicalConfig]):
         profile = _Profile.of(self.task, user)
         return self.new_state(user, {"shares": profile.shares, "length": profile.length})
 
-    def predict(self, requests: Sequence[Request], progress: Progress = None) -> list[Prediction]:
+    def _fitted(self) -> tuple[_Rates, LogisticRegression, float]:
         if self.model is None or self.rates is None or self.factor is None:
             raise RuntimeError("lexical: call fit(train_users) before predict")
+        return self.rates, self.model, self.factor
+
+    def word_probabilities(self, state: UserState, query: Query) -> list[tuple[str, float]]:
+        """p(w ∈ y | x, u) of each candidate word (the input's, then the user's): what the answer is chosen from,
+        for a caller that scores other answers with it."""
+        rates, model, _ = self._fitted()
+        cands, p = self._scored(query.input, _Profile(state.header["shares"], state.header["length"]), rates, model)
+        return [(c.word, float(pi)) for c, pi in zip(cands, p)]
+
+    def predict(self, requests: Sequence[Request], progress: Progress = None) -> list[Prediction]:
+        rates, model, factor = self._fitted()
         out = []
         for state, query in requests:
             profile = _Profile(state.header["shares"], state.header["length"])
-            out.append(Prediction(self._answer(query.input, profile, self.rates, self.model, self.factor), "words"))
+            out.append(Prediction(self._answer(query.input, profile, rates, model, factor), "words"))
         if progress:
             progress(len(requests))
         return out
