@@ -410,7 +410,7 @@ def setup(records: Sequence[dict]) -> str:
     """Backbones, devices, precisions and machines of the records, each distinct combination once."""
     backbones = sorted({f"{r['backbone']} on {r['device']} in {r['dtype']} ({r['hardware']})"
                         for r in records if r["backbone"]})
-    machines = sorted({r["machine"] for r in records})
+    machines = sorted({r["machine"].split("; backbone ")[0] for r in records})  # its device is named just before
     return f"Backbone: {'; '.join(backbones) or 'none (model-free runs only)'}. Machine: {'; '.join(machines)}."
 
 
@@ -489,10 +489,13 @@ def group_table(group: Group, shared: str) -> str:
                      f"{r['state_params_per_user']:,.0f}"])
     references = ", ".join(f"best {role}: {ref['label']}" for role, ref in
                            (("floor", group.floor), ("baseline", group.baseline)) if ref)
-    commands = "\n".join(f"    {r['command']}" for r in group.records)
     said = " ".join(part for part in (provenance(group.records, shared), references.capitalize() + ".") if part)
+    # One command per table, not one per row: the rows' own `tailor eval` commands, each in its record, would take
+    # a quarter of the page and grow with every run.
+    made = (f"Made by `python -m benchmarks.leaderboard run --tasks {group.task} --protocols {group.protocol}`; each "
+            "row's own `tailor eval` command is in its record.")
     return (f"### {get_task(group.task).name}, {protocol_name(group.protocol)}\n\n{said}\n\n"
-            f"{table(header, rows)}\n\nCommands:\n\n{commands}\n")
+            f"{table(header, rows)}\n\n{made}\n")
 
 
 def interval_table(groups: Sequence[Group], shared: str) -> str:
