@@ -18,8 +18,8 @@ For a query x of user u, the candidates are every word w of x and every word of 
 - h_u(w): the share of u's history items whose output contains w: the one personal feature, kept apart for input
   and added words.
 
-β is learned by logistic regression on the training users' queries (one row per candidate; the label: the word is
-in the gold output). The answer is the set S of the top-k candidates by p, with k maximising the expected F1
+β is learned by logistic regression on the training users' queries and, with `history_examples`, their last history
+items asked as queries (one row per candidate; the label: the word is in the gold output). The answer is the set S of the top-k candidates by p, with k maximising the expected F1
 against the unseen output y,
 
     E[F1(S, y)] ≈ 2 · Σ_{w ∈ S} p(w) / (|S| + t · L_u)
@@ -29,7 +29,8 @@ the training users (the fit log has each factor's score). Kept input words come 
 after them, most likely first.
 
 What it is not: the answer is a word selection, not a written text: ROUGE-1 does not read word order, ROUGE-L and a
-reader do (the leaderboard reports both). Nothing here reads the backbone; the state is the user's word shares and
+reader do (the leaderboard reports both). Letting the backbone write a headline from the selection kept a fifth of
+the gain on LaMP-4 (docs/benchmarks/lexical-fusion.md). Nothing here reads the backbone; the state is the user's word shares and
 mean output length (`state_is_history`: an update is a personalize on the grown history). Classification and
 regression tasks have their label sets, which `fusion` fuses; this method refuses them.
 """
