@@ -199,10 +199,10 @@ def test_oppu_exports_base_plus_user_as_one_peft_adapter(backbone: Backbone, lam
         assert total == pytest.approx(ours[0, j], abs=1e-3)
 
 
-def test_oppu_fits_its_base_once_through_the_fit_cache(backbone: Backbone, lamp_dir: Path) -> None:
+def test_oppu_fits_its_base_once_through_the_fit_cache(backbone: Backbone, lamp_dir: Path, tmp_path: Path) -> None:
     """OPPU's fit is its MT-LoRA base's, a prerequisite fitted in the base's own place in the fit cache: the first
     OPPU shows the base's bar and ends it full; a second one loads the base, with no bar standing at 0."""
-    from tailor.runs.fits import fit_folder, fit_method
+    from tailor.runs.fits import fit_folder, fit_method, made_seconds
 
     task, train = get_task("lamp2n"), users_of(lamp_dir, "train")[:3]
     options = dict(FAST, steps=1, base_epochs=1, base_max_examples=2)
@@ -219,6 +219,11 @@ def test_oppu_fits_its_base_once_through_the_fit_cache(backbone: Backbone, lamp_
     second = OPPU(task, backbone, **options)
     fit_method(second, train, progress)
     assert bars == {}
+    made = made_seconds([fit_folder(first.base, train)])  # the second OPPU spent only loading; fitting cost this
+    assert made is not None and made > 0
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "DONE").write_text('{"users": 3}')  # a fit cached before its seconds were recorded
+    assert made_seconds([fit_folder(first.base, train), tmp_path / "old"]) is None
     assert first.base.stack is not None and second.base.stack is not None
     assert all(torch.equal(first.base.stack.B[s], second.base.stack.B[s]) for s in first.base.stack.sites)
 

@@ -60,13 +60,29 @@ def fit_method(method: Personalizer, users: Sequence[User], progress: ProgressFa
         ticked += n
         bar(n)  # type: ignore[misc]
 
+    started = time.perf_counter()
     method.fit(users, progress=tick if bar else None, workdir=folder)
     if bar and ticked < len(users):  # a fit whose work was cached elsewhere ticks less or not at all
         bar(len(users) - ticked)
     method.save_fit(folder)
     Checkpoint.discard(folder)
-    (folder / "DONE").write_text(json.dumps({"users": len(users), "method": method.describe()}, indent=2))
+    (folder / "DONE").write_text(json.dumps({"users": len(users), "method": method.describe(),
+                                             "seconds": round(time.perf_counter() - started, 3)}, indent=2))
     return folders
+
+
+def made_seconds(folders: Sequence[str | Path]) -> float | None:
+    """What fitting once cost: the seconds the fits in `folders` took when they were made (a run that loads them
+    spends only the loading, which is what its own fit seconds measure). A fit resumed from its checkpoint counts
+    the last process only. None when a folder is gone or was made before its seconds were recorded."""
+    total = 0.0
+    for folder in folders:
+        done = Path(folder) / "DONE"
+        seconds = json.loads(done.read_text()).get("seconds") if done.exists() else None
+        if seconds is None:
+            return None
+        total += seconds
+    return total
 
 
 class Fitted(NamedTuple):
