@@ -173,6 +173,8 @@ def _decode(cands: Sequence[_Candidate], p: np.ndarray, length: float) -> str:
 
 class LexicalFusion(Personalizer[LexicalConfig]):
     name = "lexical"
+    mode = "words"
+    """How it answers, as a run's config records it (methods without a backbone are recorded as priors otherwise)."""
     state_is_history = True
     update_note = HISTORY_UPDATE
 
@@ -323,7 +325,7 @@ class LexicalFusion(Personalizer[LexicalConfig]):
         out = []
         for state, query in requests:
             profile = _Profile(state.header["shares"], state.header["length"])
-            out.append(Prediction(self._answer(query.input, profile, rates, model, factor), "words"))
+            out.append(Prediction(self._answer(query.input, profile, rates, model, factor), self.mode))
         if progress:
             progress(len(requests))
         return out
