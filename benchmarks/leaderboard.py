@@ -294,8 +294,8 @@ def numel(path: Path) -> int:
 def fit_seconds(folder: Path, measured_s: float) -> float:
     """The run's fit seconds, or, where it loaded fits another process made (a benchmark that chose the options, an
     earlier run), the seconds those fits took when they were made: what fitting the method once costs."""
-    recorded = json.loads((folder / "fit_time.json").read_text()).get("fits") if (folder / "fit_time.json").exists() \
-        else None
+    path = folder / "fit_time.json"
+    recorded = json.loads(path.read_text()).get("fits") if path.exists() else None
     made = made_seconds(recorded) if recorded else None
     return max(measured_s, made) if made is not None else measured_s
 
