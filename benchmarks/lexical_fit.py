@@ -17,7 +17,7 @@ from pathlib import Path
 from benchmarks.common import machine, publish
 from tailor.data.lamp import load_users
 from tailor.methods.lexical import LexicalFusion, words_of
-from tailor.methods.options import typed_options
+from tailor.methods.options import pairs, typed_options
 from tailor.tasks import get_task
 from tailor.tasks.metrics import compute_metrics
 
@@ -42,8 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              "| options | examples | cross-validated ROUGE-1 by length factor t | chosen t | training ROUGE-1 | fit s |",
              "|---|---|---|---|---|---|"]
     for config in args.configs:
-        options = typed_options(LexicalFusion,
-                                dict(pair.split("=", 1) for pair in config.split(",") if pair))
+        options = typed_options(LexicalFusion, pairs([p for p in config.split(",") if p], "--configs"))
         method = LexicalFusion(task, **options)
         start = time.perf_counter()
         method.fit(train)

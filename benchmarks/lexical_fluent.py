@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from benchmarks.common import add_device_options, machine, publish
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.methods.lexical import LexicalFusion, words_of
+from tailor.store.state import UserState
 from tailor.tasks import get_task
 from tailor.tasks.metrics import compute_metrics
+from tailor.tasks.records import Query
 from tailor.tasks.stats import paired_bootstrap
 
 FLUENT = ("global-prior", "user-prior", "non-personalized", "RAG-k4", "MT-LoRA")
@@ -53,13 +55,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                        / "0" / f"{name}.json").read_text())["answers"]}
                 for name in FLUENT}
 
-    def expected_f1(state, query, text: str) -> float:  # noqa: ANN001 - a UserState and a Query
+    def chose(state: UserState, query: Query) -> str:
         scored = dict(method.word_probabilities(state, query))
-        words = words_of(text)
-        return 2 * sum(scored.get(w, 0.01) for w in words) / (len(words) + state.header["length"]) if words else 0.0
 
-    chosen = [max((recorded[name][q.id] for name in FLUENT), key=lambda text: expected_f1(s, q, text))
-              for s, q in zip(states, queries)]
+        def expected_f1(text: str) -> float:
+            words = words_of(text)
+            return 2 * sum(scored.get(w, 0.01) for w in words) / (len(words) + state.header["length"]) if words else 0.0
+
+        return max((recorded[name][query.id] for name in FLUENT), key=expected_f1)
+
+    chosen = [chose(s, q) for s, q in zip(states, queries)]
     backbone = Backbone.load(args.model, args.device, args.dtype)
     prompts = [WRITE.format(words=w, article=task.retrieval_query(q.input)) for w, q in zip(selected, queries)]
     written = [text.strip().split("\n")[0].strip('"') for text in

@@ -103,6 +103,10 @@ class _Profile:
         length = sum(map(len, outputs)) / len(outputs) if outputs else 0.0
         return cls({word: c / n for word, c in counts.items()}, length)
 
+    @classmethod
+    def of_state(cls, state: UserState) -> _Profile:
+        return cls(state.header["shares"], state.header["length"])
+
 
 class _Rates:
     """r(w) of the docstring: per kind, how often a candidate word was in the training users' golds."""
@@ -149,7 +153,8 @@ def _candidates(task: Task, query_input: str, profile: _Profile, add: bool) -> l
     return found
 
 
-def _features(cands: Sequence[_Candidate], n_input: int, profile: _Profile, rates: _Rates) -> np.ndarray:
+def _features(cands: Sequence[_Candidate], profile: _Profile, rates: _Rates) -> np.ndarray:
+    n_input = sum(c.position >= 0 for c in cands)
     rows = []
     for c in cands:
         share = profile.shares.get(c.word, 0.0)
@@ -225,10 +230,12 @@ class LexicalFusion(Personalizer[LexicalConfig]):
         return out
 
     def _learned(self, examples: Sequence[tuple[str, Query, _Profile]]) -> tuple[_Rates, LogisticRegression]:
-        rates = _Rates()
-        tallies: dict[str, list[tuple[str, str, bool]]] = {}
+        by_owner: dict[str, list[tuple[Query, _Profile]]] = {}
         for owner, q, profile in examples:
-            tallies.setdefault(owner, []).extend(self._tally(q, profile))
+            by_owner.setdefault(owner, []).append((q, profile))
+        tallies = {owner: [t for q, profile in asked for t in self._tally(q, profile)]
+                   for owner, asked in by_owner.items()}
+        rates = _Rates()
         for tally in tallies.values():
             for kind, word, hit in tally:
                 rates.count(kind, word, hit)
@@ -236,9 +243,9 @@ class LexicalFusion(Personalizer[LexicalConfig]):
         for owner, tally in tallies.items():
             for kind, word, hit in tally:  # leave the user's own examples out of the rates their rows see
                 rates.count(kind, word, hit, -1)
-            for _, q, profile in (e for e in examples if e[0] == owner):
+            for q, profile in by_owner[owner]:
                 cands = _candidates(self.task, q.input, profile, self.config.add)
-                rows.append(_features(cands, sum(c.position >= 0 for c in cands), profile, rates))
+                rows.append(_features(cands, profile, rates))
                 gold = set(words_of(q.gold or ""))
                 labels += [float(c.word in gold) for c in cands]
             for kind, word, hit in tally:
@@ -277,7 +284,7 @@ class LexicalFusion(Personalizer[LexicalConfig]):
         cands = _candidates(self.task, query_input, profile, self.config.add)
         if not cands:
             return cands, np.zeros(0)
-        return cands, model.predict_proba(_features(cands, sum(c.position >= 0 for c in cands), profile, rates))[:, 1]
+        return cands, model.predict_proba(_features(cands, profile, rates))[:, 1]
 
     def _answer(self, query_input: str, profile: _Profile, rates: _Rates, model: LogisticRegression,
                 factor: float) -> str:
@@ -317,15 +324,14 @@ class LexicalFusion(Personalizer[LexicalConfig]):
         """p(w ∈ y | x, u) of each candidate word (the input's, then the user's): what the answer is chosen from,
         for a caller that scores other answers with it."""
         rates, model, _ = self._fitted()
-        cands, p = self._scored(query.input, _Profile(state.header["shares"], state.header["length"]), rates, model)
+        cands, p = self._scored(query.input, _Profile.of_state(state), rates, model)
         return [(c.word, float(pi)) for c, pi in zip(cands, p)]
 
     def predict(self, requests: Sequence[Request], progress: Progress = None) -> list[Prediction]:
         rates, model, factor = self._fitted()
         out = []
         for state, query in requests:
-            profile = _Profile(state.header["shares"], state.header["length"])
-            out.append(Prediction(self._answer(query.input, profile, rates, model, factor), self.mode))
+            out.append(Prediction(self._answer(query.input, _Profile.of_state(state), rates, model, factor), self.mode))
         if progress:
             progress(len(requests))
         return out
