@@ -281,3 +281,35 @@ def test_prefix_groups_pair_twins_and_keep_a_shared_instruction_whole() -> None:
     assert sorted((size, members) for size, members in by_user) == [(90, [0, 2, 4]), (90, [1, 3])]
     capped = _prefix_groups(questions, [139, 40, 139, 139, 139], [0] * 5)  # row 1's edits begin at token 40
     assert capped == [(40, [0, 1]), (90, [2, 3, 4])]  # no prefix reaches past a row's limit; the rest share 90
+
+
+def test_generated_answers_reach_the_cache_before_a_long_generation_ends(backbone: Backbone, tmp_path) -> None:
+    """A run killed while it writes many answers (P2P's summaries, CHAMELEON's insights) keeps the batches it
+    finished: the rerun generates only the rest."""
+    from tailor.backbone.cache import SAVE_EVERY, cached_generate
+    from tailor.backbone.textcache import TextCache
+
+    cache = TextCache(tmp_path / "text.sqlite")
+    prompts = [f"prompt number {i}" for i in range(2 * SAVE_EVERY + 1)]
+    asked: list[int] = []
+    generate = backbone.generate
+
+    killed = [True]
+
+    def counted(batch: list[str], *args, **kwargs) -> list[str]:
+        asked.append(len(batch))
+        if killed[0] and len(asked) > 1:
+            raise KeyboardInterrupt
+        return generate(batch, *args, **kwargs)
+
+    backbone.generate = counted  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cached_generate(backbone, prompts, 2, batch_size=1, cache=cache)
+        killed[0] = False
+        asked.clear()
+        answers = cached_generate(backbone, prompts, 2, batch_size=1, cache=cache)
+    finally:
+        del backbone.generate
+    assert sum(asked) == len(prompts) - SAVE_EVERY  # the first step's answers were read back, not generated again
+    assert answers == [generate([p], 2, 1)[0] for p in prompts]

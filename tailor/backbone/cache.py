@@ -20,6 +20,15 @@ from tailor.backbone.loading import cache_root
 from tailor.backbone.model import Backbone
 from tailor.backbone.textcache import KeyValueStore, TextCache, text_key
 
+SAVE_EVERY = 8
+"""Batches answered between two writes to the text cache: a run killed while it writes many answers (P2P's summaries
+of 160 training users take half an hour) keeps all but the last few batches, and a rerun generates only those."""
+
+
+def _saved_in_steps(todo: list[tuple[str, object]], batch_size: int) -> list[list[tuple[str, object]]]:
+    step = max(1, batch_size) * SAVE_EVERY
+    return [todo[i:i + step] for i in range(0, len(todo), step)]
+
 
 def cached_generate(backbone: Backbone, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8,
                     cache: TextCache | None = None) -> list[str]:
@@ -28,8 +37,8 @@ def cached_generate(backbone: Backbone, prompts: Sequence[str], max_new_tokens: 
     keys = [text_key("generate", backbone.model_id, str(backbone.dtype), max_new_tokens, p) for p in prompts]
     known = cache.get_many(keys)
     todo = sorted({k: p for k, p in zip(keys, prompts) if k not in known}.items())
-    if todo:
-        fresh = dict(zip([k for k, _ in todo], backbone.generate([p for _, p in todo], max_new_tokens, batch_size)))
+    for step in _saved_in_steps(todo, batch_size):
+        fresh = dict(zip([k for k, _ in step], backbone.generate([p for _, p in step], max_new_tokens, batch_size)))
         cache.put_many(fresh)
         known.update(fresh)
     return [known[k] for k in keys]
@@ -52,11 +61,11 @@ def cached_best_label(backbone: Backbone, prompts: Sequence[str], labels: Sequen
             for p, r in jobs]
     known = cache.get_many(keys)
     todo = sorted({k: job for k, job in zip(keys, jobs) if k not in known}.items())
-    if todo:
-        scores = backbone.score_labels([p for _, (p, _) in todo], labels, batch_size)
+    for step in _saved_in_steps(todo, batch_size):
+        scores = backbone.score_labels([p for _, (p, _) in step], labels, batch_size)
         if content_free is not None:
-            scores = backbone.calibrate(scores, [r for _, (_, r) in todo], labels, batch_size)
-        fresh = {k: labels[int(i)] for (k, _), i in zip(todo, scores.argmax(axis=1))}
+            scores = backbone.calibrate(scores, [r for _, (_, r) in step], labels, batch_size)
+        fresh = {k: labels[int(i)] for (k, _), i in zip(step, scores.argmax(axis=1))}
         cache.put_many(fresh)
         known.update(fresh)
     return [known[k] for k in keys]
