@@ -250,6 +250,18 @@ def test_personalize_and_demo_check_the_run_before_loading_anything(tmp_path: Pa
     assert "users must be at least 1" in result.stderr and "Loading weights" not in result.stderr
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["--words-task", "lamp2n"], "--words-task lamp2n: the demo needs a generation task"),
+    (["--task", "lamp7"], "--task lamp7: the demo needs a label or rating task"),
+    (["--words-users", "-2"], "--words-users must be 0"),
+])
+def test_the_demo_refuses_a_task_its_table_cannot_run_before_loading_anything(tmp_path: Path, args: list[str],
+                                                                              says: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "tailor.cli", "demo", *args, "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and says in result.stderr and "Loading weights" not in result.stderr
+
+
 def test_a_method_config_rejects_negative_counts_but_not_signed_scales() -> None:
     from tailor.methods import method_class
 
