@@ -89,7 +89,7 @@ def test_compare_runs_table(three_runs: list[Path]) -> None:
     base, good, same = rows["zero_shot (baseline)"], rows["RAG k=4"], rows["copy"]
 
     assert base["mode"] == "scoring" and good["mode"] == "generation"
-    assert base["wall time"] == "12.3 s"
+    assert base["run s"] == "12.3 s"
     assert base["Δ accuracy vs baseline (p)"] == "—" and base["paired queries"] == "—"
     assert good["paired queries"] == str(N_QUERIES)
     assert same["paired queries"] == str(N_QUERIES // 2) and same["queries"] == str(N_QUERIES // 2)
@@ -245,7 +245,7 @@ def test_write_run_report(tmp_path: Path) -> None:
     f1 = metrics["f1"]
     assert f"| f1 ↑ | {f1['value']:.4f} [{f1['ci'][0]:.4f}, {f1['ci'][1]:.4f}] |" in text
     assert '| method_config | {"k": 4} |' in text
-    assert "| wall time | 12.3 s |" in text
+    assert "| run s (fit + personalize + predict) | 12.3 s |" in text
     assert f"| queries | {N_QUERIES} |" in text
 
 

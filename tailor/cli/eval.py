@@ -92,7 +92,7 @@ def metrics_table(runs: list[dict]) -> Table:
     names = list(runs[0]["metrics"])
     for name in names:
         table.add_column(name)
-    table.add_column("wall s", justify="right")
+    table.add_column("run s", justify="right")
     for run in runs:
         cells = [f"{m['value']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]" for m in (run["metrics"][n] for n in names)]
         table.add_row(run["label"], run["mode"] or "", *cells, f"{run['wall_time_s']:.1f}")

@@ -101,7 +101,7 @@ def _comparison_table(runs: Sequence[Run], metrics: Sequence[str], pairings: Seq
     With `answers` (labels and scores, not generated text), a column shows each run's most frequent answer."""
     header = ["run", "mode", "queries", *(["most frequent answer"] if answers else []),
               *(metric_header(m) for m in metrics), *(f"Δ {m} vs baseline (p)" for m in metrics), "paired queries",
-              "wall time"]
+              "run s"]
     rows = []
     for run, label, pairing in zip(runs, _display_labels(runs), pairings):
         values = [value_with_ci(run, m) for m in metrics]
@@ -191,7 +191,7 @@ def compare_runs(
 ) -> str:
     """A markdown comparison of runs of one task against a baseline run (by label, method or dir name; default first).
 
-    Each run shows its recorded metrics with CIs, mode and wall time; each other run also shows the paired-bootstrap
+    Each run shows its recorded metrics with CIs, mode and run seconds (fit + personalize + predict); each other run also shows the paired-bootstrap
     delta (run − baseline) and p-value on the queries it shares with the baseline, and how many those are. With
     `costs`, a second table gives each run's one-time fit and its per-user cost (see `cost_table`). With `out_dir`,
     also writes comparison.md and a bar chart, comparison.png, there.
@@ -210,7 +210,8 @@ def compare_runs(
         + _comparison_table(runs, metrics, pairings, answers)
         + f"\n\nMetric values are each run's own, with its recorded CI. Δ is run − baseline on the queries both "
         f"runs answered (\"paired queries\"), with a two-sided paired bootstrap p-value over users ({n_resamples} "
-        f"resamples, seed {seed}).\n"
+        f"resamples, seed {seed}). Run s: its fit, personalize and predict seconds (a swapped control that borrowed its "
+        f"states counts what they cost their lender).\n"
         + (f"The most frequent gold answer of the baseline's queries: {_top_answer(golds)}.\n"
            if answers and golds else "")
         + (f"\n{cost_table(runs)}\n" if costs else "")

@@ -138,6 +138,9 @@ def value_with_ci(run: Run, metric: str) -> str:
 
 
 def wall_time(run: Run) -> str:
+    """The run's seconds: its fit, its users' personalize and its queries' predict seconds (`wall_time_s`). Not the
+    elapsed time: a resumed run counts every part once, and a swapped control that borrowed its states counts the
+    personalize seconds their lender measured, what the control would cost on its own."""
     seconds = run.metrics.get("wall_time_s")
     return "n/a" if seconds is None else f"{float(seconds):.1f} s"
 
@@ -149,12 +152,12 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def write_run_report(run_dir: str | Path) -> Path:
-    """Write run_dir/report.md (configuration, metrics with CIs, size and wall time) and return its path."""
+    """Write run_dir/report.md (configuration, metrics with CIs, size and run seconds) and return its path."""
     run = load_run(run_dir, predictions=False)
     settings = [(key, json.dumps(value) if isinstance(value, (dict, list)) else value)
                 for key, value in run.config.items()]
     sizes = [("users", run.metrics.get("n_users", "n/a")), ("queries", run.metrics.get("n_queries", "n/a")),
-             ("wall time", wall_time(run))]
+             ("run s (fit + personalize + predict)", wall_time(run))]
     metric_rows = [(metric_header(m), value_with_ci(run, m)) for m in metric_names(run.task)]
     text = "\n\n".join([
         f"# {run.task.name}: {run.label}",
