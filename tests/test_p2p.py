@@ -47,7 +47,7 @@ def trained(backbone: Backbone, lamp_dir: Path, tmp_path_factory: pytest.TempPat
     """A hypernetwork trained a few steps at a high rate, so that the LoRAs it writes are far from zero."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TAILOR_CACHE", str(tmp_path_factory.mktemp("cache")))
-        fitted = method(backbone, steps=6, lr=1e-2)
+        fitted = method(backbone, steps=6, lr=1e-2, keep_best=False)
         fitted.fit(users_of(lamp_dir, "train"))
     return fitted
 
@@ -306,3 +306,21 @@ def test_the_budget_counts_training_not_the_preparation_of_the_training_set(
     monkeypatch.setattr(p2p, "training_set", slow)
     p2p.fit(users_of(lamp_dir, "train"), workdir=tmp_path)
     assert p2p.fit_log["steps"] > 1 and p2p.fit_log["prepare_s"] >= 1.0
+
+
+def test_the_fit_ends_with_the_weights_of_its_lowest_validation_loss(backbone: Backbone, lamp_dir: Path) -> None:
+    """At a rate this high the held-out loss rises after the first steps: the fit keeps the best step's weights,
+    which are exactly those of a fit stopped at that step."""
+    users = users_of(lamp_dir, "train")
+    options = dict(steps=6, lr=0.1, eval_every=1, val_users=3)
+    best = method(backbone, **options)
+    best.fit(users)
+    log = best.fit_log
+    kept = min(log["curve"], key=lambda point: point[2])
+    assert (log["kept_step"], log["kept_validation_loss"]) == (kept[0], kept[2])
+    assert log["kept_step"] < log["steps"] == 6  # the rate makes the last step worse than an earlier one
+    stopped = method(backbone, **{**options, "steps": log["kept_step"], "keep_best": False})
+    stopped.fit(users)
+    assert best.hypernet is not None and stopped.hypernet is not None
+    for (name, a), (_, b) in zip(best.hypernet.state_dict().items(), stopped.hypernet.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name

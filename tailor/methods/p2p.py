@@ -26,6 +26,7 @@ with users of several tasks every batch holds up to `tasks_per_batch` tasks draw
 square root of each task's number of examples. The paper's 20,000 steps of batch 32 at lr 2e-5 do not fit a CPU: the
 defaults are a small, fixed budget (`steps`, `batch`) at a larger rate, and the fit checkpoints every
 CHECKPOINT_EVERY steps so that a killed fit resumes, writing its loss curve (loss.csv) beside the checkpoint.
+With held-out training users (`val_users`) it ends with the weights of its lowest validation loss (`keep_best`).
 
 Deployment (section 3.2): `personalize(user)` = summary (cached) -> profile -> embedding -> one hypernetwork pass
 over all of the user's adapters. Because the profile holds the items retrieved for the input, an adapter belongs to
@@ -124,6 +125,9 @@ class P2PConfig(LMConfig):
     """The official regulariser on the written LoRAs: coefficient x (mean(A^2) + mean(B^2)), summed over modules."""
     val_users: int = 12
     """Training users held out of the fit whose loss is the learning curve (curve.csv, curve.png); 0: none."""
+    keep_best: bool = True
+    """End with the weights of the lowest validation loss seen (every `eval_every` steps and at the start), not the
+    last step's: on LaMP-3's 0.5B fit the held-out loss was 0.39 at step 50 and 0.57 at the budget's step 101."""
     eval_every: int = 25
     batch: int = 8
     """Rows per step; each row is one (user, example) with its own generated LoRA."""
@@ -265,7 +269,8 @@ class P2P(LMPersonalizer[P2PConfig]):
     """Profile-to-PEFT: a user's state is their summary, history and the LoRAs the hypernetwork wrote for them."""
 
     name = "p2p"
-    version = 2  # 2: the official profile statistics, rsLoRA scale, label smoothing and L2; a time-budgeted fit
+    version = 3  # 2: the official profile statistics, rsLoRA scale, label smoothing and L2; a time-budgeted fit;
+    # 3: the fit keeps the weights of its lowest validation loss (`keep_best`)
     update_note = "the profile summary and the LoRAs the hypernetwork writes depend on the whole history: rebuilt"
 
     @property
@@ -459,9 +464,10 @@ class P2P(LMPersonalizer[P2PConfig]):
         optimizer = torch.optim.AdamW(hypernet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         losses: list[float] = []
         curve: list[list[float]] = []  # [step, mean training loss since the last point, validation loss]
+        best: dict = {}  # the weights with the lowest validation loss so far: {"step", "loss", "hypernet"}
         saved = checkpoint.restore()
         if saved is not None:
-            losses, curve = saved["losses"], saved["curve"]
+            losses, curve, best = saved["losses"], saved["curve"], saved.get("best", {})
             hypernet.load_state_dict(saved["hypernet"])
             optimizer.load_state_dict(saved["optimizer"])
 
@@ -472,6 +478,9 @@ class P2P(LMPersonalizer[P2PConfig]):
                 val = self.batch_loss(hypernet, validation, list(range(len(validation.examples))))
             recent = losses[len(losses) - min(cfg.eval_every, len(losses)):]
             curve.append([step, sum(recent) / max(len(recent), 1), val])
+            if cfg.keep_best and (not best or val < best["loss"]):
+                best.update(step=step, loss=val,
+                            hypernet={k: v.detach().clone() for k, v in hypernet.state_dict().items()})
 
         if saved is None:
             validate(0)
@@ -483,7 +492,7 @@ class P2P(LMPersonalizer[P2PConfig]):
             if done % cfg.eval_every == 0 or out_of_time or done == len(plan):
                 validate(done)
             state = lambda: {"hypernet": hypernet.state_dict(), "optimizer": optimizer.state_dict(),  # noqa: E731
-                             "losses": losses, "curve": curve}
+                             "losses": losses, "curve": curve, "best": best}
             if checkpoint.save(done, done if out_of_time else len(plan), state) and workdir is not None:
                 write_loss_curve(workdir / "loss.csv", losses)
             if progress:  # the share of the steps or of the time budget used, whichever is larger
@@ -495,6 +504,8 @@ class P2P(LMPersonalizer[P2PConfig]):
                 break
         if progress:
             progress(total - reported)
+        if best:
+            hypernet.load_state_dict(best["hypernet"])
         self.hypernet = hypernet.eval()
         for param in self.hypernet.parameters():
             param.requires_grad_(False)
@@ -502,6 +513,7 @@ class P2P(LMPersonalizer[P2PConfig]):
                         "steps": done, "planned_steps": len(plan), "budget_s": cfg.budget_s,
                         "tasks": sorted(set(data.tasks)), "prepare_s": round(prepared, 2),
                         "seconds": round(checkpoint.seconds, 2), "resumed": saved is not None,
+                        "kept_step": best.get("step", done), "kept_validation_loss": best.get("loss"),
                         "losses": losses, "curve": curve}
 
     def save_fit(self, folder: Path) -> None:
