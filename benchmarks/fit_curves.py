@@ -15,6 +15,8 @@ from pathlib import Path
 
 def curve_section(run: Path) -> str:
     """Markdown: the run's fits that wrote a learning curve, each as a table."""
+    if not (run / "fit_time.json").exists():
+        return f"{run}: not a run folder that has fitted (no fit_time.json)"
     fits = json.loads((run / "fit_time.json").read_text()).get("fits") or []
     config = json.loads((run / "config.json").read_text())
     parts = []
