@@ -26,10 +26,11 @@ def curve_section(run: Path) -> str:
         log = json.loads((folder / "fit.json").read_text())
         rows = list(csv.DictReader((folder / "curve.csv").open()))
         kept = log.get("kept_step", log["steps"])
-        lines = [f"{config['task']} {config['method']} ({run}): {log['users']} training users, {log['examples']} "
-                 f"examples, {log['validation_users']} held-out users; {log['steps']} of {log['planned_steps']} "
-                 f"planned steps in a {log['budget_s']:.0f} s budget ({log['seconds']:.0f} s of training after "
-                 f"{log['prepare_s']:.0f} s of preparation); the fit ends with the weights of step {kept}.", "",
+        summary = (f"{config['task']} {config['method']} ({run}): {log['users']} training users, {log['examples']} "
+                   f"examples, {log['validation_users']} held-out users; {log['steps']} of {log['planned_steps']} "
+                   f"planned steps in a {log['budget_s']:.0f} s budget ({log['seconds']:.0f} s of training after "
+                   f"{log['prepare_s']:.0f} s of preparation); the fit ends with the weights of step {kept}.")
+        lines = [summary, "",
                  "| step | training loss (since the previous point) | validation loss |", "|---|---|---|"]
         lines += [f"| {r['step']}{' (kept)' if int(r['step']) == kept else ''} | "
                   f"{'—' if int(r['step']) == 0 else format(float(r['train_loss']), '.4f')} | "
