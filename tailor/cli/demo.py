@@ -27,7 +27,7 @@ from tailor.cli._options import (DataDir, Device, Dtype, Model, check_spec, cons
 
 FUSION_BASE = "max_total=256,epochs=1"
 """The multi-task LoRA under prior fusion: the leaderboard's budget (benchmarks/leaderboard.toml); with the 135M model
-the demo's fusion run, fit included, took 128 s on two CPU cores from empty fit and text caches."""
+the demo's fusion run, fit included, took 157 s on two CPU cores from empty fit and text caches (README.md)."""
 QUERIES_PER_USER = 4
 Plan = list[tuple[str, str, dict, str]]
 """(run folder, method, options, histories) of one table."""
