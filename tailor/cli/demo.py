@@ -71,14 +71,14 @@ def demo_command(
                                  label=f"{method}, swapped histories" if histories == "swapped" else None)
                 for folder, method, options, histories in plan}
 
-    tables = [(out / "labels", specs(task, users, QUERIES_PER_USER, labels), "user-prior"),
-              (out / "words", specs(words_task, words_users or None, 0, words), "global-prior")]
     if words_users < 0:
         raise typer.BadParameter(f"--words-users must be 0 (all users) or more, not {words_users}")
     for name, option, generation in ((task, "--task", False), (words_task, "--words-task", True)):
         if (get_task(name).family == "generation") != generation:
             kind = "generation" if generation else "label or rating"
             raise typer.BadParameter(f"{option} {name}: the demo needs a {kind} task there")
+    tables = [(out / "labels", specs(task, users, QUERIES_PER_USER, labels), "user-prior"),
+              (out / "words", specs(words_task, words_users or None, 0, words), "global-prior")]
     for _, table, _ in tables:
         check_spec(next(iter(table.values())))
     threads()

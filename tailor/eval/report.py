@@ -191,8 +191,9 @@ def compare_runs(
 ) -> str:
     """A markdown comparison of runs of one task against a baseline run (by label, method or dir name; default first).
 
-    Each run shows its recorded metrics with CIs, mode and run seconds (fit + personalize + predict); each other run also shows the paired-bootstrap
-    delta (run − baseline) and p-value on the queries it shares with the baseline, and how many those are. With
+    Each run shows its recorded metrics with CIs, mode and run seconds (fit + personalize + predict); each other run
+    also shows the paired-bootstrap delta (run − baseline) and p-value on the queries it shares with the baseline, and
+    how many those are. With
     `costs`, a second table gives each run's one-time fit and its per-user cost (see `cost_table`). With `out_dir`,
     also writes comparison.md and a bar chart, comparison.png, there.
     """
@@ -210,8 +211,8 @@ def compare_runs(
         + _comparison_table(runs, metrics, pairings, answers)
         + f"\n\nMetric values are each run's own, with its recorded CI. Δ is run − baseline on the queries both "
         f"runs answered (\"paired queries\"), with a two-sided paired bootstrap p-value over users ({n_resamples} "
-        f"resamples, seed {seed}). Run s: its fit, personalize and predict seconds (a swapped control that borrowed its "
-        f"states counts what they cost their lender).\n"
+        f"resamples, seed {seed}). Run s: its fit, personalize and predict seconds (a swapped control that borrowed "
+        f"its states counts what they cost their lender).\n"
         + (f"The most frequent gold answer of the baseline's queries: {_top_answer(golds)}.\n"
            if answers and golds else "")
         + (f"\n{cost_table(runs)}\n" if costs else "")
