@@ -65,18 +65,20 @@ def main() -> None:
         p[:, clf.classes_] = clf.predict_proba(vectorizer.transform(
             [task.retrieval_query(asked[r][1].input) for r in rows]))
         model[rows] = np.log(p)
+    profiles = {}  # per user (a LaMP user and its history-query twin differ): item labels one-hot, TF-IDF rows
+    for user in {id(u): u for u, _, _ in asked}.values():
+        onehot = np.zeros((len(user.profile), len(label)))
+        onehot[np.arange(len(user.profile)), [label[task.item_output(i)] for i in user.profile]] = 1
+        profiles[id(user)] = onehot, vectorizer.transform([task.document(i) for i in user.profile])
     prior, vote = np.zeros_like(model), np.zeros_like(model)
     for r, (user, query, _) in enumerate(asked):
-        c = np.zeros(len(label))
-        for item in user.profile:
-            c[label[task.item_output(item)]] += 1
+        onehot, documents = profiles[id(user)]
+        c = onehot.sum(0)
         prior[r] = np.log((c + glob) / (c.sum() + 1))
         v = np.zeros(len(label))
         if user.profile:
-            sims = (vectorizer.transform([task.document(i) for i in user.profile])
-                    @ vectorizer.transform([task.retrieval_query(query.input)]).T).toarray().ravel()
-            for item, s in zip(user.profile, sims):
-                v[label[task.item_output(item)]] += s
+            sims = (documents @ vectorizer.transform([task.retrieval_query(query.input)]).T).toarray().ravel()
+            v = sims @ onehot
         vote[r] = np.log((v + 0.5 * glob) / (v.sum() + 0.5))
     hits = {w: (w[0] * model + w[1] * prior + w[2] * vote).argmax(1) == gold
             for w in itertools.product(WEIGHTS, repeat=3)}

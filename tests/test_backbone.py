@@ -293,7 +293,6 @@ def test_generated_answers_reach_the_cache_before_a_long_generation_ends(backbon
     prompts = [f"prompt number {i}" for i in range(2 * SAVE_EVERY + 1)]
     asked: list[int] = []
     generate = backbone.generate
-
     killed = [True]
 
     def counted(batch: list[str], *args, **kwargs) -> list[str]:
