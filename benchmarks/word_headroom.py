@@ -1,0 +1,105 @@
+"""How much can a word selection gain on a generation task, and how much of that is personal? Oracle ceilings for
+lexical fusion's kind of answer, on training users only, with no model: starting from the copied input, ROUGE-1 of
+
+- deleting exactly the input words the gold lacks;
+- adding exactly the gold words the input lacks that the user's own past outputs contain;
+- the same additions from another training user's past outputs (each user's history swapped with another's, a
+  seeded derangement): what a user's vocabulary offers that anyone's would;
+- both, from the user's own and from the swapped history.
+
+An oracle knows the gold, so these bound what any method choosing among the same words can reach. The gap between
+the own and the swapped additions bounds the personal part of that gain: a small gap means the user's vocabulary
+carries little that the task's common words do not.
+
+    .venv/bin/python -m benchmarks.word_headroom --tasks lamp4 lamp7
+
+Dev users are never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+
+from benchmarks.common import machine
+from tailor.data.lamp import load_users
+from tailor.methods.lexical import words_of
+from tailor.tasks import get_task
+from tailor.tasks.metrics import compute_metrics
+from tailor.tasks.records import User
+from tailor.tasks.task import Task
+
+
+def vocabulary(task: Task, user: User) -> set[str]:
+    return {w for item in user.profile for w in words_of(task.item_output(item))}
+
+
+def handles(task: Task, users: list[User]) -> tuple[int, int]:
+    """Golds naming an @handle, and those naming one that the user's own past outputs name too."""
+    named = known = 0
+    for user in users:
+        past = {h.lower() for item in user.profile for h in re.findall(r"@(\w+)", task.item_output(item))}
+        for query in user.queries:
+            gold = {h.lower() for h in re.findall(r"@(\w+)", query.gold or "")}
+            named += bool(gold)
+            known += bool(gold & past)
+    return named, known
+
+
+def ceilings(task: Task, users: list[User], seed: int) -> dict[str, float]:
+    """Each oracle's ROUGE-1 over the users' queries with a gold output."""
+    order = list(range(len(users)))
+    random.Random(seed).shuffle(order)
+    shifted = order[1:] + order[:1]  # a derangement: each user borrows the history of the next in a seeded order
+    lender = {users[i].id: users[j] for i, j in zip(order, shifted)}
+    answers: dict[str, list[str]] = {name: [] for name in (
+        "copy the input", "oracle: delete", "oracle: add from own history", "oracle: add from swapped history",
+        "oracle: delete + add own", "oracle: delete + add swapped")}
+    golds = []
+    for user in users:
+        own, swapped = vocabulary(task, user), vocabulary(task, lender[user.id])
+        for query in user.queries:
+            if not query.gold:
+                continue
+            x = words_of(task.retrieval_query(query.input))
+            gold = set(words_of(query.gold))
+            kept = [w for w in x if w in gold]
+            missing = sorted(gold - set(x))
+            add_own = [w for w in missing if w in own]
+            add_swapped = [w for w in missing if w in swapped]
+            for name, words in (("copy the input", x), ("oracle: delete", kept),
+                                ("oracle: add from own history", x + add_own),
+                                ("oracle: add from swapped history", x + add_swapped),
+                                ("oracle: delete + add own", kept + add_own),
+                                ("oracle: delete + add swapped", kept + add_swapped)):
+                answers[name].append(" ".join(words))
+            golds.append(query.gold)
+    return {name: compute_metrics(task, a, golds)["rouge1"] for name, a in answers.items()} | {"queries": len(golds)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["lamp4", "lamp7"])
+    parser.add_argument("--data", default="../shared/lamp")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    tasks = [get_task(name) for name in args.tasks]
+    for task in tasks:
+        if task.family != "generation":
+            parser.error(f"--tasks {task.name}: a generation task is needed (its answers are words)")
+    print(f"Training users' LaMP queries, ROUGE-1; seed {args.seed}; {machine()}\n")
+    for task in tasks:
+        users = load_users(task, "train", args.data)
+        scores = ceilings(task, users, args.seed)
+        print(f"{task.name}: {len(users)} training users, {scores.pop('queries')} queries\n")
+        print("| answer | ROUGE-1 | Δ vs copy |\n|---|---|---|")
+        copy = scores["copy the input"]
+        for name, value in scores.items():
+            print(f"| {name} | {value:.4f} | {value - copy:+.4f} |")
+        named, known = handles(task, users)
+        print(f"\nGolds naming an @handle: {named}; naming one the user's past outputs name: {known}\n")
+
+
+if __name__ == "__main__":
+    main()
