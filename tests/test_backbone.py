@@ -307,8 +307,10 @@ def test_generated_answers_reach_the_cache_before_a_long_generation_ends(backbon
             cached_generate(backbone, prompts, 2, batch_size=1, cache=cache)
         killed[0] = False
         asked.clear()
-        answers = cached_generate(backbone, prompts, 2, batch_size=1, cache=cache)
+        told: list[int] = []
+        answers = cached_generate(backbone, prompts, 2, batch_size=1, cache=cache, progress=told.append)
     finally:
         del backbone.generate
     assert sum(asked) == len(prompts) - SAVE_EVERY  # the first step's answers were read back, not generated again
+    assert told == [SAVE_EVERY, SAVE_EVERY, 1]  # progress: the cached answers at once, then each step's
     assert answers == [generate([p], 2, 1)[0] for p in prompts]

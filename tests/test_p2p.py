@@ -299,9 +299,9 @@ def test_the_budget_counts_training_not_the_preparation_of_the_training_set(
     p2p = method(backbone, steps=6, budget_s=0.5, eval_every=100, val_users=0)
     prepare = p2p.training_set
 
-    def slow(users):  # noqa: ANN001, ANN202 - the method's own signature
+    def slow(users, progress=None):  # noqa: ANN001, ANN202 - the method's own signature
         time.sleep(1.0)
-        return prepare(users)
+        return prepare(users, progress)
 
     monkeypatch.setattr(p2p, "training_set", slow)
     p2p.fit(users_of(lamp_dir, "train"), workdir=tmp_path)
@@ -324,3 +324,23 @@ def test_the_fit_ends_with_the_weights_of_its_lowest_validation_loss(backbone: B
     assert best.hypernet is not None and stopped.hypernet is not None
     for (name, a), (_, b) in zip(best.hypernet.state_dict().items(), stopped.hypernet.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_the_fit_bar_moves_while_summaries_are_written(backbone: Backbone, lamp_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing the training users' summaries can take most of an hour on a CPU: the fit's bar gives them its first
+    half, reached before the first training step, and ends at its total."""
+    users = users_of(lamp_dir, "train")
+    p2p = method(backbone, steps=2, eval_every=100, val_users=1)
+    told: list[int] = []
+    at_first_step: list[int] = []
+    step = p2p.train_step
+
+    def first(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the method's own signature
+        at_first_step.append(sum(told))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(p2p, "train_step", first)
+    p2p.fit(users, progress=told.append)
+    assert at_first_step[0] == len(users) // 2 > 0
+    assert sum(told) == len(users) and min(told) >= 0

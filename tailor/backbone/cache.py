@@ -8,8 +8,9 @@ a group fit) does not pay for them again.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -31,16 +32,22 @@ def _saved_in_steps(todo: list[tuple[str, object]], batch_size: int) -> list[lis
 
 
 def cached_generate(backbone: Backbone, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8,
-                    cache: TextCache | None = None) -> list[str]:
-    """Greedy answers to prompts; only prompts not answered before by this model are generated, in batches."""
+                    cache: TextCache | None = None, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy answers to prompts; only prompts not answered before by this model are generated, in batches.
+    `progress` is told how many more of the prompts have their answer: the cached ones at once, then each step's."""
     cache = cache or TextCache()
     keys = [text_key("generate", backbone.model_id, str(backbone.dtype), max_new_tokens, p) for p in prompts]
     known = cache.get_many(keys)
     todo = sorted({k: p for k, p in zip(keys, prompts) if k not in known}.items())
+    asked = Counter(keys)
+    if progress:
+        progress(sum(n for k, n in asked.items() if k in known))
     for step in _saved_in_steps(todo, batch_size):
         fresh = dict(zip([k for k, _ in step], backbone.generate([p for _, p in step], max_new_tokens, batch_size)))
         cache.put_many(fresh)
         known.update(fresh)
+        if progress:
+            progress(sum(asked[k] for k in fresh))
     return [known[k] for k in keys]
 
 

@@ -265,6 +265,22 @@ def plan_steps(data: TrainingSet, steps: int, batch: int, tasks_per_batch: int, 
 
 
 # --- the method ---------------------------------------------------------------------------------------------------
+class _Share:
+    """A progress callback for `count` items that moves the caller's bar by `units` in all, rounding down, so that
+    one bar can show two phases (P2P's fit: the summaries, then the training steps)."""
+
+    def __init__(self, progress: Progress, units: int, count: int) -> None:
+        self.progress, self.units, self.count = progress, units, max(count, 1)
+        self.done = self.reported = 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = min(self.units, self.units * self.done // self.count)
+        if self.progress and now > self.reported:
+            self.progress(now - self.reported)
+        self.reported = max(self.reported, now)
+
+
 class P2P(LMPersonalizer[P2PConfig]):
     """Profile-to-PEFT: a user's state is their summary, history and the LoRAs the hypernetwork wrote for them."""
 
@@ -294,13 +310,16 @@ class P2P(LMPersonalizer[P2PConfig]):
     def task_of(self, user: User) -> Task:
         return get_task(user.task) if user.task else self.task
 
-    def summaries(self, users: Sequence[User]) -> list[str]:
-        """Each user's profile summary: the pre-existing profile when there is one, else the profiler's (cached)."""
+    def summaries(self, users: Sequence[User], progress: Progress = None) -> list[str]:
+        """Each user's profile summary: the pre-existing profile when there is one, else the profiler's (cached);
+        `progress` is told how many more users have theirs."""
         cfg = self.config
         if not cfg.summary:
             return [""] * len(users)
         given: dict[str, str] = json.loads(Path(cfg.profiles_file).read_text()) if cfg.profiles_file else {}
         out = {i: given[u.id] for i, u in enumerate(users) if u.id in given}
+        if progress and out:
+            progress(len(out))
         by_task: dict[str, list[int]] = {}
         for i, user in enumerate(users):
             if i not in out:
@@ -309,7 +328,7 @@ class P2P(LMPersonalizer[P2PConfig]):
             summarizer = ProfileSummarizer(get_task(name), self.backbone, cfg.summary_items,
                                            cfg.summary_history_tokens, cfg.summary_tokens, cfg.batch_size,
                                            self.text_cache)
-            out.update(zip(index, summarizer.summaries([users[i] for i in index])))
+            out.update(zip(index, summarizer.summaries([users[i] for i in index], progress)))
         return [out[i] for i in range(len(users))]
 
     def profile_text(self, task: Task, summary: str, retrieved: Sequence[HistoryItem],
@@ -370,16 +389,17 @@ class P2P(LMPersonalizer[P2PConfig]):
         return self.hypernet
 
     # --- training (section 3.2) -----------------------------------------------------------------------------------
-    def training_set(self, users: Sequence[User]) -> TrainingSet:
+    def training_set(self, users: Sequence[User], progress: Progress = None) -> TrainingSet:
         """Each user's later interactions as (question, output) examples, each with the embedding of the profile
-        built from the user's earlier history: summary of H^{<t} plus the items retrieved for that question."""
+        built from the user's earlier history: summary of H^{<t} plus the items retrieved for that question
+        (`progress` counts the users whose summary is written)."""
         cfg = self.config
         splits = []
         for user in users:
             later = min(cfg.later_items, len(user.profile) // 2)
             splits.append(len(user.profile) - later)
         earlier = [dataclasses.replace(u, profile=u.profile[:cut]) for u, cut in zip(users, splits)]
-        summaries = self.summaries(earlier)
+        summaries = self.summaries(earlier, progress)
         examples: list[Example] = []
         embeddings: list[Tensor] = []
         owners: list[int] = []
@@ -449,12 +469,13 @@ class P2P(LMPersonalizer[P2PConfig]):
         `steps` or `budget_s`, recording the loss of `val_users` held-out training users every `eval_every` steps."""
         cfg = self.config
         started = time.perf_counter()
-        total = len(users)  # what the caller's progress bar counts
+        total = len(users)  # what the caller's progress bar counts: its first half the summaries, then training
         chosen = subset(users, (cfg.train_users or len(users)) + cfg.val_users, cfg.seed)
         held_out = chosen[len(chosen) - min(cfg.val_users, len(chosen) // 4):] if cfg.val_users else []
         users = chosen[:len(chosen) - len(held_out)]
-        data = self.training_set(users)
-        validation = self.training_set(held_out) if held_out else None
+        preparing = _Share(progress, total // 2 if cfg.summary else 0, len(chosen))
+        data = self.training_set(users, preparing)
+        validation = self.training_set(held_out, preparing) if held_out else None
         prepared = time.perf_counter() - started
         # The budget is for training: the summaries that preparation writes (once, then read from the text cache)
         # can take most of 30 minutes on 2 CPU cores, and counting them would leave the hypernetwork a few steps.
@@ -484,7 +505,7 @@ class P2P(LMPersonalizer[P2PConfig]):
 
         if saved is None:
             validate(0)
-        done, reported = checkpoint.step, 0
+        done, reported, start = checkpoint.step, preparing.reported, preparing.units
         for t in range(checkpoint.step, len(plan)):
             losses.append(self.train_step(hypernet, optimizer, data, plan[t]))
             done = t + 1
@@ -497,7 +518,7 @@ class P2P(LMPersonalizer[P2PConfig]):
                 write_loss_curve(workdir / "loss.csv", losses)
             if progress:  # the share of the steps or of the time budget used, whichever is larger
                 used = max(done / len(plan), checkpoint.seconds / cfg.budget_s if cfg.budget_s > 0 else 0.0)
-                now = min(total, int(total * used))
+                now = min(total, start + int((total - start) * used))
                 progress(now - reported)
                 reported = now
             if out_of_time:
