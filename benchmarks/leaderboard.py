@@ -64,7 +64,7 @@ TEMPLATE = Path(__file__).with_name("BENCHMARKS.template.md")
 studies in docs/benchmarks/."""
 TASKS = ("lamp2n", "lamp2m", "lamp3", "lamp4", "lamp7")
 ROLES = ("floor", "baseline", "method")
-ENTRY_KEYS = {"label", "method", "options", "role", "tasks", "users", "why", "swapped", "protocols"}
+ENTRY_KEYS = {"label", "method", "options", "role", "tasks", "users", "why", "swapped", "protocols", "model"}
 RUN_REFERENCE = "run:"
 """An option value "run:LABEL" is the run folder of entry LABEL for the same task, protocol and histories."""
 BUSY_OTHERS = 0.2
@@ -93,6 +93,8 @@ class Entry:
     users: int | None
     why: str | None
     swapped: bool
+    model: str | None = None
+    """The entry's own backbone, part of its configuration (None: the matrix's, or `run --model`)."""
 
     def histories(self) -> tuple[str, ...]:
         return ("own", "swapped") if self.swapped else ("own",)
@@ -144,7 +146,8 @@ def _entry(raw: dict[str, Any], protocols: tuple[int, ...]) -> Entry:
     if problems:
         raise MatrixError(f"entry {label!r}: " + "; ".join(problems))
     return Entry(label, raw["method"], raw["role"], dict(raw.get("options", {})), tasks,
-                 tuple(raw.get("protocols", protocols)), raw.get("users"), raw.get("why"), bool(raw.get("swapped")))
+                 tuple(raw.get("protocols", protocols)), raw.get("users"), raw.get("why"), bool(raw.get("swapped")),
+                 raw.get("model"))
 
 
 # --- running ---------------------------------------------------------------------------------------------------------
@@ -232,7 +235,7 @@ def run_entry(task: str, entry: Entry, protocol: int, histories: str, matrix: Ma
     busy_before, own_before, start = busy_cpu_s(), children_cpu_s(), time.monotonic()
     states_from = lender(matrix, task, entry, protocol, histories)
     folder, command = run(label, task, method_args(entry, options, protocol, histories, states_from),
-                          matrix.out / "runs" / f"protocol-{protocol}", matrix.model, entry.users,
+                          matrix.out / "runs" / f"protocol-{protocol}", entry.model or matrix.model, entry.users,
                           device=matrix.device, dtype=matrix.dtype)
     others = others_cores((busy_before, busy_cpu_s()), (own_before, children_cpu_s()), time.monotonic() - start)
     record = {"task": task, "label": entry.label, "method": entry.method, "role": entry.role, "options": options,

@@ -48,6 +48,7 @@ options = { max_total = 8, epochs = 1 }
 role = "baseline"
 tasks = ["lamp2n"]
 protocols = [0]
+model = "tiny-copy"
 
 [[entry]]
 label = "StyleVector"
@@ -87,6 +88,7 @@ def board(tmp_path: Path, tiny_model_dir: Path, lamp_dir: Path, monkeypatch: pyt
     monkeypatch.setenv("TAILOR_THREADS", "1")
     monkeypatch.setattr(benchmarks.common, "subprocess", SimpleNamespace(run=tailor_in_process))
     (tmp_path / "tiny").symlink_to(tiny_model_dir, target_is_directory=True)
+    (tmp_path / "tiny-copy").symlink_to(tiny_model_dir, target_is_directory=True)  # an entry's own backbone
     (tmp_path / "matrix.toml").write_text(MATRIX)
     return tmp_path
 
@@ -111,6 +113,7 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
                  f"{record['n_users']} users"
         assert (record["n_queries"] > record["n_users"]) == (record["protocol"] == 2), counts
     assert records[("RAG k=1", 0, "own")]["backbone"] == "tiny/2x32"
+    assert "--model tiny-copy" in records[("MT-LoRA", 0, "own")]["command"]  # the entry's backbone, not the matrix's
     assert records[("user prior", 0, "own")]["backbone"] is None
 
     main(["run", "--matrix", "matrix.toml"])  # every record exists: nothing is run again
@@ -125,7 +128,8 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert len(rows) == 2 and all("RAG k=1" in row and "p=" in row for row in rows)
     assert "python -m benchmarks.leaderboard report --matrix matrix.toml --out-md board.md" in decision
     assert "tiny/2x32 on cpu in float32" in decision
-    assert text.count("tiny/2x32 on cpu in float32") == 1  # the setup is said once; the tables below share it
+    assert "tiny-copy/2x32 on cpu in float32" in decision  # MT-LoRA's own backbone is named beside the matrix's
+    assert text.count("tiny-copy/2x32") == 1  # the setup is said once; a table below repeats only one that differs
     assert text.count("### LaMP-2N") == 2 and "RAG k=1, swapped histories" in text
     assert (board / "board" / "plots" / "lamp2n.png").stat().st_size > 0
     assert "Made by `python -m benchmarks.leaderboard run --tasks lamp2n --protocols 2`" in text
