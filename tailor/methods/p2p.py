@@ -276,9 +276,10 @@ class _Share:
     def __call__(self, n: int) -> None:
         self.done += n
         now = min(self.units, self.units * self.done // self.count)
-        if self.progress and now > self.reported:
-            self.progress(now - self.reported)
-        self.reported = max(self.reported, now)
+        if now > self.reported:
+            if self.progress:
+                self.progress(now - self.reported)
+            self.reported = now
 
 
 class P2P(LMPersonalizer[P2PConfig]):
