@@ -35,13 +35,17 @@ def vocabulary(task: Task, user: User) -> set[str]:
     return {w for item in user.profile for w in words_of(task.item_output(item))}
 
 
+def handles_in(text: str) -> set[str]:
+    return {h.lower() for h in re.findall(r"@(\w+)", text)}
+
+
 def handles(task: Task, users: list[User]) -> tuple[int, int]:
     """Golds naming an @handle, and those naming one that the user's own past outputs name too."""
     named = known = 0
     for user in users:
-        past = {h.lower() for item in user.profile for h in re.findall(r"@(\w+)", task.item_output(item))}
+        past = set().union(*(handles_in(task.item_output(item)) for item in user.profile))
         for query in user.queries:
-            gold = {h.lower() for h in re.findall(r"@(\w+)", query.gold or "")}
+            gold = handles_in(query.gold or "")
             named += bool(gold)
             known += bool(gold & past)
     return named, known

@@ -193,9 +193,8 @@ def compare_runs(
 
     Each run shows its recorded metrics with CIs, mode and run seconds (fit + personalize + predict); each other run
     also shows the paired-bootstrap delta (run − baseline) and p-value on the queries it shares with the baseline, and
-    how many those are. With
-    `costs`, a second table gives each run's one-time fit and its per-user cost (see `cost_table`). With `out_dir`,
-    also writes comparison.md and a bar chart, comparison.png, there.
+    how many those are. With `costs`, a second table gives each run's one-time fit and its per-user cost (see
+    `cost_table`). With `out_dir`, also writes comparison.md and a bar chart, comparison.png, there.
     """
     if not run_dirs:
         raise CompareError("no run dirs to compare")

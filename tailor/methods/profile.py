@@ -8,11 +8,12 @@ history, because it is the most expensive thing a prompting method computes.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 from tailor.backbone.cache import cached_generate
 from tailor.backbone.model import Backbone
 from tailor.backbone.textcache import TextCache
+from tailor.methods.base import Progress
 from tailor.tasks.lamp import Task
 from tailor.tasks.records import HistoryItem, User
 
@@ -109,7 +110,7 @@ class ProfileSummarizer:
         history = "\n".join(format_history(self.task, self.backbone, newest, self.history_tokens))
         return PROFILER_PROMPT.format(task_description=self.task.description, user_history=history)
 
-    def summaries(self, users: Sequence[User], progress: Callable[[int], None] | None = None) -> list[str]:
+    def summaries(self, users: Sequence[User], progress: Progress = None) -> list[str]:
         """One summary per user; only users whose (model, prompt) pair is not cached are generated, in batches
         (`progress` is told how many more users have theirs)."""
         return cached_generate(self.backbone, [self.prompt(u) for u in users], self.max_new_tokens, self.batch_size,
