@@ -304,13 +304,19 @@ def fit_seconds(folder: Path, measured_s: float) -> float:
 
 
 def fit_parameters(folder: Path) -> int | None:
-    """Elements of the tensors of every fit the run's method used, its own and those it builds on (OPPU's and
-    fusion's MT-LoRA), from the fit cache folders the run recorded (fit_time.json). 0 for a method that fits
-    nothing; None for a run that recorded no folders, or whose fit is no longer in the cache."""
+    """Numbers learned by every fit the run's method used, its own and those it builds on (OPPU's and fusion's
+    MT-LoRA), from the fit cache folders the run recorded (fit_time.json): the count a fit recorded in its DONE (a
+    method whose fit is not tensors), else the elements of its safetensors files. 0 for a method that fits nothing;
+    None for a run that recorded no folders, or whose fit is no longer in the cache."""
     recorded = json.loads((folder / "fit_time.json").read_text()).get("fits")
     if recorded is None or not all((Path(f) / "DONE").exists() for f in recorded):
         return None
-    return sum(numel(p) for f in recorded for p in Path(f).rglob("*.safetensors"))
+    return sum(learned_numbers(Path(f)) for f in recorded)
+
+
+def learned_numbers(fit: Path) -> int:
+    counted = json.loads((fit / "DONE").read_text()).get("parameters")
+    return counted if counted is not None else sum(numel(p) for p in fit.rglob("*.safetensors"))
 
 
 @lru_cache(maxsize=64)

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.leaderboard import learned_numbers
 from tailor.backbone.model import Backbone
 from tailor.data.lamp import load_users
 from tailor.methods.fusion import SCALES, Fusion
+from tailor.runs.fits import fit_method
 from tailor.tasks import get_task
 from tailor.tasks.records import HistoryItem, Query, User
 
@@ -70,6 +72,14 @@ def test_the_weights_are_learned_on_a_seeded_sample_of_the_training_queries(back
     assert fits[0]["queries"] == 8 and fits[0] == fits[1]
     with pytest.raises(ValueError, match="fit_queries must be at least 8"):
         Fusion(task, backbone, fit_queries=2)
+
+
+def test_the_fit_cache_counts_its_weights_beside_its_bases_tensors(backbone: Backbone, lamp_dir: Path) -> None:
+    task = get_task("lamp2n")
+    method = Fusion(task, backbone, base_options=BASE, fit_queries=8)
+    base, own = fit_method(method, load_users(task, "train", lamp_dir))
+    assert learned_numbers(own) == len(method.features) + len(task.labels)
+    assert learned_numbers(base) > 0  # the LoRA's tensors, counted from its files
 
 
 def _two_topic_user(task, name: str, asks: str, last: str) -> User:

@@ -4,12 +4,15 @@ refuses tasks with labels."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
 
+from benchmarks.leaderboard import learned_numbers
 from tailor.methods.lexical import FACTORS, LexicalFusion, words_of
+from tailor.runs.fits import fit_method
 from tailor.tasks import get_task
 from tailor.tasks.metrics import compute_metrics
 from tailor.tasks.records import HistoryItem, Query, User
@@ -76,6 +79,18 @@ def test_a_saved_fit_answers_the_same(fitted, tmp_path: Path) -> None:
     loaded.load_fit(tmp_path)
     requests = [(method.personalize(u), u.queries[0]) for u in dev]
     assert [p.text for p in loaded.predict(requests)] == [p.text for p in method.predict(requests)]
+
+
+def test_the_fit_cache_counts_the_numbers_it_learned(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Its fit is a logistic model and a table of word rates, no tensors: the count is recorded beside the fit, so
+    the leaderboard's "fit params" is not 0."""
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path))
+    rng = random.Random(0)
+    method = LexicalFusion(get_task("lamp4"))
+    [folder] = fit_method(method, [writer(i, rng) for i in range(10)])
+    assert not list(folder.rglob("*.safetensors"))
+    recorded = json.loads((folder / "DONE").read_text())["parameters"]
+    assert learned_numbers(folder) == recorded >= method.model.coef_.size + 2 + 10  # 10 users' signature words
 
 
 def test_without_additions_it_only_deletes(fitted) -> None:

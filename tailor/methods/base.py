@@ -166,6 +166,12 @@ class Personalizer(ABC, Generic[C]):
         """Read what `save_fit` wrote, instead of fitting again."""
         raise NotImplementedError(f"{self.name} fits but cannot load its fit")
 
+    def fitted_numbers(self) -> int | None:
+        """How many numbers `fit` learned, for a method whose fit is not kept as tensors (a logistic model's weights, a
+        table of rates): the fit cache records it beside the fit. None: count the elements of the safetensors files
+        `save_fit` wrote, which is what a fit of neural weights learned."""
+        return None
+
     # --- personalize ----------------------------------------------------------------------------------------------
     @abstractmethod
     def personalize(self, user: User) -> UserState:

@@ -272,6 +272,11 @@ class Fusion(LMPersonalizer[FusionConfig]):
             {"labels": self.labels, "weights": self.weights.tolist(), "global_share": self.global_share.tolist(),
              "log": self.fit_log}, indent=1))
 
+    def fitted_numbers(self) -> int:
+        """Its own: the feature weights and the global label shares (its base's fit is counted in the base's folder)."""
+        assert self.weights is not None and self.global_share is not None
+        return len(self.weights) + len(self.global_share)
+
     def load_fit(self, folder: Path) -> None:
         saved = json.loads((folder / "fusion.json").read_text())
         if saved["labels"] != self.labels:

@@ -300,6 +300,11 @@ class LexicalFusion(Personalizer[LexicalConfig]):
             {"coef": self.model.coef_[0].tolist(), "intercept": float(self.model.intercept_[0]),
              "length_factor": self.factor, "rates": self.rates.to_json(), "log": self.fit_log}))
 
+    def fitted_numbers(self) -> int:
+        """The word model's coefficients and intercept, the length factor, and one rate per (kind, word) counted."""
+        assert self.rates is not None and self.model is not None
+        return self.model.coef_.size + 1 + 1 + len(self.rates.seen)
+
     def load_fit(self, folder: Path) -> None:
         saved = json.loads((folder / "lexical.json").read_text())
         model = LogisticRegression()

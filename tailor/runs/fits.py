@@ -66,8 +66,10 @@ def fit_method(method: Personalizer, users: Sequence[User], progress: ProgressFa
         bar(len(users) - ticked)
     method.save_fit(folder)
     Checkpoint.discard(folder)
-    (folder / "DONE").write_text(json.dumps({"users": len(users), "method": method.describe(),
-                                             "seconds": round(time.perf_counter() - started, 3)}, indent=2))
+    done = {"users": len(users), "method": method.describe(), "seconds": round(time.perf_counter() - started, 3)}
+    if (numbers := method.fitted_numbers()) is not None:
+        done["parameters"] = numbers
+    (folder / "DONE").write_text(json.dumps(done, indent=2))
     return folders
 
 
