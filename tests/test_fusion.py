@@ -46,6 +46,34 @@ def test_a_rating_is_the_median_of_the_fused_distribution(backbone: Backbone) ->
     assert method._answer(np.array([0.05, 0.05, 0.1, 0.1, 0.7])) == "5"
 
 
+def _rater(task, index: int) -> User:
+    """Scores around a centre m in 2..4 but never m itself (m - 1 and m + 1 in turn), and the query's gold is m:
+    the counts tie between the two neighbours, the user's mean is exactly the answer."""
+    centre = 2 + index % 3
+    history = tuple(HistoryItem(f"r{index}-{i}", {"text": f"review {i}", "score": str(centre + (-1) ** i)})
+                    for i in range(6))
+    return User(f"r{index}", task.name, history, (Query(f"r{index}-q", task.ask("a review"), str(centre)),))
+
+
+def test_a_raters_mean_score_is_fused_when_asked(backbone: Backbone) -> None:
+    task = get_task("lamp3")
+    raters = [_rater(task, i) for i in range(24)]
+    fitted = {}
+    for user_mean in (False, True):
+        method = Fusion(task, backbone, base_options=BASE, user_mean=user_mean)
+        method.fit(raters)
+        fitted[user_mean] = method
+    assert "mean" in fitted[True].fit_log["weights"] and "mean" not in fitted[False].fit_log["weights"]
+    assert fitted[True].fit_log["cross_validated"]["mae"] < 0.5 < fitted[False].fit_log["cross_validated"]["mae"]
+    method = fitted[True]
+    state = method.personalize(_rater(task, 100))  # centre 3: scores 4 and 2
+    column = method._features(np.zeros(5), state, "a review")[:, method.features.index("mean")]
+    mean = (4 * 3 + 2 * 3 + float(method.global_share @ np.arange(1, 6))) / 7  # six items and one pseudo-item
+    assert column == pytest.approx(-np.abs(np.arange(1, 6) - mean))
+    with pytest.raises(ValueError, match="user_mean needs scores"):
+        Fusion(get_task("lamp2n"), backbone, user_mean=True)
+
+
 def test_tasks_without_labels_and_bad_base_options_are_refused(backbone: Backbone) -> None:
     with pytest.raises(ValueError, match="no label set"):
         Fusion(get_task("lamp7"), backbone)

@@ -6,7 +6,7 @@ right 74% of the time), and the models are weak at the task; neither sees what t
 conditional-logit stack (McFadden 1974) over the task's labels y for a query x of user u:
 
     s(y) = w_m · log p_model(y | x)  +  w_u · log p̃_u(y)  +  w_r · log p̃_u^recent(y)  +  w_g · log p_global(y)
-           [ + w_n · log p̃_u(y | x) ]
+           [ + w_n · log p̃_u(y | x) ]  [ − w_μ · |y − μ̃_u| ]
     p(y | x, u) = softmax_y s(y)
 
 - p_model(y | x): the base method's label likelihoods (a task-trained LM, by default the multi-task LoRA, whose
@@ -15,7 +15,11 @@ conditional-logit stack (McFadden 1974) over the task's labels y for a query x o
   (α = `strength`), and p̃_u^recent the same with each item weighted by recency (half-life `half_life` items);
 - p_global(y): the training users' label distribution;
 - p̃_u(y | x), only with `neighbours` k > 0: the labels of the k items of the user's history that BM25 ranks highest
-  for the query, smoothed the same way: the one feature that lets the user's own evidence depend on the query.
+  for the query, smoothed the same way: the one feature that lets the user's own evidence depend on the query;
+- μ̃_u, only for a rating with `user_mean`: the user's mean score shrunk towards the training users' mean,
+  μ̃_u = (Σ_i y_i + α μ_global) / (n_u + α). The counts treat scores as unordered labels, so a user who gives 4s and
+  5s says nothing about 3 through them; a score's distance from the user's mean does (the regression idea: the user's
+  own scores shrunk towards the global centre by a learned amount, w_μ, combined with the model's).
 
 The weights are learned by maximum likelihood on training users' own queries (their golds are public), which
 the base method never trained on. Likelihood calibrates probabilities, not answers: it keeps the user features' weights
@@ -53,8 +57,7 @@ from tailor.methods.prompting import bm25_of, history_of, profile_header
 from tailor.store.state import UserState
 from tailor.tasks.records import HistoryItem, Query, User
 
-FEATURES = ("model", "user", "recent", "global", "neighbours")
-USER_FEATURES = ("user", "recent", "neighbours")
+USER_FEATURES = ("user", "recent", "neighbours", "mean")
 FOLDS = 5
 SCALES = (1.0, 2.0, 4.0, 8.0, 16.0)
 
@@ -78,6 +81,8 @@ class FusionConfig(LMConfig):
     seed: int = 0
     neighbours: int = 0
     """k: also fuse the labels of the k history items BM25 ranks highest for the query (0: no such feature)."""
+    user_mean: bool = False
+    """For a rating: also fuse each score's distance from the user's shrunk mean score (μ̃_u above)."""
     user_scale: str = "auto"
     """s, the factor on the learned weights of the user's features: a number, or "auto" for the one of SCALES with the
     best cross-validated score on the training users' queries."""
@@ -103,6 +108,8 @@ class Fusion(LMPersonalizer[FusionConfig]):
         super().__init__(*args, **kwargs)
         if self.task.family == "generation":
             raise ValueError(f"fusion combines label distributions; {self.task.name} has no label set")
+        if self.config.user_mean and self.task.family != "regression":
+            raise ValueError(f"fusion's user_mean needs scores to average; {self.task.name}'s labels are not scores")
         from tailor.methods import build_method, method_class
 
         options = pairs([p for p in self.config.base_options.split(",") if p.strip()], "base_options")
@@ -137,7 +144,8 @@ class Fusion(LMPersonalizer[FusionConfig]):
 
     @property
     def features(self) -> tuple[str, ...]:
-        return FEATURES if self.config.neighbours else FEATURES[:-1]
+        return ("model", "user", "recent", "global") + ("neighbours",) * bool(self.config.neighbours) \
+            + ("mean",) * self.config.user_mean
 
     def _smoothed(self, counts: Sequence[float]) -> np.ndarray:
         assert self.global_share is not None
@@ -158,7 +166,20 @@ class Fusion(LMPersonalizer[FusionConfig]):
                    np.log(self.global_share)]
         if self.config.neighbours:
             columns.append(self._smoothed(self._neighbour_counts(state, query_input)))
+        if self.config.user_mean:
+            columns.append(-np.abs(self._scores - self._shrunk_mean(state.header["counts"])))
         return np.stack(columns, axis=1)
+
+    @property
+    def _scores(self) -> np.ndarray:
+        return np.array([float(label) for label in self.labels])
+
+    def _shrunk_mean(self, counts: Sequence[float]) -> float:
+        """μ̃_u: the user's mean score with `strength` pseudo-items at the training users' mean."""
+        assert self.global_share is not None
+        alpha = self.config.strength
+        centre = float(self.global_share @ self._scores)
+        return (float(np.asarray(counts) @ self._scores) + alpha * centre) / (sum(counts) + alpha)
 
     # --- fit -----------------------------------------------------------------------------------------------------
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
