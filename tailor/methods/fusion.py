@@ -73,9 +73,9 @@ class FusionConfig(LMConfig):
     half_life: float = 5.0
     """Items after which an item's weight in the recent counts halves (the newest item weighs 1)."""
     l2: float = 1e-3
-    """Ridge penalty on the four weights while they are learned."""
+    """Ridge penalty on the weights (four to six) while they are learned."""
     fit_queries: int = 300
-    """Training users' queries the weights are learned from, a sample fixed by `seed` when there are more: four weights
+    """Training users' queries the weights are learned from, a sample fixed by `seed` when there are more: a few weights
     need few, and each costs one answer of the base method (LaMP-3's 745 training users would take 15 minutes on two
     CPU cores for no better fit)."""
     seed: int = 0
