@@ -167,19 +167,20 @@ class Fusion(LMPersonalizer[FusionConfig]):
         if self.config.neighbours:
             columns.append(self._smoothed(self._neighbour_counts(state, query_input)))
         if self.config.user_mean:
-            columns.append(-np.abs(self._scores - self._shrunk_mean(state.header["counts"])))
+            columns.append(-np.abs(self._label_values - self._shrunk_mean(state.header["counts"])))
         return np.stack(columns, axis=1)
 
     @property
-    def _scores(self) -> np.ndarray:
+    def _label_values(self) -> np.ndarray:
+        """A rating task's labels as numbers."""
         return np.array([float(label) for label in self.labels])
 
     def _shrunk_mean(self, counts: Sequence[float]) -> float:
         """μ̃_u: the user's mean score with `strength` pseudo-items at the training users' mean."""
         assert self.global_share is not None
         alpha = self.config.strength
-        centre = float(self.global_share @ self._scores)
-        return (float(np.asarray(counts) @ self._scores) + alpha * centre) / (sum(counts) + alpha)
+        centre = float(self.global_share @ self._label_values)
+        return (float(np.asarray(counts) @ self._label_values) + alpha * centre) / (sum(counts) + alpha)
 
     # --- fit -----------------------------------------------------------------------------------------------------
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
