@@ -31,12 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import resource
 import shlex
 import subprocess
 import sys
-import time
 import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -53,6 +50,7 @@ from tailor.backbone.defaults import DEFAULT_MODEL
 from tailor.backbone.device import DeviceError
 from tailor.cli._options import check_options
 from tailor.methods import REGISTRY
+from tailor.runs.contention import Watch, contended
 from tailor.runs.fits import made_seconds
 from tailor.tasks import get_task
 from tailor.tasks.metrics import higher_is_better, metric_names
@@ -67,10 +65,6 @@ ROLES = ("floor", "baseline", "method")
 ENTRY_KEYS = {"label", "method", "options", "role", "tasks", "users", "why", "swapped", "protocols", "model"}
 RUN_REFERENCE = "run:"
 """An option value "run:LABEL" is the run folder of entry LABEL for the same task, protocol and histories."""
-BUSY_OTHERS = 0.2
-"""A run is contended when processes other than the run used more than this many cores, on average, while it ran
-(the machine's busy CPU time less the run's own, from /proc/stat and the finished child's rusage). The load average
-cannot tell: right after one run ends it still counts that run's threads for a minute or more."""
 RESAMPLES = 1000
 SIGNIFICANT = 0.05
 COST_FLOOR_S = 1e-4
@@ -206,42 +200,20 @@ def lender(matrix: Matrix, task: str, entry: Entry, protocol: int, histories: st
     return json.loads(own.read_text())["folder"] if histories == "swapped" and own.exists() else None
 
 
-def busy_cpu_s() -> float | None:
-    """Seconds of CPU the whole machine has been busy (every core, every process), or None where /proc/stat is not."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def others_cores(busy: tuple[float | None, float | None], own: tuple[float, float], wall: float) -> float | None:
-    """Cores used, on average over `wall` seconds, by everything but the run (None where it cannot be measured)."""
-    if busy[0] is None or busy[1] is None or wall <= 0:
-        return None
-    return max(0.0, (busy[1] - busy[0]) - (own[1] - own[0])) / wall
-
-
 def run_entry(task: str, entry: Entry, protocol: int, histories: str, matrix: Matrix, where: str) -> Path:
     """One `tailor eval` (resumed if its folder exists) and its record; returns the record's path."""
     options = resolved_options(entry, task, protocol, matrix.records)
     label = entry.label if histories == "own" else f"{entry.label}, swapped histories"
-    busy_before, own_before, start = busy_cpu_s(), children_cpu_s(), time.monotonic()
+    watch = Watch()
     states_from = lender(matrix, task, entry, protocol, histories)
     folder, command = run(label, task, method_args(entry, options, protocol, histories, states_from),
                           matrix.out / "runs" / f"protocol-{protocol}", entry.model or matrix.model, entry.users,
                           device=matrix.device, dtype=matrix.dtype)
-    others = others_cores((busy_before, busy_cpu_s()), (own_before, children_cpu_s()), time.monotonic() - start)
+    others = watch.others()
     record = {"task": task, "label": entry.label, "method": entry.method, "role": entry.role, "options": options,
               "protocol": protocol, "histories": histories, "users_asked": entry.users, "why": entry.why,
               "machine": where, "other_cores": None if others is None else round(others, 3),
-              "contended": others is None or others > BUSY_OTHERS,
+              "contended": contended(others),
               "command": command, "folder": str(folder), **measured(folder, task)}
     path = record_path(matrix.records, task, protocol, entry.label, histories)
     write_json(path, record)
@@ -266,6 +238,7 @@ def measured(folder: Path, task: str) -> dict[str, Any]:
         "state_bytes_per_user": float(np.mean(state_bytes)),
         "state_params_per_user": float(np.mean([numel(p) for p in (folder / "states").rglob("*.safetensors")] or [0])),
         "fit_params": fit_parameters(folder),
+        "fit_contended": fit_contended(folder),
         "answers": answers(folder),
     }
 
@@ -301,6 +274,20 @@ def fit_seconds(folder: Path, measured_s: float) -> float:
     recorded = json.loads(path.read_text()).get("fits") if path.exists() else None
     made = made_seconds(recorded) if recorded else None
     return max(measured_s, made) if made is not None else measured_s
+
+
+def fit_contended(folder: Path) -> bool | None:
+    """Whether a fit the run's fit seconds count was made while other processes used the CPU (an earlier run's, or a
+    benchmark's that chose the options, may have been though this run was not); None where a fit predates that record
+    or is no longer in the cache. False for a method that fits nothing."""
+    recorded = json.loads((folder / "fit_time.json").read_text()).get("fits") or []
+    done = [Path(f) / "DONE" for f in recorded]
+    if not all(d.exists() for d in done):
+        return None
+    others = [json.loads(d.read_text()) for d in done]
+    if any("other_cores" not in o for o in others):
+        return None
+    return any(contended(o["other_cores"]) for o in others)
 
 
 def fit_parameters(folder: Path) -> int | None:
@@ -434,13 +421,18 @@ def setup(records: Sequence[dict]) -> str:
 
 
 def contention(records: Sequence[dict], explained: bool) -> str:
-    """How many runs were contended; what that means is said once, where `explained` is False."""
-    contended_runs = sum(r["contended"] for r in records)
-    if not contended_runs:
-        return ""
-    return (f"{contended_runs} of {len(records)} runs were contended (†)." if explained else
-            f"{contended_runs} of {len(records)} runs were contended (marked †: other processes used the CPU while "
-            "they ran, so their seconds are not speed measurements).")
+    """How many runs (and fits they loaded) were contended; what that means is said once, where `explained` is False."""
+    runs = sum(r["contended"] for r in records)
+    fits = sum(bool(r.get("fit_contended")) for r in records)
+    said = []
+    if runs:
+        said.append(f"{runs} of {len(records)} runs were contended (†)." if explained else
+                    f"{runs} of {len(records)} runs were contended (marked †: other processes used the CPU while "
+                    "they ran, so their seconds are not speed measurements).")
+    if fits:
+        said.append(f"{fits} runs' fit seconds come from a fit made while other processes used the CPU "
+                    "(fit s marked †).")
+    return " ".join(said)
 
 
 def provenance(records: Sequence[dict], shared: str = "") -> str:
@@ -502,7 +494,7 @@ def group_table(group: Group, shared: str) -> str:
         rows.append([name, r["role"], r["n_users"], r["n_queries"],
                      f"{r['value']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]",
                      cell(group.delta(r, "floor")), cell(group.delta(r, "baseline")), cell(group.delta(r, "control")),
-                     f"{r['fit_s']:.1f}", "n/a" if r["fit_params"] is None else f"{r['fit_params']:,}",
+                     f"{r['fit_s']:.1f}" + (" †" if r.get("fit_contended") else ""), "n/a" if r["fit_params"] is None else f"{r['fit_params']:,}",
                      seconds(r["personalize_s_p50"]), seconds(r["personalize_s_p95"]),
                      seconds(r["predict_s_per_query"]), f"{r['state_bytes_per_user']:,.0f}",
                      f"{r['state_params_per_user']:,.0f}"])

@@ -102,7 +102,7 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
                                                      ("RAG k=1", "own"), ("RAG k=1", "swapped"))} | \
         {("MT-LoRA", 0, "own"), ("StyleVector", 0, "own")}
     for record in records.values():
-        assert FIELDS <= set(record)
+        assert FIELDS <= set(record) and record["fit_contended"] in (True, False)
         fitted = record["label"] == "MT-LoRA"
         assert record["metric"] == "accuracy" and (record["fit_params"] > 0 if fitted else record["fit_params"] == 0)
         assert ("--queries-per-user 2" in record["command"]) == (record["protocol"] == 2)
@@ -153,8 +153,30 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "![LaMP-2N](pictures/lamp2n.png)" in bench and (board / "pictures" / "lamp2n.png").exists()
 
 
+def test_fit_seconds_made_while_others_used_the_cpu_are_flagged(tmp_path: Path) -> None:
+    """A run may load a fit another process made while the machine was busy: its fit seconds say so, not the run's."""
+    from benchmarks.leaderboard import fit_contended
+
+    def run_loading(*fits: dict) -> Path:
+        folder = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        paths = []
+        for i, done in enumerate(fits):
+            (folder / f"fit{i}").mkdir()
+            (folder / f"fit{i}" / "DONE").write_text(json.dumps(done))
+            paths.append(str(folder / f"fit{i}"))
+        (folder / "fit_time.json").write_text(json.dumps({"seconds": 1.0, "fits": paths}))
+        return folder
+
+    assert fit_contended(run_loading()) is False  # nothing fitted
+    assert fit_contended(run_loading({"seconds": 9, "other_cores": 0.05})) is False
+    assert fit_contended(run_loading({"seconds": 9, "other_cores": 0.05}, {"seconds": 9, "other_cores": 1.1})) is True
+    assert fit_contended(run_loading({"seconds": 9, "other_cores": None})) is True  # unmeasurable
+    assert fit_contended(run_loading({"seconds": 9})) is None  # made before the fit cache recorded it
+
+
 def test_a_run_is_contended_by_what_others_use_not_by_its_own_threads() -> None:
-    from benchmarks.leaderboard import BUSY_OTHERS, busy_cpu_s, others_cores
+    from tailor.runs.contention import BUSY_OTHERS, busy_cpu_s, others_cores
 
     before = busy_cpu_s()
     end = time.process_time() + 0.3

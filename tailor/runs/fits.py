@@ -3,9 +3,10 @@
 A fitted method is kept in one folder per (what the fit depends on, backbone, dtype, the task's whole definition, the
 training users' content) under
 $TAILOR_CACHE/fits/<method>/. The fit runs with that folder as its workdir, so a killed fit resumes from its
-checkpoint (`tailor.methods.checkpoint`); `DONE` marks a folder whose fit is complete. A method that builds on
-another fitted method (OPPU on MT-LoRA) names it in `prerequisites()`, and that one is fitted, or loaded, from its own
-folder first: runs of both methods share one fit.
+checkpoint (`tailor.methods.checkpoint`); `DONE` marks a folder whose fit is complete, with its seconds and the cores
+other processes used meanwhile (`tailor.runs.contention`: seconds measured while they did are not speed figures). A
+method that builds on another fitted method (OPPU on MT-LoRA) names it in `prerequisites()`, and that one is fitted,
+or loaded, from its own folder first: runs of both methods share one fit.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tailor.backbone.loading import cache_root
 from tailor.backbone.textcache import text_key
 from tailor.methods.base import Personalizer
 from tailor.methods.checkpoint import Checkpoint
+from tailor.runs.contention import Watch
 from tailor.runs.spec import EvalSpec, fit_users
 from tailor.tasks.records import User
 
@@ -60,13 +62,15 @@ def fit_method(method: Personalizer, users: Sequence[User], progress: ProgressFa
         ticked += n
         bar(n)  # type: ignore[misc]
 
-    started = time.perf_counter()
+    started, watch = time.perf_counter(), Watch()
     method.fit(users, progress=tick if bar else None, workdir=folder)
     if bar and ticked < len(users):  # a fit whose work was cached elsewhere ticks less or not at all
         bar(len(users) - ticked)
     method.save_fit(folder)
     Checkpoint.discard(folder)
-    done = {"users": len(users), "method": method.describe(), "seconds": round(time.perf_counter() - started, 3)}
+    others = watch.others()
+    done = {"users": len(users), "method": method.describe(), "seconds": round(time.perf_counter() - started, 3),
+            "other_cores": None if others is None else round(others, 3)}
     if (numbers := method.fitted_numbers()) is not None:
         done["parameters"] = numbers
     (folder / "DONE").write_text(json.dumps(done, indent=2))
