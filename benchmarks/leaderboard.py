@@ -280,14 +280,22 @@ def fit_contended(folder: Path) -> bool | None:
     """Whether a fit the run's fit seconds count was made while other processes used the CPU (an earlier run's, or a
     benchmark's that chose the options, may have been though this run was not); None where a fit predates that record
     or is no longer in the cache. False for a method that fits nothing."""
-    recorded = json.loads((folder / "fit_time.json").read_text()).get("fits") or []
-    done = [Path(f) / "DONE" for f in recorded]
-    if not all(d.exists() for d in done):
+    fits = recorded_fits(folder)
+    if fits is None:
+        return False if json.loads((folder / "fit_time.json").read_text()).get("fits") is None else None
+    dones = [done for _, done in fits]
+    if any("other_cores" not in done for done in dones):
         return None
-    others = [json.loads(d.read_text()) for d in done]
-    if any("other_cores" not in o for o in others):
+    return any(contended(done["other_cores"]) for done in dones)
+
+
+def recorded_fits(folder: Path) -> list[tuple[Path, dict]] | None:
+    """Each fit cache folder the run recorded (fit_time.json) with its DONE; None for a run that recorded no
+    folders, or whose fits are no longer all in the cache."""
+    recorded = json.loads((folder / "fit_time.json").read_text()).get("fits")
+    if recorded is None or not all((Path(f) / "DONE").exists() for f in recorded):
         return None
-    return any(contended(o["other_cores"]) for o in others)
+    return [(Path(f), json.loads((Path(f) / "DONE").read_text())) for f in recorded]
 
 
 def fit_parameters(folder: Path) -> int | None:
@@ -295,14 +303,13 @@ def fit_parameters(folder: Path) -> int | None:
     MT-LoRA), from the fit cache folders the run recorded (fit_time.json): the count a fit recorded in its DONE (a
     method whose fit is not tensors), else the elements of its safetensors files. 0 for a method that fits nothing;
     None for a run that recorded no folders, or whose fit is no longer in the cache."""
-    recorded = json.loads((folder / "fit_time.json").read_text()).get("fits")
-    if recorded is None or not all((Path(f) / "DONE").exists() for f in recorded):
-        return None
-    return sum(learned_numbers(Path(f)) for f in recorded)
+    fits = recorded_fits(folder)
+    return None if fits is None else sum(learned_numbers(fit, done) for fit, done in fits)
 
 
-def learned_numbers(fit: Path) -> int:
-    counted = json.loads((fit / "DONE").read_text()).get("parameters")
+def learned_numbers(fit: Path, done: dict | None = None) -> int:
+    """What one fit learned: the count its DONE records, else the elements of its safetensors files."""
+    counted = (done if done is not None else json.loads((fit / "DONE").read_text())).get("parameters")
     return counted if counted is not None else sum(numel(p) for p in fit.rglob("*.safetensors"))
 
 
@@ -494,7 +501,8 @@ def group_table(group: Group, shared: str) -> str:
         rows.append([name, r["role"], r["n_users"], r["n_queries"],
                      f"{r['value']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]",
                      cell(group.delta(r, "floor")), cell(group.delta(r, "baseline")), cell(group.delta(r, "control")),
-                     f"{r['fit_s']:.1f}" + (" †" if r.get("fit_contended") else ""), "n/a" if r["fit_params"] is None else f"{r['fit_params']:,}",
+                     f"{r['fit_s']:.1f}" + (" †" if r.get("fit_contended") else ""),
+                     "n/a" if r["fit_params"] is None else f"{r['fit_params']:,}",
                      seconds(r["personalize_s_p50"]), seconds(r["personalize_s_p95"]),
                      seconds(r["predict_s_per_query"]), f"{r['state_bytes_per_user']:,.0f}",
                      f"{r['state_params_per_user']:,.0f}"])
