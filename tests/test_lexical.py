@@ -91,7 +91,8 @@ def test_the_fit_cache_counts_the_numbers_it_learned(monkeypatch: pytest.MonkeyP
     assert not list(folder.rglob("*.safetensors"))
     recorded = json.loads((folder / "DONE").read_text())["parameters"]
     assert learned_numbers(folder) == recorded >= method.model.coef_.size + 2 + 10  # 10 users' signature words
-    assert "other_cores" in json.loads((folder / "DONE").read_text())  # whether others shared the CPU meanwhile
+    done = json.loads((folder / "DONE").read_text())
+    assert "other_cores" in done and done["seconds"] > 0  # its wall time, and whether others shared the CPU meanwhile
 
 
 def test_without_additions_it_only_deletes(fitted) -> None:

@@ -41,13 +41,17 @@ def others_cores(busy: tuple[float | None, float | None], own: tuple[float, floa
 
 
 class Watch:
-    """Started when the work starts; `others()` when it ends: the cores other processes used meanwhile."""
+    """Started when the work starts; when it ends, `seconds()` is its wall time and `others()` the cores other
+    processes used meanwhile (one clock for both)."""
 
     def __init__(self) -> None:
-        self.busy, self.own, self.start = busy_cpu_s(), own_cpu_s(), time.monotonic()
+        self.busy, self.own, self.start = busy_cpu_s(), own_cpu_s(), time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
 
     def others(self) -> float | None:
-        return others_cores((self.busy, busy_cpu_s()), (self.own, own_cpu_s()), time.monotonic() - self.start)
+        return others_cores((self.busy, busy_cpu_s()), (self.own, own_cpu_s()), self.seconds())
 
 
 def contended(others: float | None) -> bool:

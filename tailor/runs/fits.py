@@ -62,14 +62,14 @@ def fit_method(method: Personalizer, users: Sequence[User], progress: ProgressFa
         ticked += n
         bar(n)  # type: ignore[misc]
 
-    started, watch = time.perf_counter(), Watch()
+    watch = Watch()
     method.fit(users, progress=tick if bar else None, workdir=folder)
     if bar and ticked < len(users):  # a fit whose work was cached elsewhere ticks less or not at all
         bar(len(users) - ticked)
     method.save_fit(folder)
     Checkpoint.discard(folder)
-    others = watch.others()
-    done = {"users": len(users), "method": method.describe(), "seconds": round(time.perf_counter() - started, 3),
+    seconds, others = watch.seconds(), watch.others()
+    done = {"users": len(users), "method": method.describe(), "seconds": round(seconds, 3),
             "other_cores": None if others is None else round(others, 3)}
     if (numbers := method.fitted_numbers()) is not None:
         done["parameters"] = numbers
