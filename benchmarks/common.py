@@ -53,10 +53,15 @@ def slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in label.replace(", ", "-").replace("=", ""))
 
 
+def run_folder(out: Path, model: str, task: str, label: str, split: str = "dev") -> Path:
+    """Where `run` keeps the run of `label`: a later run (a swapped control borrowing its states) finds it here."""
+    return out / model / task / (slug(label) if split == "dev" else f"{split}-{slug(label)}")
+
+
 def run(label: str, task: str, method_args: str, out: Path, model: str, users: int | None = None,
         split: str = "dev", device: str = "auto", dtype: str = "auto") -> tuple[Path, str]:
     """Run one `tailor eval` (resuming if its folder exists) and return (folder, the command as run)."""
-    folder = out / model / task / (slug(label) if split == "dev" else f"{split}-{slug(label)}")
+    folder = run_folder(out, model, task, label, split)
     command = (f"tailor eval --task {task} {method_args} --model {model} {device_flags(device, dtype)} --seed 0 "
                + (f"--split {split} " if split != "dev" else "")
                + (f"--users {users} " if users else "") + f"--out {folder} --label '{label}'")

@@ -44,7 +44,7 @@ import numpy as np
 import typer
 from safetensors import safe_open
 
-from benchmarks.common import add_device_options, machine, publish, run, slug
+from benchmarks.common import add_device_options, machine, publish, run, run_folder, slug
 from tailor.atomic import write_json, write_text
 from tailor.backbone.defaults import DEFAULT_MODEL
 from tailor.backbone.device import DeviceError
@@ -193,11 +193,20 @@ def method_args(entry: Entry, options: dict[str, Any], protocol: int, histories:
                                       f"--states-from {shlex.quote(states_from)}" if states_from else "") if part)
 
 
+def protocol_out(matrix: Matrix, protocol: int) -> Path:
+    """The folder that holds one protocol's run folders."""
+    return matrix.out / "runs" / f"protocol-{protocol}"
+
+
 def lender(matrix: Matrix, task: str, entry: Entry, protocol: int, histories: str) -> str | None:
     """The run folder a swapped control borrows its states from: the entry's own-histories run, once recorded (a
-    per-user method then trains each history once, and the control's personalize times are the cold ones)."""
+    per-user method then trains each history once, and the control's personalize times are the cold ones). It is
+    the folder this matrix's `out` puts that run in, not the one its record names, which may be relative to another
+    working directory."""
     own = record_path(matrix.records, task, protocol, entry.label, "own")
-    return json.loads(own.read_text())["folder"] if histories == "swapped" and own.exists() else None
+    if histories != "swapped" or not own.exists():
+        return None
+    return str(run_folder(protocol_out(matrix, protocol), entry.model or matrix.model, task, entry.label))
 
 
 def run_entry(task: str, entry: Entry, protocol: int, histories: str, matrix: Matrix, where: str) -> Path:
@@ -207,7 +216,7 @@ def run_entry(task: str, entry: Entry, protocol: int, histories: str, matrix: Ma
     watch = Watch()
     states_from = lender(matrix, task, entry, protocol, histories)
     folder, command = run(label, task, method_args(entry, options, protocol, histories, states_from),
-                          matrix.out / "runs" / f"protocol-{protocol}", entry.model or matrix.model, entry.users,
+                          protocol_out(matrix, protocol), entry.model or matrix.model, entry.users,
                           device=matrix.device, dtype=matrix.dtype)
     others = watch.others()
     record = {"task": task, "label": entry.label, "method": entry.method, "role": entry.role, "options": options,

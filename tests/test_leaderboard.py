@@ -119,6 +119,19 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     main(["run", "--matrix", "matrix.toml"])  # every record exists: nothing is run again
     assert "recorded: lamp2n / protocol 2 / RAG k=1 (swapped histories)" in capsys.readouterr().err
 
+    # A record's folder is as the run named it (relative to where it ran): a swapped control resumed elsewhere
+    # borrows the states from the folder this matrix puts the own run in, not from the record's path.
+    own_path = board / "board" / "records" / "lamp2n" / "0" / "RAG-k1.json"
+    own = json.loads(own_path.read_text())
+    own_path.write_text(json.dumps({**own, "folder": "elsewhere/RAG-k1"}))
+    (board / "board" / "records" / "lamp2n" / "0" / "RAG-k1-swapped.json").unlink()
+    shutil.rmtree(Path(records[("RAG k=1", 0, "swapped")]["folder"]))
+    main(["run", "--matrix", "matrix.toml", "--only", "RAG k=1", "--protocols", "0"])
+    again = json.loads((board / "board" / "records" / "lamp2n" / "0" / "RAG-k1-swapped.json").read_text())
+    assert f"--states-from {own['folder']}" in again["command"] and again["answers"] == \
+        records[("RAG k=1", 0, "swapped")]["answers"]
+    own_path.write_text(json.dumps(own))
+
     shutil.rmtree(board / "board" / "runs")  # the report reads the records alone
     main(["report", "--matrix", "matrix.toml", "--out-md", "board.md"])
     text = capsys.readouterr().out
