@@ -207,6 +207,15 @@ def test_end_to_end_fit_personalize_predict_and_stage1_reuse(backbone: Backbone,
     assert json.loads((fits[0] / "stage1.json").read_text())["layers"] == [0, 1]
 
 
+def test_stage1_progress_advances_every_step_and_totals_the_training_users(backbone: Backbone, lamp_dir: Path,
+                                                                          cache: Path) -> None:
+    users = load_users(NEWS, "train", lamp_dir)[:6]
+    ticks: list[int] = []
+    PerFit(NEWS, backbone, **TINY).fit(users, ticks.append)
+    assert sum(ticks) == len(users)
+    assert len(ticks) > TINY["epochs1"]  # not only at the end of each epoch
+
+
 def test_length_grouped_batches_cover_every_example_once() -> None:
     import random
 

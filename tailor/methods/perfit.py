@@ -339,14 +339,24 @@ class PerFit(RAG[PerFitConfig]):
                  parameter_counts(self.backbone, cfg))
         rng = random.Random(cfg.seed)
         plans = [length_grouped(lengths, cfg.batch1, rng) for _ in range(cfg.epochs1)]
+        total = sum(map(len, plans))
+        done = sum(map(len, plans[:checkpoint.step]))
+        reported = len(users) * done // total
+        if progress and reported:
+            progress(reported)  # the epochs a resumed fit does not redo
         for epoch in range(checkpoint.step, cfg.epochs1):
-            losses = [trainer.step(trainer.freeze(self._batch([examples[i] for i in batch]))) for batch in plans[epoch]]
+            losses = []
+            for batch in plans[epoch]:
+                losses.append(trainer.step(trainer.freeze(self._batch([examples[i] for i in batch]))))
+                done += 1
+                if progress:  # in training users, as every fit reports, advanced step by step
+                    now = len(users) * done // total
+                    progress(now - reported)
+                    reported = now
             log.info("PerFit stage 1 epoch %d: mean loss %.4f", epoch + 1, sum(losses) / len(losses))
             checkpoint.save(epoch + 1, cfg.epochs1, lambda: {
                 "modules": [m.state_dict() for m in trainer.modules], "optimizer": trainer.optimizer.state_dict(),
                 "schedule": trainer.schedule.state_dict()})
-            if progress:
-                progress(len(users) * (epoch + 1) // cfg.epochs1 - len(users) * epoch // cfg.epochs1)
         self._set_stage1(stacked(trainer.modules))
 
     def save_fit(self, folder: Path) -> None:
