@@ -5,6 +5,7 @@ bars, and the `--ray [ADDRESS]` option. A leaf: it imports no subcommand, and he
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, Iterator, Mapping, Optional, Sequence
@@ -59,9 +60,45 @@ def threads() -> None:
     torch.set_num_threads(int(os.environ.get("TAILOR_THREADS", os.cpu_count() or 1)))
 
 
+class LoggedProgress:
+    """A progress bar for a console that is not a terminal (a log file under nohup, CI): a line when it starts, at every
+    tenth of the total and at least every `every` seconds, where rich's live bar writes nothing until it ends."""
+
+    def __init__(self, out: Console, description: str, done: int, total: int, every: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.out, self.description, self.total, self.every, self.clock = out, description, total, every, clock
+        self.done = self.first = done
+        self.started = self.written = clock()
+        self.tenth = self._tenth()
+        self._write()
+
+    def _tenth(self) -> int:
+        return self.done * 10 // max(self.total, 1)
+
+    def _write(self) -> None:
+        elapsed = self.written - self.started
+        line = f"{self.description}: {self.done}/{self.total}, {elapsed:.0f} s"
+        if self.first < self.done < self.total:
+            line += f", eta {elapsed / (self.done - self.first) * (self.total - self.done):.0f} s"
+        self.out.print(line, highlight=False, markup=False)
+
+    def __call__(self, n: int) -> None:
+        if not n:
+            return
+        self.done += n
+        now = self.clock()
+        if self._tenth() > self.tenth or now - self.written >= self.every:
+            self.tenth, self.written = self._tenth(), now
+            self._write()
+
+
 @contextmanager
 def progress_bars() -> Iterator[Callable[[str, int, int], Callable[[int], None]]]:
-    """`start(description, done, total)` adds a bar and returns its `advance(n)`."""
+    """`start(description, done, total)` adds a bar and returns its `advance(n)`: a live bar on a terminal, lines
+    (`LoggedProgress`) otherwise."""
+    if not console.is_terminal:
+        yield lambda description, done, total: LoggedProgress(console, description, done, total)
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as bar:
         def start(description: str, done: int, total: int) -> Callable[[int], None]:

@@ -1,0 +1,39 @@
+"""Progress written to a log file (nohup, CI): lines at each tenth and at least every minute, where rich's live bar
+writes nothing until it ends."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from tailor.cli._options import LoggedProgress
+
+
+def logged(total: int) -> tuple[LoggedProgress, io.StringIO, list[float]]:
+    out, now = io.StringIO(), [0.0]
+    bar = LoggedProgress(Console(file=out, width=200), "fit perfit", 0, total, every=60.0, clock=lambda: now[0])
+    return bar, out, now
+
+
+def test_a_line_at_the_start_at_every_tenth_and_at_the_end() -> None:
+    bar, out, now = logged(20)
+    for _ in range(20):
+        now[0] += 1.0
+        bar(1)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "fit perfit: 0/20, 0 s"
+    assert lines[1] == "fit perfit: 2/20, 2 s, eta 18 s"
+    assert lines[-1] == "fit perfit: 20/20, 20 s"
+    assert len(lines) == 11
+
+
+def test_a_slow_bar_still_writes_a_line_every_minute() -> None:
+    bar, out, now = logged(1000)
+    now[0] = 30.0
+    bar(1)
+    assert len(out.getvalue().splitlines()) == 1  # neither a tenth nor a minute yet
+    now[0] = 61.0
+    bar(1)
+    bar(0)
+    assert out.getvalue().splitlines()[1:] == ["fit perfit: 2/1000, 61 s, eta 30439 s"]
