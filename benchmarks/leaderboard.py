@@ -385,16 +385,26 @@ class Group:
     def delta(self, record: dict, reference: str) -> Delta | None:
         return self.deltas.get((key(record), reference))
 
+    def clears(self, record: dict) -> bool | None:
+        """Whether the record is significantly ahead of both the best floor and its own swapped control (None where
+        either was not run)."""
+        floor, control = self.delta(record, "floor"), self.delta(record, "control")
+        if floor is None or control is None:
+            return None
+        return floor.better(record["metric"]) and control.better(record["metric"])
+
     def best_method(self) -> dict | None:
-        """The personalized record (own histories) with the best paired margin over the best floor, or the best
-        metric where no floor was run: margins over one reference stay comparable where runs cover different users."""
+        """The personalized record (own histories) to recommend: among those that clear both bars, else among all,
+        the one with the best paired margin over the best floor, or the best metric where no floor was run (margins
+        over one reference stay comparable where runs cover different users). A method whose lead is significant
+        comes before one whose larger lead is not: a reader is told to use what was shown to work."""
         methods = [r for r in self.records if r["role"] == "method" and r["histories"] == "own"]
         if not methods:
             return None
         sign = 1 if higher_is_better(methods[0]["metric"]) else -1
         if self.floor is None:
             return max(methods, key=lambda r: sign * r["value"])
-        return max(methods, key=lambda r: sign * self.deltas[(key(r), "floor")].value)
+        return max(methods, key=lambda r: (bool(self.clears(r)), sign * self.deltas[(key(r), "floor")].value))
 
 
 def compare(task: str, protocol: int, records: list[dict]) -> Group:
@@ -478,8 +488,7 @@ def decision_table(groups: Sequence[Group], made_by: str) -> str:
             continue
         floor, control = group.delta(top, "floor"), group.delta(top, "control")
         arrow = "↑" if higher_is_better(top["metric"]) else "↓"
-        clears = "—" if floor is None or control is None else \
-            ("yes" if floor.better(top["metric"]) and control.better(top["metric"]) else "no")
+        clears = {None: "—", True: "yes", False: "no"}[group.clears(top)]
         rows.append([get_task(group.task).name, protocol_short(group.protocol), top["label"],
                      f"{top['metric']} {arrow} {top['value']:.4f}",
                      f"{cell(floor)} vs {group.floor['label']}" if floor else "—", cell(control), clears,
@@ -490,7 +499,8 @@ def decision_table(groups: Sequence[Group], made_by: str) -> str:
     return (f"## Which method, for which task, at what cost\n\nMade by `{made_by}`. {provenance(records)}\n\n"
             + table(header, rows)
             + "\n\nThe best personalized method is the one with the largest paired margin over the task's best floor "
-              "(the model-free run with the best metric). Δ is method − reference on the queries both runs answered, "
+              "(the model-free run with the best metric) among those that clear both bars, or among all where none "
+              "does. Δ is method − reference on the queries both runs answered, "
               f"with a two-sided paired bootstrap p-value over users ({RESAMPLES} resamples, seed 0); for MAE and RMSE "
               "a negative Δ is better. The swapped control answers each user from another user's history: a method "
               "that personalizes must beat it. Cost per user: personalize seconds (p50) plus the user's queries "

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 import benchmarks.common
-from benchmarks.leaderboard import main
+from benchmarks.leaderboard import Delta, Group, main
 
 MATRIX = """
 [defaults]
@@ -202,3 +202,20 @@ def test_a_run_is_contended_by_what_others_use_not_by_its_own_threads() -> None:
     assert quiet == pytest.approx(0.1) and quiet < BUSY_OTHERS
     assert shared == pytest.approx(1.5) and shared > BUSY_OTHERS
     assert others_cores((None, None), (0.0, 1.0), 10.0) is None
+
+
+def test_the_recommended_method_is_one_that_clears_both_bars_before_a_larger_lead_that_does_not() -> None:
+    def run(label: str, histories: str = "own") -> dict:
+        return {"label": label, "histories": histories, "role": "method", "metric": "accuracy", "value": 0.5}
+
+    floor = {**run("user prior"), "role": "floor"}
+    big, solid = run("big but unsure"), run("smaller and sure")
+    deltas = {("big but unsure|own", "floor"): Delta(0.10, 0.20),
+              ("big but unsure|own", "control"): Delta(0.3, 0.002),
+              ("smaller and sure|own", "floor"): Delta(0.05, 0.01),
+              ("smaller and sure|own", "control"): Delta(0.2, 0.002)}
+    group = Group("lamp2n", 0, [floor, big, solid], floor, None, deltas)
+    assert group.clears(solid) and not group.clears(big)
+    assert group.best_method() is solid
+    unsure = {**deltas, ("smaller and sure|own", "floor"): Delta(0.05, 0.20)}
+    assert Group("lamp2n", 0, [floor, big, solid], floor, None, unsure).best_method() is big  # none clears: the lead
