@@ -205,8 +205,8 @@ def test_a_run_is_contended_by_what_others_use_not_by_its_own_threads() -> None:
 
 
 def test_the_recommended_method_is_one_that_clears_both_bars_before_a_larger_lead_that_does_not() -> None:
-    def run(label: str, histories: str = "own") -> dict:
-        return {"label": label, "histories": histories, "role": "method", "metric": "accuracy", "value": 0.5}
+    def run(label: str) -> dict:
+        return {"label": label, "histories": "own", "role": "method", "metric": "accuracy", "value": 0.5}
 
     floor = {**run("user prior"), "role": "floor"}
     big, solid = run("big but unsure"), run("smaller and sure")

@@ -41,6 +41,24 @@ HISTORY_UPDATE = "the state is the history: the new items are appended"
 """The `update_note` of the methods whose state is the history (`state_is_history`)."""
 
 
+class Share:
+    """A progress callback for `count` items that moves the caller's bar by `units` in all, rounding down, so that
+    one bar can show two phases (P2P's fit: the summaries, then the training steps), or count training steps in
+    training users (PerFit's stage 1)."""
+
+    def __init__(self, progress: Progress, units: int, count: int) -> None:
+        self.progress, self.units, self.count = progress, units, max(count, 1)
+        self.done = self.reported = 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = min(self.units, self.units * self.done // self.count)
+        if now > self.reported:
+            if self.progress:
+                self.progress(now - self.reported)
+            self.reported = now
+
+
 @dataclass(frozen=True)
 class Prediction:
     """An answer and how it was produced ("scoring", "scoring-calibrated", "generation" or "prior")."""

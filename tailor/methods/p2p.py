@@ -59,7 +59,7 @@ from tailor.backbone.layers import Site
 from tailor.backbone.lora import LoRAStack, lora_sites, projection, save_peft
 from tailor.backbone.textcache import TextCache, text_key
 from tailor.data.splits import subset
-from tailor.methods.base import LMConfig, LMPersonalizer, Prediction, Progress, Request
+from tailor.methods.base import LMConfig, LMPersonalizer, Prediction, Progress, Request, Share
 from tailor.methods.checkpoint import Checkpoint
 from tailor.methods.lora import Example, token_groups, tokenise
 from tailor.methods.profile import ProfileSummarizer, format_history
@@ -265,23 +265,6 @@ def plan_steps(data: TrainingSet, steps: int, batch: int, tasks_per_batch: int, 
 
 
 # --- the method ---------------------------------------------------------------------------------------------------
-class _Share:
-    """A progress callback for `count` items that moves the caller's bar by `units` in all, rounding down, so that
-    one bar can show two phases (P2P's fit: the summaries, then the training steps)."""
-
-    def __init__(self, progress: Progress, units: int, count: int) -> None:
-        self.progress, self.units, self.count = progress, units, max(count, 1)
-        self.done = self.reported = 0
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        now = min(self.units, self.units * self.done // self.count)
-        if now > self.reported:
-            if self.progress:
-                self.progress(now - self.reported)
-            self.reported = now
-
-
 class P2P(LMPersonalizer[P2PConfig]):
     """Profile-to-PEFT: a user's state is their summary, history and the LoRAs the hypernetwork wrote for them."""
 
@@ -474,7 +457,7 @@ class P2P(LMPersonalizer[P2PConfig]):
         chosen = subset(users, (cfg.train_users or len(users)) + cfg.val_users, cfg.seed)
         held_out = chosen[len(chosen) - min(cfg.val_users, len(chosen) // 4):] if cfg.val_users else []
         users = chosen[:len(chosen) - len(held_out)]
-        preparing = _Share(progress, total // 2 if cfg.summary else 0, len(chosen))
+        preparing = Share(progress, total // 2 if cfg.summary else 0, len(chosen))
         data = self.training_set(users, preparing)
         validation = self.training_set(held_out, preparing) if held_out else None
         prepared = time.perf_counter() - started

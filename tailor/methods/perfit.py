@@ -42,7 +42,7 @@ from tailor.backbone.edits import hooked
 from tailor.backbone.layers import Site, site_module
 from tailor.backbone.model import Backbone, Batch
 from tailor.backbone.partial import FrozenBatch, freeze, suffix_loss
-from tailor.methods.base import Progress
+from tailor.methods.base import Progress, Share
 from tailor.methods.checkpoint import Checkpoint
 from tailor.methods.profile import format_history
 from tailor.methods.prompting import RAG, RAGConfig, profile_header, retrieve_earlier
@@ -339,20 +339,13 @@ class PerFit(RAG[PerFitConfig]):
                  parameter_counts(self.backbone, cfg))
         rng = random.Random(cfg.seed)
         plans = [length_grouped(lengths, cfg.batch1, rng) for _ in range(cfg.epochs1)]
-        total = sum(map(len, plans))
-        done = sum(map(len, plans[:checkpoint.step]))
-        reported = len(users) * done // total
-        if progress and reported:
-            progress(reported)  # the epochs a resumed fit does not redo
+        advance = Share(progress, len(users), sum(map(len, plans)))  # in training users, as every fit reports
+        advance(sum(map(len, plans[:checkpoint.step])))  # the epochs a resumed fit does not redo
         for epoch in range(checkpoint.step, cfg.epochs1):
             losses = []
             for batch in plans[epoch]:
                 losses.append(trainer.step(trainer.freeze(self._batch([examples[i] for i in batch]))))
-                done += 1
-                if progress:  # in training users, as every fit reports, advanced step by step
-                    now = len(users) * done // total
-                    progress(now - reported)
-                    reported = now
+                advance(1)
             log.info("PerFit stage 1 epoch %d: mean loss %.4f", epoch + 1, sum(losses) / len(losses))
             checkpoint.save(epoch + 1, cfg.epochs1, lambda: {
                 "modules": [m.state_dict() for m in trainer.modules], "optimizer": trainer.optimizer.state_dict(),
