@@ -279,19 +279,27 @@ def numel(path: Path) -> int:
 def fit_seconds(folder: Path, measured_s: float) -> float:
     """The run's fit seconds, or, where it loaded fits another process made (a benchmark that chose the options, an
     earlier run), the seconds those fits took when they were made: what fitting the method once costs."""
-    path = folder / "fit_time.json"
-    recorded = json.loads(path.read_text()).get("fits") if path.exists() else None
+    recorded = fit_folders(folder)
     made = made_seconds(recorded) if recorded else None
     return max(measured_s, made) if made is not None else measured_s
+
+
+def fit_folders(folder: Path) -> list[str] | None:
+    """The fit cache folders the run recorded in fit_time.json; None for a method that fits nothing."""
+    path = folder / "fit_time.json"
+    return json.loads(path.read_text()).get("fits") if path.exists() else None
 
 
 def fit_contended(folder: Path) -> bool | None:
     """Whether a fit the run's fit seconds count was made while other processes used the CPU (an earlier run's, or a
     benchmark's that chose the options, may have been though this run was not); None where a fit predates that record
     or is no longer in the cache. False for a method that fits nothing."""
-    fits = recorded_fits(folder)
+    recorded = fit_folders(folder)
+    if recorded is None:
+        return False
+    fits = cached_fits(recorded)
     if fits is None:
-        return False if json.loads((folder / "fit_time.json").read_text()).get("fits") is None else None
+        return None
     dones = [done for _, done in fits]
     if any("other_cores" not in done for done in dones):
         return None
@@ -301,8 +309,13 @@ def fit_contended(folder: Path) -> bool | None:
 def recorded_fits(folder: Path) -> list[tuple[Path, dict]] | None:
     """Each fit cache folder the run recorded (fit_time.json) with its DONE; None for a run that recorded no
     folders, or whose fits are no longer all in the cache."""
-    recorded = json.loads((folder / "fit_time.json").read_text()).get("fits")
-    if recorded is None or not all((Path(f) / "DONE").exists() for f in recorded):
+    recorded = fit_folders(folder)
+    return None if recorded is None else cached_fits(recorded)
+
+
+def cached_fits(recorded: list[str]) -> list[tuple[Path, dict]] | None:
+    """Each fit cache folder with its DONE; None where one is no longer in the cache."""
+    if not all((Path(f) / "DONE").exists() for f in recorded):
         return None
     return [(Path(f), json.loads((Path(f) / "DONE").read_text())) for f in recorded]
 

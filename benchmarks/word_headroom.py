@@ -30,7 +30,7 @@ from collections import Counter
 
 from benchmarks.common import machine
 from tailor.data.lamp import load_users
-from tailor.methods.lexical import words_of
+from tailor.methods.lexical import items_using, words_of
 from tailor.tasks import get_task
 from tailor.tasks.metrics import compute_metrics
 from tailor.tasks.records import User
@@ -82,11 +82,6 @@ def substitutions(task: Task, users: list[User]) -> dict[str, str]:
     return table
 
 
-def usage(task: Task, user: User) -> Counter:
-    """How many of the user's past outputs use each word."""
-    return Counter(w for item in user.profile for w in set(words_of(task.item_output(item))))
-
-
 def substituted(words: list[str], table: dict[str, str], habits: Counter) -> list[str]:
     """The input with each word the table knows replaced where the history uses its substitute more than the word."""
     return [table[w] if w in table and habits[table[w]] > habits[w] else w for w in words]
@@ -122,9 +117,9 @@ def ceilings(task: Task, users: list[User], seed: int) -> dict[str, float]:
                                 ("oracle: add from swapped history", x + add_swapped),
                                 ("oracle: delete + add own", kept + add_own),
                                 ("oracle: delete + add swapped", kept + add_swapped),
-                                ("learned substitutions, own history", substituted(x, table, usage(task, user))),
+                                ("learned substitutions, own history", substituted(x, table, items_using(task, user))),
                                 ("learned substitutions, swapped history",
-                                 substituted(x, table, usage(task, lender[user.id])))):
+                                 substituted(x, table, items_using(task, lender[user.id])))):
                 answers[name].append(" ".join(words))
             golds.append(query.gold)
     return {name: compute_metrics(task, a, golds)["rouge1"] for name, a in answers.items()} | {"queries": len(golds)}

@@ -74,6 +74,11 @@ def words_of(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
+def items_using(task: Task, user: User) -> Counter:
+    """How many of the user's past outputs use each word (each output counts a word once)."""
+    return Counter(word for item in user.profile for word in set(words_of(task.item_output(item))))
+
+
 @dataclass
 class LexicalConfig(MethodConfig):
     length_factor: float = 0.0
@@ -97,11 +102,9 @@ class _Profile:
 
     @classmethod
     def of(cls, task: Task, user: User) -> _Profile:
-        outputs = [words_of(task.item_output(item)) for item in user.profile]
-        counts = Counter(word for words in outputs for word in set(words))
-        n = max(len(outputs), 1)
-        length = sum(map(len, outputs)) / len(outputs) if outputs else 0.0
-        return cls({word: c / n for word, c in counts.items()}, length)
+        n = max(len(user.profile), 1)
+        length = sum(len(words_of(task.item_output(item))) for item in user.profile) / n
+        return cls({word: c / n for word, c in items_using(task, user).items()}, length)
 
     @classmethod
     def of_state(cls, state: UserState) -> _Profile:

@@ -36,7 +36,7 @@ from tailor.backbone.edits import Edit, HookSet, hooked
 from tailor.backbone.layers import Site
 from tailor.backbone.lora import LoRAStack, combine, load_peft, lora_sites, rank_concat, save_peft, user_seed
 from tailor.backbone.model import Backbone
-from tailor.methods.base import Personalizer, Progress
+from tailor.methods.base import Personalizer, Progress, Share
 from tailor.methods.checkpoint import Checkpoint
 from tailor.methods.profile import ProfileSummarizer, format_history
 from tailor.methods.prompting import RAG, RAGConfig, profile_header, retrieve_earlier
@@ -381,17 +381,15 @@ class MTLoRA(LoRAFamily[MTLoRAConfig]):
                     param.copy_(value)
             trainer.optimizer.load_state_dict(saved["optimizer"])
             torch.set_rng_state(saved["rng"])
-        reported = 0
+        advance = Share(progress, len(users), len(batches))  # in training users, as every fit reports
+        advance(checkpoint.step)  # the steps a resumed fit does not redo
         with hooked(self.backbone.model, trainer.edits()) as hooks:
             for t in range(checkpoint.step, len(batches)):
                 losses.append(float(trainer.step(hooks, [(0, examples[i]) for i in batches[t]])[0]))
                 checkpoint.save(t + 1, len(batches), lambda: {
                     "params": [p.detach() for p in trainer.stack.parameters()], "losses": losses,
                     "optimizer": trainer.optimizer.state_dict(), "rng": torch.get_rng_state()})
-                if progress:
-                    now = len(users) * (t + 1) // len(batches)
-                    progress(now - reported)
-                    reported = now
+                advance(1)
         self.stack = trainer.stack.detach()
         self.fit_log = {"users": len(users), "examples": len(examples), "steps": len(batches),
                         "tokens": sum(len(e.ids) for e in examples), "seconds": round(checkpoint.seconds, 2),
