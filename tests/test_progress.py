@@ -4,6 +4,7 @@ writes nothing until it ends."""
 from __future__ import annotations
 
 import io
+import time
 
 from rich.console import Console
 
@@ -37,3 +38,36 @@ def test_a_slow_bar_still_writes_a_line_every_minute() -> None:
     bar(1)
     bar(0)
     assert out.getvalue().splitlines()[1:] == ["fit perfit: 2/1000, 61 s, eta 30439 s"]
+
+
+def test_a_bar_that_does_not_advance_still_writes_its_minute_line() -> None:
+    bar, out, now = logged(206)  # a fit whose first batch of users takes minutes
+    now[0] = 59.0
+    bar.beat()
+    assert len(out.getvalue().splitlines()) == 1
+    now[0] = 60.0
+    bar.beat()
+    bar.beat()  # nothing new within the minute
+    assert out.getvalue().splitlines()[1:] == ["fit perfit: 0/206, 60 s"]
+    bar(206)
+    now[0] = 500.0
+    bar.beat()  # a finished bar stays quiet
+    assert out.getvalue().splitlines()[-1] == "fit perfit: 206/206, 60 s"
+
+
+def test_logged_bars_get_their_heartbeat_until_the_work_ends(monkeypatch) -> None:
+    from tailor.cli import _options
+
+    beats: list[int] = []
+    monkeypatch.setattr(_options, "HEARTBEAT_S", 0.01)
+    monkeypatch.setattr(_options.LoggedProgress, "beat", lambda self: beats.append(self.done))
+    monkeypatch.setattr(_options, "console", Console(file=io.StringIO()))
+    with _options.progress_bars() as start:
+        start("eval", 0, 3)
+        deadline = time.monotonic() + 5.0
+        while not beats and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert beats, "the heartbeat thread never asked the bar for a line"
+    after = len(beats)
+    time.sleep(0.05)
+    assert len(beats) == after  # stopped with the work

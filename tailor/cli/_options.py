@@ -5,6 +5,7 @@ bars, and the `--ray [ADDRESS]` option. A leaf: it imports no subcommand, and he
 from __future__ import annotations
 
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,7 +63,9 @@ def threads() -> None:
 
 class LoggedProgress:
     """A progress bar for a console that is not a terminal (a log file under nohup, CI): a line when it starts, at every
-    tenth of the total and at least every `every` seconds, where rich's live bar writes nothing until it ends."""
+    tenth of the total and at least every `every` seconds, where rich's live bar writes nothing until it ends. `beat`
+    writes the minute's line when nothing advanced: one item (a batch of users, a fit's preparation) can take minutes,
+    and a silent log looks like a hung run."""
 
     def __init__(self, out: Console, description: str, done: int, total: int, every: float = 60.0,
                  clock: Callable[[], float] = time.monotonic):
@@ -70,6 +73,7 @@ class LoggedProgress:
         self.done = self.first = done
         self.started = self.written = clock()
         self.tenth = self._tenth()
+        self.lock = threading.Lock()
         self._write()
 
     def _tenth(self) -> int:
@@ -85,11 +89,24 @@ class LoggedProgress:
     def __call__(self, n: int) -> None:
         if not n:
             return
-        self.done += n
-        now = self.clock()
-        if self._tenth() > self.tenth or now - self.written >= self.every:
-            self.tenth, self.written = self._tenth(), now
-            self._write()
+        with self.lock:
+            self.done += n
+            now = self.clock()
+            if self._tenth() > self.tenth or now - self.written >= self.every:
+                self.tenth, self.written = self._tenth(), now
+                self._write()
+
+    def beat(self) -> None:
+        """A line if the bar has written none for `every` seconds and is not finished."""
+        with self.lock:
+            now = self.clock()
+            if self.done < self.total and now - self.written >= self.every:
+                self.written = now
+                self._write()
+
+
+HEARTBEAT_S = 5.0
+"""How often the thread behind logged bars asks each of them for its minute's line."""
 
 
 @contextmanager
@@ -97,7 +114,25 @@ def progress_bars() -> Iterator[Callable[[str, int, int], Callable[[int], None]]
     """`start(description, done, total)` adds a bar and returns its `advance(n)`: a live bar on a terminal, lines
     (`LoggedProgress`) otherwise."""
     if not console.is_terminal:
-        yield lambda description, done, total: LoggedProgress(console, description, done, total)
+        bars: list[LoggedProgress] = []
+        stop = threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(HEARTBEAT_S):
+                for bar in list(bars):
+                    bar.beat()
+
+        def start(description: str, done: int, total: int) -> Callable[[int], None]:
+            bars.append(LoggedProgress(console, description, done, total))
+            return bars[-1]
+
+        thread = threading.Thread(target=heartbeat, name="progress-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield start
+        finally:
+            stop.set()
+            thread.join()
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as bar:
