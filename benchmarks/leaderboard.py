@@ -35,6 +35,7 @@ import shlex
 import subprocess
 import sys
 import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -455,8 +456,28 @@ def setup(records: Sequence[dict]) -> str:
     """Backbones, devices, precisions and machines of the records, each distinct combination once."""
     backbones = sorted({f"{r['backbone']} on {r['device']} in {r['dtype']} ({r['hardware']})"
                         for r in records if r["backbone"]})
-    machines = sorted({r["machine"].split("; backbone ")[0] for r in records})  # its device is named just before
+    machines = sorted({machine_of(r) for r in records})
     return f"Backbone: {'; '.join(backbones) or 'none (model-free runs only)'}. Machine: {'; '.join(machines)}."
+
+
+def machine_of(record: dict) -> str:
+    return record["machine"].split("; backbone ")[0]  # its device is named just before
+
+
+def main_machine(records: Sequence[dict]) -> str:
+    """The machine most runs were made on: the one whose seconds the tables compare; others' rows are marked ‡."""
+    return Counter(map(machine_of, records)).most_common(1)[0][0]
+
+
+def marks(record: dict, usual: str) -> str:
+    return (" †" if record["contended"] else "") + (" ‡" if machine_of(record) != usual else "")
+
+
+def elsewhere(records: Sequence[dict], usual: str) -> str:
+    """What ‡ means, where a record of these was made on another machine than `usual`."""
+    others = sorted({machine_of(r) for r in records} - {usual})
+    return (f"Runs marked ‡ were made on {'; '.join(others)}, not on {usual}: compare their seconds only with each "
+            "other's." if others else "")
 
 
 def contention(records: Sequence[dict], explained: bool) -> str:
@@ -474,10 +495,12 @@ def contention(records: Sequence[dict], explained: bool) -> str:
     return " ".join(said)
 
 
-def provenance(records: Sequence[dict], shared: str = "") -> str:
-    """The records' setup and contention; below the decision table (`shared`: its setup) only what differs."""
+def provenance(records: Sequence[dict], usual: str | None, shared: str = "") -> str:
+    """The records' setup, contention and, for a table of seconds (`usual`: the machine they compare), the runs made
+    on another machine; below the decision table (`shared`: its setup) only what differs."""
     own = setup(records)
-    return " ".join(part for part in (own if own != shared else "", contention(records, bool(shared))) if part)
+    return " ".join(part for part in (own if own != shared else "", contention(records, bool(shared)),
+                                      elsewhere(records, usual) if usual else "") if part)
 
 
 def cell(delta: Delta | None) -> str:
@@ -494,6 +517,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def decision_table(groups: Sequence[Group], made_by: str) -> str:
+    records = [r for g in groups for r in g.records]
+    usual = main_machine(records)
     rows = []
     for group in groups:
         top = group.best_method()
@@ -502,14 +527,13 @@ def decision_table(groups: Sequence[Group], made_by: str) -> str:
         floor, control = group.delta(top, "floor"), group.delta(top, "control")
         arrow = "↑" if higher_is_better(top["metric"]) else "↓"
         clears = {None: "—", True: "yes", False: "no"}[group.clears(top)]
-        rows.append([get_task(group.task).name, protocol_short(group.protocol), top["label"],
+        rows.append([get_task(group.task).name, protocol_short(group.protocol), top["label"] + marks(top, usual),
                      f"{top['metric']} {arrow} {top['value']:.4f}",
                      f"{cell(floor)} vs {group.floor['label']}" if floor else "—", cell(control), clears,
                      seconds(cost_per_user(top))])
     header = ["task", "protocol", "best personalized method", "metric", "Δ vs best floor (p)",
               "Δ vs own swapped control (p)", f"clears both (p < {SIGNIFICANT})", "cost s/user"]
-    records = [r for g in groups for r in g.records]
-    return (f"## Which method, for which task, at what cost\n\nMade by `{made_by}`. {provenance(records)}\n\n"
+    return (f"## Which method, for which task, at what cost\n\nMade by `{made_by}`. {provenance(records, usual)}\n\n"
             + table(header, rows)
             + "\n\nThe best personalized method is the one with the largest paired margin over the task's best floor "
               "(the model-free run with the best metric) among those that clear both bars, or among all where none "
@@ -520,7 +544,7 @@ def decision_table(groups: Sequence[Group], made_by: str) -> str:
               "times the seconds per query.\n")
 
 
-def group_table(group: Group, shared: str) -> str:
+def group_table(group: Group, shared: str, usual: str) -> str:
     metric = group.records[0]["metric"]
     arrow = "↑" if higher_is_better(metric) else "↓"
     header = ["run", "role", "users", "queries", f"{metric} {arrow} [95% CI]", "Δ vs best floor (p)",
@@ -528,8 +552,7 @@ def group_table(group: Group, shared: str) -> str:
               "personalize s/user p50", "p95", "predict s/query", "state bytes/user", "state params/user"]
     rows = []
     for r in group.records:
-        name = r["label"] + (", swapped histories" if r["histories"] == "swapped" else "") + \
-            (" †" if r["contended"] else "")
+        name = r["label"] + (", swapped histories" if r["histories"] == "swapped" else "") + marks(r, usual)
         rows.append([name, r["role"], r["n_users"], r["n_queries"],
                      f"{r['value']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]",
                      cell(group.delta(r, "floor")), cell(group.delta(r, "baseline")), cell(group.delta(r, "control")),
@@ -540,7 +563,7 @@ def group_table(group: Group, shared: str) -> str:
                      f"{r['state_params_per_user']:,.0f}"])
     references = ", ".join(f"best {role}: {ref['label']}" for role, ref in
                            (("floor", group.floor), ("baseline", group.baseline)) if ref)
-    said = " ".join(part for part in (provenance(group.records, shared), references.capitalize() + ".") if part)
+    said = " ".join(part for part in (provenance(group.records, usual, shared), references.capitalize() + ".") if part)
     # One command per table, not one per row: the rows' own `tailor eval` commands, each in its record, would take
     # a quarter of the page and grow with every run.
     made = (f"Made by `python -m benchmarks.leaderboard run --tasks {group.task} --protocols {group.protocol}`; each "
@@ -565,7 +588,7 @@ def interval_table(groups: Sequence[Group], shared: str) -> str:
     header = ["task", "run", "metric", "users", "queries (LaMP)", "CI half-width (LaMP)", "extra queries/user",
               "queries (tailor)", "CI half-width (tailor)", "ratio"]
     records = [r for g in groups for r in g.records]
-    said = provenance(records, shared)
+    said = provenance(records, None, shared)  # no seconds in this table
     intro = f"{said}\n\n" if said else ""
     return (f"## How much narrower the intervals get with more queries per user\n\n{intro}"
             f"{table(header, rows)}\n\nHalf-width of the 95% bootstrap interval over users of each run's primary "
@@ -618,7 +641,7 @@ def report(folder: Path, plots: Path, made_by: str, matrix: Matrix | None = None
     groups = [compare(task, protocol, [r for r in records if (r["task"], r["protocol"]) == (task, protocol)])
               for task, protocol in keys]
     pictures = plot(groups, plots)
-    shared = setup(records)
+    shared, usual = setup(records), main_machine(records)
     with_methods = {g.task for g in groups if any(r["role"] == "method" for r in g.records)}
     unmeasured = [get_task(task).name for task in TASKS if task not in with_methods]
     gaps = (f"No personalized method has a record yet on {', '.join(unmeasured)}; the last section lists every run "
@@ -626,7 +649,7 @@ def report(folder: Path, plots: Path, made_by: str, matrix: Matrix | None = None
     return "\n".join([
         "# Leaderboard\n", decision_table(groups, made_by) + gaps,
         "## Every run, per task and protocol\n\nEvery table below was made by the same command, on the setup the "
-        "decision table names unless it says otherwise.\n", *(group_table(g, shared) for g in groups),
+        "decision table names unless it says otherwise.\n", *(group_table(g, shared, usual) for g in groups),
         interval_table(groups, shared),
         "## Quality against cost per user\n\n" + "\n".join(f"![{get_task(p.stem).name}]({p})" for p in pictures)
         + "\n",

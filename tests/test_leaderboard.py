@@ -148,7 +148,19 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "Made by `python -m benchmarks.leaderboard run --tasks lamp2n --protocols 2`" in text
     for record in records.values():
         assert shlex.split(record["command"])[0] == "tailor"
-    assert "Every run of the matrix has its record." in text
+    assert "Every run of the matrix has its record." in text and "‡" not in text
+
+    # A run made on another machine: its seconds are marked, not silently compared with the others'.
+    moved = json.loads(own_path.read_text())
+    own_path.write_text(json.dumps({**moved, "machine": "Other CPU, 2 cores, Python 3.11.7; backbone on cpu"}))
+    main(["report", "--matrix", "matrix.toml"])
+    text = capsys.readouterr().out
+    lamp = text.split("### LaMP-2N, LaMP's protocol", 1)[1].split("\n### ", 1)[0]
+    names = {line.split(" | ")[0].removeprefix("| ").replace(" †", "") for line in lamp.splitlines()
+             if line.startswith("| RAG")}  # † where the machine was busy while the test ran
+    assert names == {"RAG k=1 ‡", "RAG k=1, swapped histories"}
+    assert "Runs marked ‡ were made on Other CPU, 2 cores, Python 3.11.7, not on " in lamp
+    own_path.write_text(json.dumps(moved))
 
     (board / "board" / "records" / "lamp2n" / "2" / "RAG-k1-swapped.json").unlink()
     main(["report", "--matrix", "matrix.toml"])
