@@ -516,9 +516,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
-def decision_table(groups: Sequence[Group], made_by: str) -> str:
+def decision_table(groups: Sequence[Group], made_by: str, usual: str) -> str:
     records = [r for g in groups for r in g.records]
-    usual = main_machine(records)
     rows = []
     for group in groups:
         top = group.best_method()
@@ -647,7 +646,7 @@ def report(folder: Path, plots: Path, made_by: str, matrix: Matrix | None = None
     gaps = (f"No personalized method has a record yet on {', '.join(unmeasured)}; the last section lists every run "
             "still missing.\n" if unmeasured else "")
     return "\n".join([
-        "# Leaderboard\n", decision_table(groups, made_by) + gaps,
+        "# Leaderboard\n", decision_table(groups, made_by, usual) + gaps,
         "## Every run, per task and protocol\n\nEvery table below was made by the same command, on the setup the "
         "decision table names unless it says otherwise.\n", *(group_table(g, shared, usual) for g in groups),
         interval_table(groups, shared),

@@ -30,15 +30,16 @@ from collections import Counter
 
 from benchmarks.common import machine
 from tailor.data.lamp import load_users
-from tailor.methods.lexical import items_using, words_of
+from tailor.methods.lexical import items_using, output_words, words_of
 from tailor.tasks import get_task
 from tailor.tasks.metrics import compute_metrics
 from tailor.tasks.records import User
 from tailor.tasks.task import Task
 
 
-def vocabulary(task: Task, user: User) -> set[str]:
-    return {w for item in user.profile for w in words_of(task.item_output(item))}
+def usage(task: Task, user: User) -> Counter:
+    """How many of the user's past outputs use each word; its keys are the user's vocabulary."""
+    return items_using(output_words(task, user))
 
 
 def handles_in(text: str) -> set[str]:
@@ -101,7 +102,7 @@ def ceilings(task: Task, users: list[User], seed: int) -> dict[str, float]:
         "learned substitutions, swapped history")}
     golds = []
     for user in users:
-        own, swapped = vocabulary(task, user), vocabulary(task, lender[user.id])
+        own, swapped = usage(task, user), usage(task, lender[user.id])
         table = tables[fold[user.id]]
         for query in user.queries:
             if not query.gold:
@@ -117,9 +118,8 @@ def ceilings(task: Task, users: list[User], seed: int) -> dict[str, float]:
                                 ("oracle: add from swapped history", x + add_swapped),
                                 ("oracle: delete + add own", kept + add_own),
                                 ("oracle: delete + add swapped", kept + add_swapped),
-                                ("learned substitutions, own history", substituted(x, table, items_using(task, user))),
-                                ("learned substitutions, swapped history",
-                                 substituted(x, table, items_using(task, lender[user.id])))):
+                                ("learned substitutions, own history", substituted(x, table, own)),
+                                ("learned substitutions, swapped history", substituted(x, table, swapped))):
                 answers[name].append(" ".join(words))
             golds.append(query.gold)
     return {name: compute_metrics(task, a, golds)["rouge1"] for name, a in answers.items()} | {"queries": len(golds)}

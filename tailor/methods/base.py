@@ -44,7 +44,7 @@ HISTORY_UPDATE = "the state is the history: the new items are appended"
 class Share:
     """A progress callback for `count` items that moves the caller's bar by `units` in all, rounding down, so that
     one bar can show two phases (P2P's fit: the summaries, then the training steps), or count training steps in
-    training users (PerFit's stage 1)."""
+    training users (PerFit's stage 1, MT-LoRA's fit)."""
 
     def __init__(self, progress: Progress, units: int, count: int) -> None:
         self.progress, self.units, self.count = progress, units, max(count, 1)

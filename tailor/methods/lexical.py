@@ -74,9 +74,14 @@ def words_of(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def items_using(task: Task, user: User) -> Counter:
-    """How many of the user's past outputs use each word (each output counts a word once)."""
-    return Counter(word for item in user.profile for word in set(words_of(task.item_output(item))))
+def output_words(task: Task, user: User) -> list[list[str]]:
+    """The words of each of the user's past outputs."""
+    return [words_of(task.item_output(item)) for item in user.profile]
+
+
+def items_using(outputs: Sequence[list[str]]) -> Counter:
+    """How many of the outputs (`output_words`) use each word: an output counts a word once."""
+    return Counter(word for words in outputs for word in set(words))
 
 
 @dataclass
@@ -102,9 +107,9 @@ class _Profile:
 
     @classmethod
     def of(cls, task: Task, user: User) -> _Profile:
-        n = max(len(user.profile), 1)
-        length = sum(len(words_of(task.item_output(item))) for item in user.profile) / n
-        return cls({word: c / n for word, c in items_using(task, user).items()}, length)
+        outputs = output_words(task, user)
+        n = max(len(outputs), 1)
+        return cls({word: c / n for word, c in items_using(outputs).items()}, sum(map(len, outputs)) / n)
 
     @classmethod
     def of_state(cls, state: UserState) -> _Profile:
