@@ -71,3 +71,21 @@ def test_logged_bars_get_their_heartbeat_until_the_work_ends(monkeypatch) -> Non
     after = len(beats)
     time.sleep(0.05)
     assert len(beats) == after  # stopped with the work
+
+
+def test_only_the_newest_bar_gets_the_heartbeat(monkeypatch) -> None:
+    """A bar that its phase left below its total (a fit that kept an earlier step) stays quiet once the next starts."""
+    from tailor.cli import _options
+
+    beats: list[str] = []
+    monkeypatch.setattr(_options, "HEARTBEAT_S", 0.01)
+    monkeypatch.setattr(_options.LoggedProgress, "beat", lambda self: beats.append(self.description))
+    monkeypatch.setattr(_options, "console", Console(file=io.StringIO()))
+    with _options.progress_bars() as start:
+        start("fit", 1, 3)
+        start("personalize", 0, 3)
+        deadline = time.monotonic() + 5.0
+        while beats.count("personalize") < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert beats.count("personalize") >= 3
+    assert "fit" not in beats[beats.index("personalize"):]

@@ -112,15 +112,16 @@ HEARTBEAT_S = 5.0
 @contextmanager
 def progress_bars() -> Iterator[Callable[[str, int, int], Callable[[int], None]]]:
     """`start(description, done, total)` adds a bar and returns its `advance(n)`: a live bar on a terminal, lines
-    (`LoggedProgress`) otherwise."""
+    (`LoggedProgress`) otherwise. Bars run one after another (fit, then personalize), so the heartbeat asks only the
+    newest logged bar for its minute's line: one left below its total by the phase before stays quiet."""
     if not console.is_terminal:
         bars: list[LoggedProgress] = []
         stop = threading.Event()
 
         def heartbeat() -> None:
             while not stop.wait(HEARTBEAT_S):
-                for bar in list(bars):
-                    bar.beat()
+                if bars:
+                    bars[-1].beat()
 
         def start(description: str, done: int, total: int) -> Callable[[int], None]:
             bars.append(LoggedProgress(console, description, done, total))
