@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from tailor.backbone.device import DTYPES, describe_device, dtype_name, resolve_device, resolve_dtype
 from tailor.eval.report import compare_runs
@@ -59,14 +59,16 @@ def run_folder(out: Path, model: str, task: str, label: str, split: str = "dev")
 
 
 def run(label: str, task: str, method_args: str, out: Path, model: str, users: int | None = None,
-        split: str = "dev", device: str = "auto", dtype: str = "auto") -> tuple[Path, str]:
-    """Run one `tailor eval` (resuming if its folder exists) and return (folder, the command as run)."""
+        split: str = "dev", device: str = "auto", dtype: str = "auto",
+        env: Mapping[str, str] | None = None) -> tuple[Path, str]:
+    """Run one `tailor eval` (resuming if its folder exists; in `env`, else this process's environment) and return
+    (folder, the command as run)."""
     folder = run_folder(out, model, task, label, split)
     command = (f"tailor eval --task {task} {method_args} --model {model} {device_flags(device, dtype)} --seed 0 "
                + (f"--split {split} " if split != "dev" else "")
                + (f"--users {users} " if users else "") + f"--out {folder} --label '{label}'")
     print(f"$ {command}", file=sys.stderr, flush=True)
-    subprocess.run([str(Path(sys.executable).parent / "tailor"), *shlex.split(command)[1:]], check=True)
+    subprocess.run([str(Path(sys.executable).parent / "tailor"), *shlex.split(command)[1:]], check=True, env=env)
     return folder, command
 
 

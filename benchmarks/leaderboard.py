@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -45,9 +47,10 @@ import numpy as np
 import typer
 from safetensors import safe_open
 
-from benchmarks.common import add_device_options, machine, publish, run, run_folder, slug
+from benchmarks.common import add_device_options, fresh_cache, machine, publish, run, run_folder, slug
 from tailor.atomic import write_json, write_text
 from tailor.backbone.defaults import DEFAULT_MODEL
+from tailor.backbone.loading import cache_root
 from tailor.backbone.device import DeviceError
 from tailor.cli._options import check_options
 from tailor.methods import REGISTRY
@@ -210,20 +213,33 @@ def lender(matrix: Matrix, task: str, entry: Entry, protocol: int, histories: st
     return str(run_folder(protocol_out(matrix, protocol), entry.model or matrix.model, task, entry.label))
 
 
+def run_cache(matrix: Matrix, task: str, label: str, protocol: int, model: str) -> Path:
+    """The run's own TAILOR_CACHE: converted models and fits are links to the shared cache, but text and hidden-state
+    caches start empty, so a run's personalize seconds are what a new user costs, not what an earlier run on this
+    machine left cached (CHAMELEON's generated answers, PAG's and P2P's summaries, StyleVector's activations), and
+    time-constrained DPO's budget, CHAMELEON's seconds per user, is its cold cost too. A killed run keeps its cache for
+    the resume (a fit's summaries are not written twice); a finished run's is removed."""
+    folder = run_folder(matrix.out / "caches" / f"protocol-{protocol}", model, task, label)
+    return folder if folder.exists() else fresh_cache(folder, cache_root())
+
+
 def run_entry(task: str, entry: Entry, protocol: int, histories: str, matrix: Matrix, where: str) -> Path:
     """One `tailor eval` (resumed if its folder exists) and its record; returns the record's path."""
     options = resolved_options(entry, task, protocol, matrix.records)
     label = entry.label if histories == "own" else f"{entry.label}, swapped histories"
     watch = Watch()
     states_from = lender(matrix, task, entry, protocol, histories)
+    model = entry.model or matrix.model
+    cache = run_cache(matrix, task, label, protocol, model)
     folder, command = run(label, task, method_args(entry, options, protocol, histories, states_from),
-                          protocol_out(matrix, protocol), entry.model or matrix.model, entry.users,
-                          device=matrix.device, dtype=matrix.dtype)
+                          protocol_out(matrix, protocol), model, entry.users, device=matrix.device,
+                          dtype=matrix.dtype, env={**os.environ, "TAILOR_CACHE": str(cache)})
+    shutil.rmtree(cache)
     others = watch.others()
     record = {"task": task, "label": entry.label, "method": entry.method, "role": entry.role, "options": options,
               "protocol": protocol, "histories": histories, "users_asked": entry.users, "why": entry.why,
               "machine": where, "other_cores": None if others is None else round(others, 3),
-              "contended": contended(others),
+              "contended": contended(others), "caches": "cold",
               "command": command, "folder": str(folder), **measured(folder, task)}
     path = record_path(matrix.records, task, protocol, entry.label, histories)
     write_json(path, record)

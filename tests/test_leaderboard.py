@@ -7,6 +7,7 @@ subprocess each, which would spend most of the test importing torch eight times.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import time
@@ -72,10 +73,17 @@ FIELDS = {"task", "label", "method", "role", "options", "protocol", "histories",
           "state_bytes_per_user", "state_params_per_user", "fit_params", "answers", "command", "folder"}
 
 
-def tailor_in_process(argv: list[str], check: bool) -> None:
+def tailor_in_process(argv: list[str], check: bool, env: dict[str, str] | None = None) -> None:
+    """`tailor ...` run here, in the environment the leaderboard gave it, as a subprocess would be."""
     from tailor.cli.main import app
 
-    app(args=argv[1:], standalone_mode=False)
+    before = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        app(args=argv[1:], standalone_mode=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 @pytest.fixture()
@@ -115,6 +123,12 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert records[("RAG k=1", 0, "own")]["backbone"] == "tiny/2x32"
     assert "--model tiny-copy" in records[("MT-LoRA", 0, "own")]["command"]  # the entry's backbone, not the matrix's
     assert records[("user prior", 0, "own")]["backbone"] is None
+    # Each run measured its seconds with its own, empty text and hidden-state caches, sharing only the converted
+    # models and the fits: StyleVector's activations never reached the shared cache, MT-LoRA's fit did.
+    shared = board / "cache"
+    assert not (shared / "hidden-cache.sqlite").exists() and any((shared / "fits" / "mt-lora").iterdir())
+    assert all(record["caches"] == "cold" for record in records.values())
+    assert not any(path.is_file() for path in (board / "board" / "caches").rglob("*"))  # removed once finished
 
     main(["run", "--matrix", "matrix.toml"])  # every record exists: nothing is run again
     assert "recorded: lamp2n / protocol 2 / RAG k=1 (swapped histories)" in capsys.readouterr().err

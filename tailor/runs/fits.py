@@ -31,14 +31,16 @@ ProgressFactory = Callable[[str, int, int], Callable[[int], None]]
 
 def fit_folder(method: Personalizer, users: Sequence[User]) -> Path:
     """Where a fitted method is kept. The key holds the task's every field and a digest of the users' records, not
-    just their names, so that an edited task file or users file is fitted afresh rather than served a stale fit."""
+    just their names, so that an edited task file or users file is fitted afresh rather than served a stale fit.
+    Links are resolved: a run whose cache links `fits/` to a shared one (the leaderboard's) records the folder that
+    outlives it."""
     backbone = method.backbone
     content = hashlib.sha256()
     for user in users:
         content.update(repr(user).encode())
     key = text_key("fit", method.fit_settings(), method.model_id, str(backbone.dtype) if backbone else None,
                    repr(method.task), content.hexdigest())
-    return cache_root() / "fits" / method.name / key[:20]
+    return (cache_root() / "fits").resolve() / method.name / key[:20]
 
 
 def fit_method(method: Personalizer, users: Sequence[User], progress: ProgressFactory | None = None) -> list[Path]:
