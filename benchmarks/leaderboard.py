@@ -511,12 +511,23 @@ def contention(records: Sequence[dict], explained: bool) -> str:
     return " ".join(said)
 
 
+def warmth(records: Sequence[dict]) -> str:
+    """How many runs timed themselves with caches of their own (`run_cache`); said once, above the decision table."""
+    cold = sum(r.get("caches") == "cold" for r in records)
+    return (f"{cold} of {len(records)} runs timed themselves with text and hidden-state caches of their own, empty at "
+            "the start; the others shared the machine's, so where an earlier run had generated the same texts "
+            "(CHAMELEON's answers, PAG's and P2P's summaries) or activations (StyleVector), their personalize seconds "
+            "are below a new user's." if cold < len(records) else "")
+
+
 def provenance(records: Sequence[dict], usual: str | None, shared: str = "") -> str:
     """The records' setup, contention and, for a table of seconds (`usual`: the machine they compare), the runs made
-    on another machine; below the decision table (`shared`: its setup) only what differs."""
+    on another machine; below the decision table (`shared`: its setup) only what differs, above it how many runs
+    timed themselves with cold caches."""
     own = setup(records)
     return " ".join(part for part in (own if own != shared else "", contention(records, bool(shared)),
-                                      elsewhere(records, usual) if usual else "") if part)
+                                      elsewhere(records, usual) if usual else "",
+                                      "" if shared else warmth(records)) if part)
 
 
 def cell(delta: Delta | None) -> str:
