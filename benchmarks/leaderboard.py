@@ -15,7 +15,8 @@ user answered from another user's history, the control that a method which reall
 `run` runs or resumes one `tailor eval` per (task, entry, protocol, histories) in OUT/runs and writes one JSON record
 per run to RECORDS/<task>/<protocol>/<slug>.json (the matrix's `records`, checked in): what ran where (backbone,
 device, precision, hardware, the machine, the CPU the rest of the machine used while it ran: a run that shared the
-machine is flagged contended, its seconds are not a speed measurement), its quality (every metric with its CI over
+machine is flagged contended, its seconds are not a speed measurement; each run has text and hidden-state caches of
+its own, empty at its start, so its seconds are a new user's), its quality (every metric with its CI over
 users), its cost (fit seconds and parameters, personalize seconds per user p50 and p95, predict seconds per query,
 state bytes and parameters per user) and every query's answer and gold, so the report reads records alone. A record
 that exists is kept, so re-running measures only what is missing; a run that fails is reported and the others go on.
