@@ -51,8 +51,8 @@ from safetensors import safe_open
 from benchmarks.common import add_device_options, fresh_cache, machine, publish, run, run_folder, slug
 from tailor.atomic import write_json, write_text
 from tailor.backbone.defaults import DEFAULT_MODEL
-from tailor.backbone.loading import cache_root
 from tailor.backbone.device import DeviceError
+from tailor.backbone.loading import cache_root
 from tailor.cli._options import check_options
 from tailor.methods import REGISTRY
 from tailor.runs.contention import Watch, contended

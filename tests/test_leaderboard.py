@@ -165,7 +165,6 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "Every run of the matrix has its record." in text and "‡" not in text
     assert "timed themselves with" not in text  # every run had cold caches: nothing to say
 
-
     # A run made on another machine: its seconds are marked, not silently compared with the others'.
     moved = json.loads(own_path.read_text())
     own_path.write_text(json.dumps({**moved, "machine": "Other CPU, 2 cores, Python 3.11.7; backbone on cpu"}))
@@ -176,8 +175,6 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
              if line.startswith("| RAG")}  # † where the machine was busy while the test ran
     assert names == {"RAG k=1 ‡", "RAG k=1, swapped histories"}
     assert "Runs marked ‡ were made on Other CPU, 2 cores, Python 3.11.7, not on " in lamp
-    own_path.write_text(json.dumps(moved))
-
     own_path.write_text(json.dumps({key: value for key, value in moved.items() if key != "caches"}))  # an old record
     main(["report", "--matrix", "matrix.toml"])
     decision = capsys.readouterr().out.split("## Which method", 1)[1].split("\n## ", 1)[0]
