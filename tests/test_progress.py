@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 
 from rich.console import Console
 
@@ -55,18 +56,31 @@ def test_a_bar_that_does_not_advance_still_writes_its_minute_line() -> None:
     assert out.getvalue().splitlines()[-1] == "fit perfit: 206/206, 60 s"
 
 
-def test_logged_bars_get_their_heartbeat_until_the_work_ends(monkeypatch) -> None:
+def heartbeats(monkeypatch) -> list[str]:
+    """Logged bars with a fast heartbeat, on a console that writes nowhere: the description of each bar the heartbeat
+    asks for a line, in order."""
     from tailor.cli import _options
 
-    beats: list[int] = []
+    beats: list[str] = []
     monkeypatch.setattr(_options, "HEARTBEAT_S", 0.01)
-    monkeypatch.setattr(_options.LoggedProgress, "beat", lambda self: beats.append(self.done))
+    monkeypatch.setattr(_options.LoggedProgress, "beat", lambda self: beats.append(self.description))
     monkeypatch.setattr(_options, "console", Console(file=io.StringIO()))
-    with _options.progress_bars() as start:
+    return beats
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_logged_bars_get_their_heartbeat_until_the_work_ends(monkeypatch) -> None:
+    from tailor.cli._options import progress_bars
+
+    beats = heartbeats(monkeypatch)
+    with progress_bars() as start:
         start("eval", 0, 3)
-        deadline = time.monotonic() + 5.0
-        while not beats and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: bool(beats))
     assert beats, "the heartbeat thread never asked the bar for a line"
     after = len(beats)
     time.sleep(0.05)
@@ -75,17 +89,12 @@ def test_logged_bars_get_their_heartbeat_until_the_work_ends(monkeypatch) -> Non
 
 def test_only_the_newest_bar_gets_the_heartbeat(monkeypatch) -> None:
     """A bar that its phase left below its total (a fit that kept an earlier step) stays quiet once the next starts."""
-    from tailor.cli import _options
+    from tailor.cli._options import progress_bars
 
-    beats: list[str] = []
-    monkeypatch.setattr(_options, "HEARTBEAT_S", 0.01)
-    monkeypatch.setattr(_options.LoggedProgress, "beat", lambda self: beats.append(self.description))
-    monkeypatch.setattr(_options, "console", Console(file=io.StringIO()))
-    with _options.progress_bars() as start:
+    beats = heartbeats(monkeypatch)
+    with progress_bars() as start:
         start("fit", 1, 3)
         start("personalize", 0, 3)
-        deadline = time.monotonic() + 5.0
-        while beats.count("personalize") < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: beats.count("personalize") >= 3)
     assert beats.count("personalize") >= 3
     assert "fit" not in beats[beats.index("personalize"):]
