@@ -412,6 +412,7 @@ class Group:
     floor: dict | None
     baseline: dict | None
     deltas: dict[tuple[str, str], Delta]
+    controls: dict[str, dict]
 
     def delta(self, record: dict, reference: str) -> Delta | None:
         return self.deltas.get((key(record), reference))
@@ -448,7 +449,7 @@ def compare(task: str, protocol: int, records: list[dict]) -> Group:
         for name, reference in (("floor", floor), ("baseline", baseline), ("control", control)):
             if reference is not None and reference is not record:
                 deltas[(key(record), name)] = paired(record, reference)
-    return Group(task, protocol, records, floor, baseline, deltas)
+    return Group(task, protocol, records, floor, baseline, deltas, controls)
 
 
 def key(record: dict) -> str:
@@ -575,14 +576,16 @@ def group_table(group: Group, shared: str, usual: str) -> str:
     metric = group.records[0]["metric"]
     arrow = "↑" if higher_is_better(metric) else "↓"
     header = ["run", "role", "users", "queries", f"{metric} {arrow} [95% CI]", "Δ vs best floor (p)",
-              "Δ vs best baseline (p)", "Δ vs own swapped control (p)", "fit s", "fit params",
+              "Δ vs best baseline (p)", "own swapped control: metric, Δ (p)", "fit s", "fit params",
               "personalize s/user p50", "p95", "predict s/query", "state bytes/user", "state params/user"]
     rows = []
-    for r in group.records:
+    for r in folded(group.records):
         name = r["label"] + (", swapped histories" if r["histories"] == "swapped" else "") + marks(r, usual)
+        control = group.controls.get(r["label"]) if r["histories"] == "own" else None
         rows.append([name, r["role"], r["n_users"], r["n_queries"],
                      f"{r['value']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]",
-                     cell(group.delta(r, "floor")), cell(group.delta(r, "baseline")), cell(group.delta(r, "control")),
+                     cell(group.delta(r, "floor")), cell(group.delta(r, "baseline")),
+                     f"{control['value']:.4f}, {cell(group.delta(r, 'control'))}" if control else "—",
                      f"{r['fit_s']:.1f}" + (" †" if r.get("fit_contended") else ""),
                      "n/a" if r["fit_params"] is None else f"{r['fit_params']:,}",
                      seconds(r["personalize_s_p50"]), seconds(r["personalize_s_p95"]),
@@ -597,6 +600,13 @@ def group_table(group: Group, shared: str, usual: str) -> str:
             "row's own `tailor eval` command is in its record.")
     return (f"### {get_task(group.task).name}, {protocol_name(group.protocol)}\n\n{said}\n\n"
             f"{table(header, rows)}\n\n{made}\n")
+
+
+def folded(records: Sequence[dict]) -> list[dict]:
+    """The rows of a task's table: a swapped control is shown in its own-histories run's row (its metric and the
+    paired Δ), so it gets a row of its own only where that run has no record."""
+    own = {r["label"] for r in records if r["histories"] == "own"}
+    return [r for r in records if r["histories"] == "own" or r["label"] not in own]
 
 
 def interval_table(groups: Sequence[Group], shared: str) -> str:
@@ -676,7 +686,9 @@ def report(folder: Path, plots: Path, made_by: str, matrix: Matrix | None = None
     return "\n".join([
         "# Leaderboard\n", decision_table(groups, made_by, usual) + gaps,
         "## Every run, per task and protocol\n\nEvery table below was made by the same command, on the setup the "
-        "decision table names unless it says otherwise.\n", *(group_table(g, shared, usual) for g in groups),
+        "decision table names unless it says otherwise. A run's swapped control stands in the run's row (its metric, "
+        "and the run's paired Δ against it): it answers from the run's own saved states, so its costs are the "
+        "run's.\n", *(group_table(g, shared, usual) for g in groups),
         interval_table(groups, shared),
         "## Quality against cost per user\n\n" + "\n".join(f"![{get_task(p.stem).name}]({p})" for p in pictures)
         + "\n",

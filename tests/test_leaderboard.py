@@ -157,7 +157,10 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "tiny/2x32 on cpu in float32" in decision
     assert "tiny-copy/2x32 on cpu in float32" in decision  # MT-LoRA's own backbone is named beside the matrix's
     assert text.count("tiny-copy/2x32") == 1  # the setup is said once; a table below repeats only one that differs
-    assert text.count("### LaMP-2N") == 2 and "RAG k=1, swapped histories" in text
+    assert text.count("### LaMP-2N") == 2 and "RAG k=1, swapped histories" not in text
+    control = records[("RAG k=1", 0, "swapped")]
+    row = next(line for line in text.split("### LaMP-2N, LaMP's", 1)[1].splitlines() if line.startswith("| RAG"))
+    assert f" | {control['value']:.4f}, " in row  # the control stands in its run's row, with the paired Δ
     assert (board / "board" / "plots" / "lamp2n.png").stat().st_size > 0
     assert "Made by `python -m benchmarks.leaderboard run --tasks lamp2n --protocols 2`" in text
     for record in records.values():
@@ -173,7 +176,7 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     lamp = text.split("### LaMP-2N, LaMP's protocol", 1)[1].split("\n### ", 1)[0]
     names = {line.split(" | ")[0].removeprefix("| ").replace(" †", "") for line in lamp.splitlines()
              if line.startswith("| RAG")}  # † where the machine was busy while the test ran
-    assert names == {"RAG k=1 ‡", "RAG k=1, swapped histories"}
+    assert names == {"RAG k=1 ‡"}
     assert "Runs marked ‡ were made on Other CPU, 2 cores, Python 3.11.7, not on " in lamp
     own_path.write_text(json.dumps({key: value for key, value in moved.items() if key != "caches"}))  # an old record
     main(["report", "--matrix", "matrix.toml"])
@@ -181,11 +184,22 @@ def test_run_then_report(board: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert f"{len(records) - 1} of {len(records)} runs timed themselves with text and hidden-state caches" in decision
     own_path.write_text(json.dumps(moved))
 
-    (board / "board" / "records" / "lamp2n" / "2" / "RAG-k1-swapped.json").unlink()
+    tailors = board / "board" / "records" / "lamp2n" / "2"
+    own_record = (tailors / "RAG-k1.json").read_text()
+    (tailors / "RAG-k1.json").unlink()
     main(["report", "--matrix", "matrix.toml"])
-    missing = capsys.readouterr().out.split("## Not measured yet", 1)[1]
+    text = capsys.readouterr().out
+    assert "| RAG k=1, swapped histories" in text.split("### LaMP-2N, tailor's", 1)[1]  # a control without its run
+    assert "| LaMP-2N | tailor, +2/user | 1 | RAG k=1 |" in text.split("## Not measured yet", 1)[1]
+    (tailors / "RAG-k1.json").write_text(own_record)
+    (tailors / "RAG-k1-swapped.json").unlink()
+    main(["report", "--matrix", "matrix.toml"])
+    text = capsys.readouterr().out
+    row = next(line for line in text.split("### LaMP-2N, tailor's", 1)[1].splitlines() if line.startswith("| RAG"))
+    assert row.split(" | ")[7] == "—"  # no control recorded: nothing in its column
+    missing = text.split("## Not measured yet", 1)[1]
     assert "| LaMP-2N | tailor, +2/user | 1 | RAG k=1, swapped histories |" in missing
-    (board / "board" / "records" / "lamp2n" / "2" / "RAG-k1.json").unlink()
+    (tailors / "RAG-k1.json").unlink()
     main(["report", "--matrix", "matrix.toml"])
     missing = capsys.readouterr().out.split("## Not measured yet", 1)[1]
     assert "| LaMP-2N | tailor, +2/user | 2 | RAG k=1 (+ swapped) |" in missing  # a run and its control: one name
@@ -245,8 +259,9 @@ def test_the_recommended_method_is_one_that_clears_both_bars_before_a_larger_lea
               ("big but unsure|own", "control"): Delta(0.3, 0.002),
               ("smaller and sure|own", "floor"): Delta(0.05, 0.01),
               ("smaller and sure|own", "control"): Delta(0.2, 0.002)}
-    group = Group("lamp2n", 0, [floor, big, solid], floor, None, deltas)
+    group = Group("lamp2n", 0, [floor, big, solid], floor, None, deltas, {})
     assert group.clears(solid) and not group.clears(big)
     assert group.best_method() is solid
     unsure = {**deltas, ("smaller and sure|own", "floor"): Delta(0.05, 0.20)}
-    assert Group("lamp2n", 0, [floor, big, solid], floor, None, unsure).best_method() is big  # none clears: the lead
+    none_clear = Group("lamp2n", 0, [floor, big, solid], floor, None, unsure, {})
+    assert none_clear.best_method() is big  # none clears: the lead
