@@ -53,6 +53,7 @@ LORA = dict(r=4, alpha=8.0, lr=2e-2, train_batch=4, max_examples=4, history_toke
 CASES: dict[str, Case] = {
     "global-prior": Case("lamp3"),
     "user-prior": Case("lamp2n"),
+    "item-prior": Case("lamp3"),
     "none": Case("lamp2n"),
     "rag": Case("lamp2n", dict(k=2, history_tokens=48)),
     "pag": Case("lamp3", dict(k=1, history_tokens=48, summary_items=3, summary_history_tokens=48,

@@ -169,3 +169,35 @@ def test_the_user_features_weight_is_chosen_by_cross_validated_accuracy_not_like
         Fusion(task, backbone, user_scale="big")
     with pytest.raises(ValueError, match="not '0'"):
         Fusion(task, backbone, user_scale="0")
+
+
+def _movie_fan(task, index: int) -> User:
+    """A user who tagged three movies, each with its own tag, and asks about a fourth: their own counts never hold
+    the answer, the tags other users gave the fourth movie do."""
+    movies = [f"Movie number {m} has a plot." for m in range(6)]
+    asks = index % 6
+    seen = [(asks + k) % 6 for k in (1, 2, 3)]
+    history = tuple(HistoryItem(f"f{index}-{m}", {"description": movies[m], "tag": task.labels[m]}) for m in seen)
+    return User(f"f{index}", task.name, history, (Query(f"f{index}-q", task.ask(movies[asks]), task.labels[asks]),))
+
+
+def test_the_labels_others_gave_the_querys_item_are_fused_when_asked(backbone: Backbone) -> None:
+    task = get_task("lamp2m")
+    fans = [_movie_fan(task, i) for i in range(24)]
+    crowd = Fusion(task, backbone, base_options=BASE, items=True)
+    base, own = fit_method(crowd, fans)
+    plain = Fusion(task, backbone, base_options=BASE)
+    assert fit_method(plain, fans)[0] == base  # the same base, fitted once
+    assert crowd.fit_log["weights"]["items"] > 0 and "items" not in plain.fit_log["weights"]
+    assert crowd.fit_log["cross_validated"]["accuracy"] == 1.0 > plain.fit_log["cross_validated"]["accuracy"]
+    # While learning, a user's own answers are out of the item's counts: f0's query gold is counted once, by f0 alone.
+    query = fans[0].queries[0]
+    counts = crowd.crowd.for_query(query.input, crowd.labels)
+    alone = crowd.crowd.for_query(query.input, crowd.labels, without=fans[0])
+    assert counts[0] - alone[0] == 1 and alone[0] > 0
+    assert learned_numbers(own) == len(crowd.features) + len(task.labels) + 6  # six movies, one tag each
+    again = Fusion(task, backbone, base_options=BASE, items=True)
+    assert fit_method(again, fans) == [base, own] and again.crowd.counts == crowd.crowd.counts
+    newcomer = _movie_fan(task, 100)
+    answer = again.predict([(again.personalize(newcomer), newcomer.queries[0])])[0]
+    assert answer.text == newcomer.queries[0].gold

@@ -75,6 +75,38 @@ def test_global_prior_needs_fit_and_uses_training_golds(lamp_dir: Path) -> None:
         max(set(golds), key=golds.count)
 
 
+def movie_user(uid: str, tagged: dict[str, str], asks: str | None = None, gold: str | None = None) -> User:
+    """A LaMP-2M user who tagged the movies of `tagged` (description -> tag) and asks about `asks`."""
+    movies = get_task("lamp2m")
+    history = tuple(HistoryItem(f"{uid}-{i}", {"description": d, "tag": t}) for i, (d, t) in enumerate(tagged.items()))
+    queries = (Query(f"{uid}-q", movies.ask(asks), gold),) if asks else ()
+    return User(uid, movies.name, history, queries)
+
+
+def test_item_prior_answers_with_what_the_crowd_gave_the_same_item() -> None:
+    movies = get_task("lamp2m")
+    train = [movie_user("a", {"A ship sinks.": "romance", "Robots rise.": "sci-fi"}),
+             movie_user("b", {"a  SHIP sinks.": "romance", "Robots rise.": "action"}, "Robots rise.", "sci-fi"),
+             movie_user("c", {"Robots rise.": "comedy"}, "A heist.", "comedy")]
+    prior = build_method("item-prior", movies)
+    prior.fit(train)
+    asked = [prior.predict([(prior.personalize(train[0]), Query("q", movies.ask(d)))])[0].text
+             for d in ("A ship  sinks.", "Robots rise.", "Never seen.")]
+    # case and spacing are folded; sci-fi (a's history, b's query) outvotes action and comedy; an unknown movie gets
+    # the global prior's answer (the training queries' most common gold: comedy and sci-fi tie, the first seen wins)
+    assert asked == ["romance", "sci-fi", prior.answer]
+    assert prior.items.for_query(movies.ask("Robots rise."), ["sci-fi", "action"], without=train[1]) == [1.0, 0.0]
+    review = get_task("lamp3")
+    raters = [User(f"r{i}", review.name, (HistoryItem(f"r{i}", {"text": "Great pan.", "score": s}),), ())
+              for i, s in enumerate("2245")]
+    for center, answer in (("mean", "3.25"), ("median", "3")):
+        prior = build_method("item-prior", review, center=center)
+        prior.fit([*raters, User("q", review.name, (), (Query("rq", review.ask("x"), "1"),))])
+        assert prior.predict([(prior.personalize(raters[0]), Query("q", review.ask("great pan.")))])[0].text == answer
+    with pytest.raises(ValueError, match="LaMP-7 has none"):
+        build_method("item-prior", get_task("lamp7"))
+
+
 def test_rag_prompt_holds_the_best_matches_in_lamp_format(backbone: Backbone) -> None:
     rag = build_method("rag", NEWS, backbone, k=2)
     user = news_user(["sports", "politics", "travel", "crime"])

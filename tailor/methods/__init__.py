@@ -16,6 +16,7 @@ from tailor.tasks.lamp import Task
 REGISTRY: dict[str, str] = {
     "global-prior": "tailor.methods.priors:GlobalPrior",
     "user-prior": "tailor.methods.priors:UserPrior",
+    "item-prior": "tailor.methods.priors:ItemPrior",
     "none": "tailor.methods.prompting:NonPersonalized",
     "rag": "tailor.methods.prompting:RAG",
     "pag": "tailor.methods.prompting:PAG",

@@ -6,7 +6,7 @@ right 74% of the time), and the models are weak at the task; neither sees what t
 conditional-logit stack (McFadden 1974) over the task's labels y for a query x of user u:
 
     s(y) = w_m · log p_model(y | x)  +  w_u · log p̃_u(y)  +  w_r · log p̃_u^recent(y)  +  w_g · log p_global(y)
-           [ + w_n · log p̃_u(y | x) ]  [ − w_μ · |y − μ̃_u| ]
+           [ + w_n · log p̃_u(y | x) ]  [ − w_μ · |y − μ̃_u| ]  [ + w_x · log p̃_x(y) ]
     p(y | x, u) = softmax_y s(y)
 
 - p_model(y | x): the base method's label likelihoods (a task-trained LM, by default the multi-task LoRA, whose
@@ -19,7 +19,11 @@ conditional-logit stack (McFadden 1974) over the task's labels y for a query x o
 - μ̃_u, only for a rating with `user_mean`: the user's mean score shrunk towards the training users' mean,
   μ̃_u = (Σ_i y_i + α μ_global) / (n_u + α). The counts treat scores as unordered labels, so a user who gives 4s and
   5s says nothing about 3 through them; a score's distance from the user's mean does (the regression idea: the user's
-  own scores shrunk towards the global centre by a learned amount, w_μ, combined with the model's).
+  own scores shrunk towards the global centre by a learned amount, w_μ, combined with the model's);
+- p̃_x(y), only with `items`: the labels the training users gave the query's item x (`tailor.methods.crowd`), smoothed
+  the same way: where users share items (LaMP-2M's movies), the crowd's tags for the movie; not a user feature, so
+  the user's own evidence has to add to it (the swapped control shows whether it does). While the weights are learned,
+  a training user's own answers are taken out of the counts.
 
 The weights are learned by maximum likelihood on training users' own queries (their golds are public), which
 the base method never trained on. Likelihood calibrates probabilities, not answers: it keeps the user features' weights
@@ -52,6 +56,7 @@ import torch
 
 from tailor.backbone.model import log_normalise
 from tailor.methods.base import LMConfig, LMPersonalizer, Personalizer, Prediction, Progress, Request
+from tailor.methods.crowd import ItemLabels
 from tailor.methods.options import pairs, typed_options
 from tailor.methods.prompting import bm25_of, history_of, profile_header
 from tailor.store.state import UserState
@@ -83,6 +88,8 @@ class FusionConfig(LMConfig):
     """k: also fuse the labels of the k history items BM25 ranks highest for the query (0: no such feature)."""
     user_mean: bool = False
     """For a rating: also fuse each score's distance from the user's shrunk mean score (μ̃_u above)."""
+    items: bool = False
+    """Also fuse the labels the training users gave the query's item (p̃_x above)."""
     user_scale: str = "auto"
     """s, the factor on the learned weights of the user's features: a number, or "auto" for the one of SCALES with the
     best cross-validated score on the training users' queries."""
@@ -120,6 +127,7 @@ class Fusion(LMPersonalizer[FusionConfig]):
         self.labels = list(self.task.labels)
         self.weights: np.ndarray | None = None
         self.global_share: np.ndarray | None = None
+        self.crowd: ItemLabels | None = None
         self.fit_log: dict[str, Any] = {}
 
     @property
@@ -145,7 +153,7 @@ class Fusion(LMPersonalizer[FusionConfig]):
     @property
     def features(self) -> tuple[str, ...]:
         return ("model", "user", "recent", "global") + ("neighbours",) * bool(self.config.neighbours) \
-            + ("mean",) * self.config.user_mean
+            + ("mean",) * self.config.user_mean + ("items",) * self.config.items
 
     def _smoothed(self, counts: Sequence[float]) -> np.ndarray:
         assert self.global_share is not None
@@ -158,8 +166,10 @@ class Fusion(LMPersonalizer[FusionConfig]):
         top = bm25_of(self.task, state).top_k(self.task.retrieval_query(query_input), self.config.neighbours)
         return self._counts([history[i] for i in top])[0]
 
-    def _features(self, model_scores: np.ndarray, state: UserState, query_input: str) -> np.ndarray:
-        """(labels, features) for one query: each feature a log-probability over the labels."""
+    def _features(self, model_scores: np.ndarray, state: UserState, query_input: str,
+                  without: User | None = None) -> np.ndarray:
+        """(labels, features) for one query: each feature a log-probability over the labels (the item's counts
+        without `without`'s own answers: a training user's, while the weights are learned)."""
         assert self.global_share is not None
         model = log_normalise(np.asarray(model_scores, dtype=np.float64)[None])[0]
         columns = [model, self._smoothed(state.header["counts"]), self._smoothed(state.header["recent"]),
@@ -168,6 +178,9 @@ class Fusion(LMPersonalizer[FusionConfig]):
             columns.append(self._smoothed(self._neighbour_counts(state, query_input)))
         if self.config.user_mean:
             columns.append(-np.abs(self._label_values - self._shrunk_mean(state.header["counts"])))
+        if self.config.items:
+            assert self.crowd is not None
+            columns.append(self._smoothed(self.crowd.for_query(query_input, self.labels, without)))
         return np.stack(columns, axis=1)
 
     @property
@@ -192,6 +205,8 @@ class Fusion(LMPersonalizer[FusionConfig]):
         golds.update(q.gold for user in users for q in user.queries if q.gold is not None)
         total = sum(golds[label] for label in self.labels)
         self.global_share = np.array([(golds[label] + 1.0) / (total + len(self.labels)) for label in self.labels])
+        if self.config.items:
+            self.crowd = ItemLabels.of(self.task, users)
         asked = [(user, query) for user in users for query in user.queries if query.gold in self.labels]
         if not asked:
             raise ValueError(f"fusion: no training user of {self.task.name} has a query with a gold label")
@@ -202,7 +217,8 @@ class Fusion(LMPersonalizer[FusionConfig]):
         states = dict(zip((u.id for u in askers), self.personalize_many(askers)))
         requests = [(states[user.id], query) for user, query in asked]
         scores = self._model_scores([(self._base_state(state), query) for state, query in requests])
-        features = np.stack([self._features(s, state, query.input) for s, (state, query) in zip(scores, requests)])
+        features = np.stack([self._features(s, state, query.input, user)
+                             for s, (state, query), (user, _) in zip(scores, requests, asked)])
         targets = np.array([self.labels.index(query.gold) for _, query in asked])
         owners = [user.id for user, _ in asked]
         self.weights, scale, by_scale = self._fitted(features, targets, owners)
@@ -293,11 +309,15 @@ class Fusion(LMPersonalizer[FusionConfig]):
         (folder / "fusion.json").write_text(json.dumps(
             {"labels": self.labels, "weights": self.weights.tolist(), "global_share": self.global_share.tolist(),
              "log": self.fit_log}, indent=1))
+        if self.crowd is not None:
+            self.crowd.save(folder / "items.json")
 
     def fitted_numbers(self) -> int:
-        """Its own: the feature weights and the global label shares (its base's fit is counted in the base's folder)."""
+        """Its own: the feature weights, the global label shares and the items' label counts (its base's fit is counted
+        in the base's folder)."""
         assert self.weights is not None and self.global_share is not None
-        return len(self.weights) + len(self.global_share)
+        counts = sum(len(found) for found in self.crowd.counts.values()) if self.crowd is not None else 0
+        return len(self.weights) + len(self.global_share) + counts
 
     def load_fit(self, folder: Path) -> None:
         saved = json.loads((folder / "fusion.json").read_text())
@@ -308,6 +328,8 @@ class Fusion(LMPersonalizer[FusionConfig]):
             raise ValueError(f"{folder}: a fusion fit of {len(self.weights)} weights, not {len(self.features)}")
         self.global_share = np.array(saved["global_share"])
         self.fit_log = saved["log"]
+        if self.config.items:
+            self.crowd = ItemLabels.load(self.task, folder / "items.json")
 
     # --- personalize and predict ---------------------------------------------------------------------------------
     def personalize(self, user: User) -> UserState:

@@ -7,6 +7,10 @@ On small backbones the user prior beats zero-shot prompting by far (on ../shared
   users; for generation, the input text copied (the question's content after its marker).
 - user prior: the user's most frequent label or mean score in their own history (ties go to the most recent label);
   for generation, the output of the history item BM25 finds most similar to the question.
+- item prior: what the training users answered for the query's item (its most frequent label or their mean score,
+  `tailor.methods.crowd`), the global prior's answer where none of them met the item: the floor of a task whose users
+  share items (LaMP-2M's movies), where the crowd knows an item better than a small model does. Classification and
+  regression only: a generation task's items are never repeated.
 
 For ratings, `center="median"` answers with the median instead of the mean: the mean is the constant that minimises
 RMSE, the median the one that minimises MAE, LaMP-3's first metric. On ../shared/lamp most LaMP-3 scores are 5, so
@@ -19,9 +23,10 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from tailor.methods.base import HISTORY_UPDATE, MethodConfig, Personalizer, Prediction, Progress, Request
+from tailor.methods.crowd import ItemLabels, crowd_answers
 from tailor.methods.prompting import bm25_of, history_of, profile_header
 from tailor.store.state import UserState
 from tailor.tasks.records import User
@@ -74,6 +79,41 @@ class GlobalPrior(Personalizer[PriorConfig]):
         for _, query in requests:
             text = self.task.retrieval_query(query.input) if self.task.family == "generation" else self.answer
             out.append(Prediction(str(text), "prior"))
+        if progress:
+            progress(len(requests))
+        return out
+
+
+class ItemPrior(GlobalPrior):
+    name = "item-prior"
+
+    items: ItemLabels | None = None
+    order: list[str] = []
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.task.family == "generation":
+            raise ValueError(f"item prior answers with labels other users gave an item; {self.task.name} has none")
+
+    def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
+        super().fit(users, progress, workdir)
+        self.items = ItemLabels.of(self.task, users)
+        given = Counter(label for user in users for _, label in crowd_answers(self.task, user))
+        self.order = [label for label, _ in given.most_common()]  # a tie goes to the label the crowd gives most
+
+    def predict(self, requests: Sequence[Request], progress: Progress = None) -> list[Prediction]:
+        if self.items is None:
+            raise RuntimeError("item prior: call fit(train_users) before predict")
+        out = []
+        for _, query in requests:
+            counts = dict(zip(self.order, self.items.for_query(query.input, self.order)))
+            if not any(counts.values()):
+                out.append(Prediction(str(self.answer), "prior"))
+            elif self.task.family == "regression":
+                scores = [float(label) for label, n in counts.items() for _ in range(int(n))]
+                out.append(Prediction(_center(scores, self.config.center), "prior"))
+            else:
+                out.append(Prediction(max(self.order, key=counts.__getitem__), "prior"))
         if progress:
             progress(len(requests))
         return out
