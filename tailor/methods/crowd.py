@@ -1,11 +1,11 @@
 """Other users' answers to the same item: the label counts per item, from the training users.
 
-Some tasks ask many users about the same items: on ../shared/lamp, 52 of LaMP-2M's 59 dev queries tag a movie that
-some training user has tagged too. What those users answered is evidence about the query that needs no model, the
-item-based half of collaborative filtering: for an item x, c_x(y) is how often training users gave x the label y, in
-their histories or as the gold of their queries. An item is its text as the task's retrieval sees it (a history item's
-`document`, a query's `retrieval_query`), case and whitespace folded; items are keyed by a hash of that text, so the
-table holds no training text.
+Some tasks ask many users about the same items: on ../shared/lamp, 53 of LaMP-2M's 59 dev queries tag a movie that
+some training user has tagged too (`python -m benchmarks.item_overlap`). What those users answered is evidence about
+the query that needs no model, the item-based half of collaborative filtering: for an item x, c_x(y) is how often
+training users gave x the label y, in their histories or as the gold of their queries. An item is its text as the
+task's retrieval sees it (a history item's `document`, a query's `retrieval_query`), case and whitespace folded; items
+are keyed by a hash of that text, so the table holds no training text.
 
 While weights are learned on the training users' own queries, each user's own contributions are taken out
 (`without`): a user is scored as a new user would be, from the other users' answers.
@@ -59,9 +59,6 @@ class ItemLabels:
         if without is not None:
             found.subtract(label for own, label in crowd_answers(self.task, without) if own == key)
         return [float(max(found[label], 0)) for label in labels]
-
-    def __len__(self) -> int:
-        return len(self.counts)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps({key: dict(found) for key, found in sorted(self.counts.items())}))

@@ -87,13 +87,12 @@ class GlobalPrior(Personalizer[PriorConfig]):
 class ItemPrior(GlobalPrior):
     name = "item-prior"
 
-    items: ItemLabels | None = None
-    order: list[str] = []
-
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if self.task.family == "generation":
             raise ValueError(f"item prior answers with labels other users gave an item; {self.task.name} has none")
+        self.items: ItemLabels | None = None
+        self.order: list[str] = []
 
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
         super().fit(users, progress, workdir)
