@@ -40,7 +40,7 @@ import sys
 import tomllib
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -412,7 +412,11 @@ class Group:
     floor: dict | None
     baseline: dict | None
     deltas: dict[tuple[str, str], Delta]
-    controls: dict[str, dict]
+
+    @cached_property
+    def controls(self) -> dict[str, dict]:
+        """Each swapped control by its run's label."""
+        return swapped_controls(self.records)
 
     def delta(self, record: dict, reference: str) -> Delta | None:
         return self.deltas.get((key(record), reference))
@@ -442,14 +446,18 @@ class Group:
 def compare(task: str, protocol: int, records: list[dict]) -> Group:
     """Each record against the best floor, the best baseline and (own histories) its swapped control."""
     floor, baseline = best(records, "floor"), best(records, "baseline")
-    controls = {r["label"]: r for r in records if r["histories"] == "swapped"}
+    controls = swapped_controls(records)
     deltas = {}
     for record in records:
         control = controls.get(record["label"]) if record["histories"] == "own" else None
         for name, reference in (("floor", floor), ("baseline", baseline), ("control", control)):
             if reference is not None and reference is not record:
                 deltas[(key(record), name)] = paired(record, reference)
-    return Group(task, protocol, records, floor, baseline, deltas, controls)
+    return Group(task, protocol, records, floor, baseline, deltas)
+
+
+def swapped_controls(records: Iterable[dict]) -> dict[str, dict]:
+    return {r["label"]: r for r in records if r["histories"] == "swapped"}
 
 
 def key(record: dict) -> str:

@@ -259,9 +259,8 @@ def test_the_recommended_method_is_one_that_clears_both_bars_before_a_larger_lea
               ("big but unsure|own", "control"): Delta(0.3, 0.002),
               ("smaller and sure|own", "floor"): Delta(0.05, 0.01),
               ("smaller and sure|own", "control"): Delta(0.2, 0.002)}
-    group = Group("lamp2n", 0, [floor, big, solid], floor, None, deltas, {})
+    group = Group("lamp2n", 0, [floor, big, solid], floor, None, deltas)
     assert group.clears(solid) and not group.clears(big)
     assert group.best_method() is solid
     unsure = {**deltas, ("smaller and sure|own", "floor"): Delta(0.05, 0.20)}
-    none_clear = Group("lamp2n", 0, [floor, big, solid], floor, None, unsure, {})
-    assert none_clear.best_method() is big  # none clears: the lead
+    assert Group("lamp2n", 0, [floor, big, solid], floor, None, unsure).best_method() is big  # none clears: the lead

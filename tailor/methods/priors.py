@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from tailor.methods.base import HISTORY_UPDATE, MethodConfig, Personalizer, Prediction, Progress, Request
-from tailor.methods.crowd import ItemLabels, crowd_answers
+from tailor.methods.crowd import ItemLabels
 from tailor.methods.prompting import bm25_of, history_of, profile_header
 from tailor.store.state import UserState
 from tailor.tasks.records import User
@@ -97,7 +97,7 @@ class ItemPrior(GlobalPrior):
     def fit(self, users: Sequence[User], progress: Progress = None, workdir: Path | None = None) -> None:
         super().fit(users, progress, workdir)
         self.items = ItemLabels.of(self.task, users)
-        given = Counter(label for user in users for _, label in crowd_answers(self.task, user))
+        given = sum(self.items.counts.values(), Counter())
         self.order = [label for label, _ in given.most_common()]  # a tie goes to the label the crowd gives most
 
     def predict(self, requests: Sequence[Request], progress: Progress = None) -> list[Prediction]:
